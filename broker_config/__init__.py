@@ -1,0 +1,1 @@
+"""The contract between the cloud gateway and the GPU workers: topology, users, wire schemas."""

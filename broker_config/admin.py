@@ -1,0 +1,59 @@
+"""Administrative actions on the broker, through ``rabbitmqctl`` on the broker's host.
+
+Only cluster-side tools use this (definitions, the circuit breaker, operator status); the
+gateway never holds admin rights. ``rabbitmqctl`` talks to the node over Erlang distribution,
+so it needs the node name and the Erlang cookie of the user running it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+from broker_config import topology as t
+
+
+class BrokerAdminError(RuntimeError):
+    pass
+
+
+@dataclass
+class BrokerAdmin:
+    node: str | None = None  # e.g. rabbit@localhost; None: rabbitmqctl's default
+    rabbitmqctl: str = "rabbitmqctl"
+    vhost: str = t.VHOST
+    timeout: float = 60.0
+
+    def _run(self, *args: str, stdin: str | None = None) -> str:
+        exe = shutil.which(self.rabbitmqctl) or self.rabbitmqctl
+        cmd = [exe, "-q"] + (["-n", self.node] if self.node else []) + list(args)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout, input=stdin)
+        if proc.returncode != 0:
+            raise BrokerAdminError(f"rabbitmqctl {args[0]} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+        return proc.stdout
+
+    def import_definitions(self, document: dict) -> None:
+        # Through standard input: the document holds password hashes, and Debian's rabbitmqctl
+        # runs as the rabbitmq user, which could not read a private temporary file.
+        self._run("import_definitions", "--format", "json", stdin=json.dumps(document))
+
+    def set_permissions(self, user: str, configure: str, write: str, read: str) -> None:
+        self._run("set_permissions", "-p", self.vhost, user, configure, write, read)
+
+    def clear_permissions(self, user: str) -> None:
+        self._run("clear_permissions", "-p", self.vhost, user)
+
+    def close_user_connections(self, user: str, reason: str) -> None:
+        self._run("close_all_user_connections", user, reason)
+
+    def list_queues(self) -> list[dict]:
+        """Depth and consumers of every queue in the vhost."""
+        out = self._run("list_queues", "-p", self.vhost, "name", "messages", "messages_ready",
+                        "messages_unacknowledged", "consumers", "--formatter", "json")
+        return json.loads(out or "[]")
+
+    def list_user_connections(self, user: str) -> list[dict]:
+        out = self._run("list_connections", "user", "name", "--formatter", "json")
+        return [c for c in json.loads(out or "[]") if c.get("user") == user]

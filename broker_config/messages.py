@@ -1,0 +1,166 @@
+"""Wire schemas: every message that crosses the broker, imported by both sides.
+
+Messages are JSON bodies (``application/json``). Reply frames form one stream per request:
+``started`` (once per delivery attempt), any number of ``delta``, then ``final`` or ``error``.
+Every frame carries the request id, the attempt it belongs to and a sequence number that
+restarts at 0 with each attempt, so a gateway can tell a redelivery from a duplicate.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+WIRE_VERSION = 1
+CONTENT_TYPE = "application/json"
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=False)
+
+    def encode(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
+
+
+# ---------------------------------------------------------------- requests (gateway -> worker)
+
+
+class ChatMessage(_Wire):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str = ""
+    name: str | None = None
+
+
+class SamplingParams(_Wire):
+    """OpenAI sampling options, already validated and defaulted by the gateway."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int | None = None  # None: up to the model's context length
+    min_tokens: int = 0
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # number of top alternatives per token; None = no logprobs
+    prompt_logprobs: bool = False
+    echo: bool = False  # completions: prepend the prompt to the text
+    ignore_eos: bool = False  # vLLM extension, handy for load tests
+
+
+class GenerateRequest(_Wire):
+    """One generation job on a model queue."""
+
+    v: int = WIRE_VERSION
+    request_id: str
+    model: str
+    kind: Literal["chat", "completion"]
+    messages: list[ChatMessage] | None = None  # kind == "chat"
+    prompt: str | None = None  # kind == "completion"
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    stream: bool = False  # False: the worker sends no deltas, only the final frame with the text
+    reply_to: str  # routing key on the replies exchange
+    deadline: float | None = None  # unix time; a worker drops a request it receives later
+    batch_id: str | None = None
+
+
+# ---------------------------------------------------------------- replies (worker -> gateway)
+
+
+class TopLogprob(_Wire):
+    token: str
+    logprob: float
+
+
+class TokenLogprob(_Wire):
+    token: str
+    logprob: float
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class Usage(_Wire):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class _Frame(_Wire):
+    request_id: str
+    attempt: int = 1
+    seq: int = 0
+
+
+class Started(_Frame):
+    type: Literal["started"] = "started"
+    worker_id: str
+    prompt_tokens: int = 0
+
+
+class Delta(_Frame):
+    """Coalesced new text of one choice: several tokens per message under load."""
+
+    type: Literal["delta"] = "delta"
+    index: int = 0
+    text: str
+    tokens: int
+    logprobs: list[TokenLogprob] | None = None
+
+
+class ChoiceEnd(_Wire):
+    index: int
+    finish_reason: Literal["stop", "length", "abort"] | None
+    text: str | None = None  # whole text, only for non-streamed requests
+    logprobs: list[TokenLogprob] | None = None  # only for non-streamed requests
+    stop_reason: str | int | None = None
+
+
+class Final(_Frame):
+    type: Literal["final"] = "final"
+    choices: list[ChoiceEnd]
+    usage: Usage
+
+
+class Error(_Frame):
+    """The request failed on the worker; code and status follow the OpenAI error format."""
+
+    type: Literal["error"] = "error"
+    status: int = 500
+    code: str = "internal_error"
+    message: str
+
+
+Frame = Annotated[Union[Started, Delta, Final, Error], Field(discriminator="type")]
+_frame_adapter: TypeAdapter[Frame] = TypeAdapter(Frame)
+
+
+def decode_frame(body: bytes) -> Started | Delta | Final | Error:
+    return _frame_adapter.validate_json(body)
+
+
+# ---------------------------------------------------------------- control and heartbeats
+
+
+class Cancel(_Wire):
+    """Abort a request wherever it runs (client gone, batch cancelled)."""
+
+    type: Literal["cancel"] = "cancel"
+    request_id: str
+    reason: str = "cancelled"
+
+
+class Heartbeat(_Wire):
+    """What a worker tells every gateway, every few seconds and on each state change."""
+
+    worker_id: str
+    model: str
+    state: Literal["starting", "ready", "draining", "stopped"]
+    capacity: int
+    in_flight: int
+    node: str
+    slurm_job_id: str | None = None
+    max_model_len: int | None = None
+    interval: float = 5.0  # the gateway forgets a worker after a few missed intervals
+    sent_at: float
+    job_end_at: float | None = None  # unix time the Slurm job ends, when known

@@ -1,0 +1,22 @@
+"""The one console command, ``chatai``: each component contributes its own subcommands."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="chatai",
+    help="Private OpenAI-compatible LLM serving from a Slurm GPU cluster.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,  # locals can hold API keys and passwords
+)
+
+
+def _register() -> None:
+    from broker_config.cli import app as broker_app
+
+    app.add_typer(broker_app, name="broker")
+
+
+_register()

@@ -1,0 +1,68 @@
+"""Shared fixtures: a real RabbitMQ broker with the project's definitions applied.
+
+The broker comes from, in order: ``RABBITMQ_URL`` plus ``RABBITMQ_NODE`` (an existing broker
+we may administer with rabbitmqctl), a private ``rabbitmq-server`` node started here from
+``broker_config/`` on free ports, or a RabbitMQ container where a Docker engine exists.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import pytest
+
+from broker_config import topology
+from broker_config.admin import BrokerAdmin
+from broker_config.definitions import ROLES, Definitions, new_password
+from broker_config.local_node import LocalBrokerNode, rabbitmq_installed
+
+# Models the test broker knows: one served by the test worker, one that no worker ever serves.
+SERVED_MODEL = "tiny"
+UNSERVED_MODEL = "unserved"
+
+
+@dataclass
+class BrokerEnv:
+    """A running broker with the chatai definitions applied and a password for every role."""
+
+    host: str
+    port: int
+    admin: BrokerAdmin
+    passwords: dict[str, str] = field(default_factory=dict)
+    models: list[str] = field(default_factory=list)
+
+    def url(self, role: str) -> str:
+        return f"amqp://{role}:{self.passwords[role]}@{self.host}:{self.port}/{topology.VHOST}"
+
+    def apply(self, models: list[str]) -> None:
+        """(Re)apply the definitions, adding these models."""
+        self.models = sorted(set(self.models) | set(models))
+        self.admin.import_definitions(Definitions(models=self.models, passwords=self.passwords).render())
+
+
+@pytest.fixture(scope="session")
+def broker() -> BrokerEnv:
+    passwords = {role: new_password() for role in ROLES}
+    node: LocalBrokerNode | None = None
+    container = None
+    if os.environ.get("RABBITMQ_URL"):
+        parts = urlsplit(os.environ["RABBITMQ_URL"])
+        env = BrokerEnv(parts.hostname or "127.0.0.1", parts.port or 5672,
+                        BrokerAdmin(node=os.environ.get("RABBITMQ_NODE")), passwords)
+    elif rabbitmq_installed():
+        node = LocalBrokerNode.create(name="chatai-test")
+        node.start()
+        env = BrokerEnv("127.0.0.1", node.port, BrokerAdmin(node=node.node), passwords)
+    else:  # pragma: no cover - only where Docker exists
+        from testcontainers.rabbitmq import RabbitMqContainer
+
+        container = RabbitMqContainer("rabbitmq:3.13").start()
+        raise pytest.UsageError("container brokers need rabbitmqctl through docker exec; not wired yet")
+    env.apply([SERVED_MODEL, UNSERVED_MODEL])
+    yield env
+    if node is not None:
+        node.stop()
+    if container is not None:  # pragma: no cover
+        container.stop()
