@@ -1,0 +1,1 @@
+"""The cloud-side gateway: OpenAI-compatible API in front of the cluster's broker."""

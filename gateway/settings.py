@@ -1,0 +1,49 @@
+"""Gateway configuration: one settings class, from ``CHATAI_GATEWAY_*`` variables and CLI flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CHATAI_GATEWAY_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    state_dir: Path = Path(".chatai-gateway")  # API keys and batch database, batch files
+
+    # The broker, with the gateway user's credentials. With a tunnel configured (the default
+    # deployment), its host and port are replaced by the tunnel's local forward.
+    broker_url: SecretStr = SecretStr("amqp://gateway:gateway@127.0.0.1:5672/chatai")
+    broker_direct: bool = False  # connect without the SSH tunnel: must be asked for explicitly
+
+    # The SSH tunnel to the login node (see circuit_breaker/ and docs/).
+    tunnel_host: str | None = None
+    tunnel_port: int = 22
+    tunnel_user: str = "chatai-tunnel"
+    tunnel_key: Path | None = None
+    tunnel_known_hosts: Path | None = None  # pinned host key(s) of the login node
+    tunnel_remote_host: str = "127.0.0.1"  # the broker, as the login node sees it
+    tunnel_remote_port: int = 5672
+    tunnel_keepalive: float = 15.0
+
+    queue_timeout: float = 30.0  # how long an interactive request may wait for a worker to start it
+    stream_idle_timeout: float = 120.0  # longest silence from a worker mid-generation
+    max_request_bytes: int = 4 * 1024 * 1024
+    worker_expiry_intervals: float = 3.0  # forget a worker after this many missed heartbeats
+
+    @model_validator(mode="after")
+    def _one_way_in(self) -> "GatewaySettings":
+        if self.tunnel_host is None and not self.broker_direct:
+            raise ValueError(
+                "no SSH tunnel configured: set CHATAI_GATEWAY_TUNNEL_HOST (and key, known_hosts), "
+                "or ask for a direct broker connection with --broker-direct"
+            )
+        return self
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "gateway.db"
