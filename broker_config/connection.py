@@ -17,6 +17,8 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-async def connect(url: str, name: str, heartbeat: int = 30) -> AbstractRobustConnection:
+async def connect(url: str, name: str, heartbeat: int = 30, reconnect_interval: float = 2.0,
+                  timeout: float = 15.0) -> AbstractRobustConnection:
     """A robust connection: aio-pika re-opens it, its channels, queues and consumers after a drop."""
-    return await aio_pika.connect_robust(url, client_properties={"connection_name": name}, heartbeat=heartbeat)
+    return await aio_pika.connect_robust(url, client_properties={"connection_name": name}, heartbeat=heartbeat,
+                                         reconnect_interval=reconnect_interval, timeout=timeout)

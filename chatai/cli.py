@@ -15,8 +15,11 @@ app = typer.Typer(
 
 def _register() -> None:
     from broker_config.cli import app as broker_app
+    from gateway.cli import keys_app, serve
 
     app.add_typer(broker_app, name="broker")
+    app.add_typer(keys_app, name="keys")
+    app.command("gateway")(serve)
 
 
 _register()

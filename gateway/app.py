@@ -1,0 +1,86 @@
+"""The FastAPI application: routers, error format, and the lifespan that opens the way in."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from urllib.parse import urlsplit, urlunsplit
+
+from fastapi import FastAPI, Request
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.responses import Response
+
+from gateway.broker import GatewayBroker
+from gateway.context import GatewayContext
+from gateway.errors import APIError, install_error_handlers
+from gateway.keys import KeyStore
+from gateway.registry import WorkerRegistry
+from gateway.routes import completions, health, models
+from gateway.settings import GatewaySettings
+
+log = logging.getLogger("chatai.gateway")
+
+
+def with_endpoint(url: str, host: str, port: int) -> str:
+    """The broker URL pointed at the tunnel's local end, credentials kept."""
+    parts = urlsplit(url)
+    auth = parts.netloc.rpartition("@")[0]
+    return urlunsplit(parts._replace(netloc=(auth + "@" if auth else "") + f"{host}:{port}"))
+
+
+class BodyLimit(BaseHTTPMiddleware):
+    """Refuse oversized JSON bodies before reading them (file uploads have their own limit)."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        super().__init__(app)
+        self.max_bytes = max_bytes
+
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > self.max_bytes and not request.url.path.startswith("/v1/files"):
+            return APIError(413, f"Request body larger than {self.max_bytes} bytes.",
+                            code="request_too_large").response()
+        return await call_next(request)
+
+
+def create_app(settings: GatewaySettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        registry = WorkerRegistry(settings.worker_expiry_intervals)
+        url = settings.broker_url.get_secret_value()
+        tunnel = None
+        if not settings.broker_direct:
+            from gateway.tunnel import BrokerTunnel
+
+            tunnel = BrokerTunnel.from_settings(settings)
+            host, port = await tunnel.start()
+            url = with_endpoint(url, host, port)
+        broker = GatewayBroker(url, registry)
+        broker.start()
+        ctx = GatewayContext(settings=settings, keys=KeyStore(settings.db_path), registry=registry,
+                             broker=broker, tunnel=tunnel)
+        app.state.ctx = ctx
+        for hook in app.state.startup_hooks:
+            await hook(ctx)
+        try:
+            yield
+        finally:
+            for hook in app.state.shutdown_hooks:
+                await hook(ctx)
+            await broker.close()
+            if tunnel is not None:
+                await tunnel.close()
+            ctx.keys.close()
+
+    app = FastAPI(title="chatai gateway", version="0.1.0", lifespan=lifespan,
+                  docs_url="/docs", redoc_url=None)
+    app.state.startup_hooks = []
+    app.state.shutdown_hooks = []
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(models.router)
+    app.include_router(completions.router)
+    return app

@@ -1,0 +1,208 @@
+"""The gateway's side of the broker: publish requests and cancellations, receive reply frames.
+
+One robust AMQP connection per gateway process; one exclusive reply queue whose frames are
+routed to the waiting request by id; one exclusive queue of worker heartbeats. Publishing uses
+confirms and ``mandatory``, so an unknown model (no queue bound) and a full queue
+(reject-publish) are known at once and answered 404 / 429 instead of waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.exceptions import DeliveryError
+from pamqp.commands import Basic
+
+from broker_config import topology as t
+from broker_config.connection import connect, redact
+from broker_config.messages import CONTENT_TYPE, Cancel, GenerateRequest, Heartbeat, decode_frame
+from gateway.errors import APIError, model_not_found
+from gateway.metrics import BROKER_CONNECTED
+from gateway.registry import WorkerRegistry
+
+log = logging.getLogger("chatai.gateway.broker")
+
+
+def broker_unavailable() -> APIError:
+    return APIError(
+        503,
+        "The service is paused: the gateway has no connection to the cluster (the circuit breaker "
+        "may be tripped, or the tunnel or broker is down). Try again later.",
+        code="service_paused",
+    )
+
+
+class Subscription:
+    """The frames of one request, in arrival order."""
+
+    def __init__(self, request_id: str, on_close: Callable[[str], None]) -> None:
+        self.request_id = request_id
+        self.frames: asyncio.Queue = asyncio.Queue()
+        self._on_close = on_close
+
+    def close(self) -> None:
+        self._on_close(self.request_id)
+
+
+class GatewayBroker:
+    def __init__(self, url: str, registry: WorkerRegistry, gateway_id: str | None = None,
+                 reconnect_interval: float = 2.0) -> None:
+        self._url = url
+        self.registry = registry
+        self.gateway_id = gateway_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.reply_queue_name = t.gateway_reply_queue(self.gateway_id)
+        self._reconnect_interval = reconnect_interval
+        self._subscriptions: dict[str, Subscription] = {}
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._requests: AbstractExchange | None = None
+        self._control: AbstractExchange | None = None
+        self._connector: asyncio.Task | None = None
+        self.ready = asyncio.Event()
+        self.last_error: str | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Connect in the background: the API starts (and answers 503) while the cluster is away."""
+        self._connector = asyncio.create_task(self._connect_loop(), name="broker-connect")
+
+    async def _connect_loop(self) -> None:
+        delay = self._reconnect_interval
+        while True:
+            try:
+                await self._connect_once()
+                self.last_error = None
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure means "retry later"
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("broker %s unreachable (%s); retrying in %.0f s", redact(self._url),
+                            type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    async def _connect_once(self) -> None:
+        connection = await connect(self._url, name=f"chatai-gateway-{self.gateway_id}",
+                                   reconnect_interval=self._reconnect_interval)
+        try:
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            replies = await channel.declare_queue(self.reply_queue_name, exclusive=True, auto_delete=True)
+            await replies.bind(t.REPLIES_EXCHANGE, routing_key=self.reply_queue_name)
+            await replies.consume(self._on_reply, no_ack=True)
+            workers = await channel.declare_queue(t.gateway_workers_queue(self.gateway_id), exclusive=True,
+                                                  auto_delete=True)
+            await workers.bind(t.WORKERS_EXCHANGE)
+            await workers.consume(self._on_heartbeat, no_ack=True)
+            self._requests = await channel.get_exchange(t.REQUESTS_EXCHANGE, ensure=False)
+            self._control = await channel.get_exchange(t.CONTROL_EXCHANGE, ensure=False)
+        except BaseException:
+            await connection.close()
+            raise
+        connection.close_callbacks.add(self._on_connection_lost)
+        connection.reconnect_callbacks.add(self._on_reconnected)
+        self._connection, self._channel = connection, channel
+        self._set_connected(True)
+        log.info("connected to broker %s as gateway %s", redact(self._url), self.gateway_id)
+
+    def _set_connected(self, up: bool) -> None:
+        BROKER_CONNECTED.set(1 if up else 0)
+        if up:
+            self.ready.set()
+        else:
+            self.ready.clear()
+
+    def _on_connection_lost(self, *_: object) -> None:
+        self._set_connected(False)
+        log.warning("lost the broker connection; reconnecting")
+        # Frames for requests in flight may be gone with the connection: their waiters time out
+        # or see their worker vanish, and fail with a clear error.
+
+    def _on_reconnected(self, *_: object) -> None:
+        self._set_connected(True)
+        log.info("broker connection restored")
+
+    @property
+    def connected(self) -> bool:
+        conn = self._connection
+        return bool(conn is not None and self.ready.is_set() and not conn.is_closed
+                    and conn.transport is not None and not conn.transport.connection.is_closed)
+
+    async def close(self) -> None:
+        if self._connector:
+            self._connector.cancel()
+        if self._connection is not None:
+            await self._connection.close()
+        self._set_connected(False)
+
+    # ------------------------------------------------------------------ receiving
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        try:
+            frame = decode_frame(message.body)
+        except ValueError:
+            log.warning("dropped a malformed reply frame")
+            return
+        sub = self._subscriptions.get(frame.request_id)
+        if sub is not None:
+            sub.frames.put_nowait(frame)
+
+    async def _on_heartbeat(self, message: AbstractIncomingMessage) -> None:
+        try:
+            self.registry.update(Heartbeat.model_validate_json(message.body))
+        except ValueError:
+            log.warning("dropped a malformed heartbeat")
+
+    # ------------------------------------------------------------------ sending
+
+    def subscribe(self, request_id: str) -> Subscription:
+        sub = Subscription(request_id, lambda rid: self._subscriptions.pop(rid, None))
+        self._subscriptions[request_id] = sub
+        return sub
+
+    async def publish_request(self, request: GenerateRequest, *, priority: int, ttl: float | None,
+                              persistent: bool = False) -> None:
+        """Put a request on its model's queue; raises APIError 404 / 429 / 503 at once."""
+        if not self.connected or self._requests is None:
+            raise broker_unavailable()
+        message = aio_pika.Message(
+            body=request.encode(),
+            content_type=CONTENT_TYPE,
+            message_id=request.request_id,
+            correlation_id=request.request_id,
+            reply_to=request.reply_to,
+            priority=priority,
+            expiration=ttl,
+            timestamp=time.time(),
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT,
+        )
+        try:
+            await self._requests.publish(message, routing_key=request.model, mandatory=True, timeout=10)
+        except DeliveryError as exc:
+            if isinstance(exc.frame, Basic.Return):
+                raise model_not_found(request.model) from None
+            raise APIError(429, f"The queue of model '{request.model}' is full; retry later.",
+                           code="queue_full") from None
+        except (asyncio.TimeoutError, aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError):
+            raise broker_unavailable() from None
+
+    async def cancel(self, request_id: str, reason: str) -> None:
+        """Tell every worker to abort this request (best effort: the client is already gone)."""
+        if not self.connected or self._control is None:
+            return
+        try:
+            await self._control.publish(
+                aio_pika.Message(body=Cancel(request_id=request_id, reason=reason).encode(),
+                                 content_type=CONTENT_TYPE),
+                routing_key="", timeout=5)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not publish a cancellation: %s", type(exc).__name__)

@@ -1,0 +1,77 @@
+"""``chatai gateway`` (serve the API) and ``chatai keys`` (manage API keys)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gateway.keys import KeyStore
+from gateway.settings import GatewaySettings
+
+keys_app = typer.Typer(help="API keys of the gateway (stored hashed).", no_args_is_help=True)
+StateDir = Annotated[Optional[Path], typer.Option(help="Gateway state directory (env CHATAI_GATEWAY_STATE_DIR).")]
+
+
+def _store(state_dir: Path | None) -> KeyStore:
+    if state_dir is None:
+        # Only the state directory matters here: no broker or tunnel settings are required.
+        state_dir = Path(os.environ.get("CHATAI_GATEWAY_STATE_DIR", GatewaySettings.model_fields["state_dir"].default))
+    return KeyStore(state_dir / "gateway.db")
+
+
+@keys_app.command("create")
+def keys_create(name: Annotated[str, typer.Option(help="Who the key is for.")], state_dir: StateDir = None) -> None:
+    """Create a key and print it once; only its hash is kept."""
+    info, key = _store(state_dir).create(name)
+    typer.echo(f"{info.id}\t{key}")
+
+
+@keys_app.command("list")
+def keys_list(state_dir: StateDir = None) -> None:
+    table = Table("id", "name", "key", "created", "revoked")
+    fmt = lambda ts: datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M") if ts else ""  # noqa: E731
+    for k in _store(state_dir).list():
+        table.add_row(k.id, k.name, k.hint, fmt(k.created_at), fmt(k.revoked_at))
+    Console().print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, state_dir: StateDir = None) -> None:
+    if not _store(state_dir).revoke(key_id):
+        typer.echo(f"no active key with id {key_id}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"revoked {key_id}")
+
+
+def serve(
+    host: Annotated[Optional[str], typer.Option(help="Listen address.")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Listen port.")] = None,
+    state_dir: StateDir = None,
+    broker_direct: Annotated[bool, typer.Option("--broker-direct", help="Connect to the broker without the SSH tunnel.")] = False,
+    queue_timeout: Annotated[Optional[float], typer.Option(help="Seconds a request may wait for a worker.")] = None,
+    log_level: str = "info",
+) -> None:
+    """Serve the OpenAI-compatible API. Broker credentials come from CHATAI_GATEWAY_BROKER_URL."""
+    import uvicorn
+
+    from gateway.app import create_app
+
+    overrides = {k: v for k, v in dict(host=host, port=port, state_dir=state_dir, queue_timeout=queue_timeout).items()
+                 if v is not None}
+    if broker_direct:
+        overrides["broker_direct"] = True
+    try:
+        settings = GatewaySettings(**overrides)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # uvicorn's access log shows paths and statuses only, never bodies.
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
+                timeout_graceful_shutdown=10)

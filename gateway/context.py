@@ -1,0 +1,45 @@
+"""What every request handler may need, built once by the app's lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Depends, Header, Request
+
+from gateway.broker import GatewayBroker
+from gateway.errors import invalid_api_key
+from gateway.generation import Timeouts
+from gateway.keys import KeyStore
+from gateway.registry import WorkerRegistry
+from gateway.settings import GatewaySettings
+
+
+@dataclass
+class GatewayContext:
+    settings: GatewaySettings
+    keys: KeyStore
+    registry: WorkerRegistry
+    broker: GatewayBroker
+    tunnel: Any = None  # gateway.tunnel.BrokerTunnel when the cluster is reached through SSH
+
+    @property
+    def timeouts(self) -> Timeouts:
+        return Timeouts(queue=self.settings.queue_timeout, idle=self.settings.stream_idle_timeout)
+
+
+def get_context(request: Request) -> GatewayContext:
+    return request.app.state.ctx
+
+
+async def require_api_key(
+    ctx: GatewayContext = Depends(get_context),
+    authorization: str | None = Header(default=None),
+) -> str:
+    """The caller's key id; 401 for a missing, malformed, unknown or revoked key."""
+    if not authorization or not authorization.lower().startswith("bearer "):
+        raise invalid_api_key()
+    key_id = ctx.keys.verify(authorization[7:].strip())
+    if key_id is None:
+        raise invalid_api_key()
+    return key_id

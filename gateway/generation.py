@@ -1,0 +1,149 @@
+"""The life of one interactive request on the broker, as the gateway sees it.
+
+Publish, wait for a worker to start it (at most the queue timeout), then pass its frames on
+in order. The rules of the wire protocol live here: frames of an older attempt are dropped,
+a duplicate sequence number is dropped, and a redelivery (a worker died) either restarts the
+request transparently or, when tokens were already streamed to the client, ends it with an
+error, because tokens cannot be unsent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from broker_config import topology as t
+from broker_config.messages import Delta, Error, Final, GenerateRequest, Started
+from gateway.broker import GatewayBroker, broker_unavailable
+from gateway.errors import APIError
+from gateway.metrics import CANCELLATIONS, IN_FLIGHT, QUEUE_WAIT, TIME_TO_FIRST_TOKEN, TOKENS
+
+_LIVENESS_CHECK = 1.0  # seconds between checks that the worker holding a request is still alive
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def no_worker(model: str, timeout: float) -> APIError:
+    return APIError(503, f"No worker picked up the request within {timeout:g} s: model '{model}' has no free "
+                         "worker right now (workers may be starting, busy or scaled to zero). Try again later.",
+                    code="no_worker_available")
+
+
+@dataclass
+class Timeouts:
+    queue: float
+    idle: float
+
+
+@dataclass
+class Outcome:
+    """What the caller needs once the stream ends."""
+
+    final: Final | None = None
+    streamed_tokens: int = 0
+    worker_id: str | None = None
+    attempts: list[int] = field(default_factory=list)
+
+
+class Generation:
+    """Iterate over a request's frames; raises APIError on failures the client must see."""
+
+    def __init__(self, broker: GatewayBroker, request: GenerateRequest, timeouts: Timeouts) -> None:
+        self.broker = broker
+        self.request = request
+        self.timeouts = timeouts
+        self.outcome = Outcome()
+        self._done = False
+
+    @classmethod
+    def build(cls, broker: GatewayBroker, timeouts: Timeouts, **fields: object) -> "Generation":
+        request = GenerateRequest(request_id=new_request_id(), reply_to=broker.reply_queue_name,
+                                  deadline=time.time() + timeouts.queue, **fields)
+        return cls(broker, request, timeouts)
+
+    async def frames(self) -> AsyncIterator[Started | Delta | Final]:
+        req = self.request
+        sub = self.broker.subscribe(req.request_id)
+        IN_FLIGHT.labels(req.model).inc()
+        published = time.monotonic()
+        try:
+            await self.broker.publish_request(req, priority=t.INTERACTIVE_PRIORITY, ttl=self.timeouts.queue)
+            attempt, last_seq, started_at = 0, -1, None
+            first_token_seen = False
+            while True:
+                frame = await self._next(sub.frames, attempt, started_at is None)
+                if frame.attempt < attempt or (frame.attempt == attempt and frame.seq <= last_seq):
+                    continue  # an older attempt's or a duplicate frame
+                if isinstance(frame, Started):
+                    if attempt and self.outcome.streamed_tokens:
+                        raise APIError(502, "The worker serving this stream was lost after tokens were sent; "
+                                            "the request was restarted elsewhere but a stream cannot be "
+                                            "rewound. Retry the request.", code="worker_lost")
+                    attempt, last_seq = frame.attempt, frame.seq
+                    self.outcome.attempts.append(frame.attempt)
+                    self.outcome.worker_id = frame.worker_id
+                    if started_at is None:
+                        started_at = time.monotonic()
+                        QUEUE_WAIT.labels(req.model).observe(started_at - published)
+                    yield frame
+                    continue
+                if frame.attempt > attempt:
+                    continue  # frames of a newer attempt before its Started: wait for it
+                last_seq = frame.seq
+                if isinstance(frame, Error):
+                    raise APIError(frame.status, frame.message, code=frame.code)
+                if isinstance(frame, Delta):
+                    if not first_token_seen:
+                        first_token_seen = True
+                        TIME_TO_FIRST_TOKEN.labels(req.model).observe(time.monotonic() - published)
+                    self.outcome.streamed_tokens += frame.tokens
+                    yield frame
+                    continue
+                assert isinstance(frame, Final)
+                self.outcome.final = frame
+                TOKENS.labels(req.model, "prompt").inc(frame.usage.prompt_tokens)
+                TOKENS.labels(req.model, "completion").inc(frame.usage.completion_tokens)
+                self._done = True
+                yield frame
+                return
+        finally:
+            sub.close()
+            IN_FLIGHT.labels(req.model).dec()
+            if not self._done:
+                # The client left, or we gave up: free the worker (or the queued message).
+                CANCELLATIONS.labels(req.model).inc()
+                task = asyncio.create_task(self.broker.cancel(req.request_id, "client gone"))
+                _background.add(task)
+                task.add_done_callback(_background.discard)
+
+    async def _next(self, frames: asyncio.Queue, attempt: int, waiting_for_start: bool):
+        """The next frame, or an APIError when the queue timeout or the worker's silence runs out."""
+        limit = self.timeouts.queue if waiting_for_start else self.timeouts.idle
+        deadline = time.monotonic() + limit
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                if waiting_for_start:
+                    raise no_worker(self.request.model, self.timeouts.queue)
+                raise APIError(504, "The worker stopped sending tokens; the request was abandoned.",
+                               code="worker_timeout")
+            try:
+                return await asyncio.wait_for(frames.get(), timeout=min(remaining, _LIVENESS_CHECK))
+            except asyncio.TimeoutError:
+                pass
+            if not self.broker.connected:
+                raise broker_unavailable()
+            worker = self.outcome.worker_id
+            if not waiting_for_start and worker and not self.broker.registry.is_alive(worker):
+                # Its worker is gone: the broker redelivers the request; give that the queue timeout.
+                waiting_for_start = True
+                deadline = time.monotonic() + self.timeouts.queue
+                self.outcome.worker_id = None
+
+
+_background: set[asyncio.Task] = set()

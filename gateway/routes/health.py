@@ -1,0 +1,44 @@
+"""``GET /health`` (no key: for load balancers and operators) and ``GET /metrics`` (Prometheus)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.context import GatewayContext, get_context
+from gateway.metrics import LIVE_WORKERS
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(ctx: GatewayContext = Depends(get_context)) -> JSONResponse:
+    models: dict[str, dict[str, int]] = {}
+    for model, hbs in ctx.registry.models().items():
+        counts = models.setdefault(model, {"starting": 0, "ready": 0, "draining": 0, "capacity": 0, "in_flight": 0})
+        for hb in hbs:
+            counts[hb.state] = counts.get(hb.state, 0) + 1
+            counts["capacity"] += hb.capacity
+            counts["in_flight"] += hb.in_flight
+    tunnel = None
+    if ctx.tunnel is not None:
+        tunnel = {"state": ctx.tunnel.state, "last_error": ctx.tunnel.last_error}
+    ok = ctx.broker.connected
+    body = {
+        "status": "ok" if ok else "unavailable",
+        "broker": {"connected": ok, "last_error": None if ok else ctx.broker.last_error},
+        "tunnel": tunnel,
+        "gateway_id": ctx.broker.gateway_id,
+        "models": models,
+    }
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+@router.get("/metrics")
+async def metrics(ctx: GatewayContext = Depends(get_context)) -> Response:
+    LIVE_WORKERS.clear()
+    for model, hbs in ctx.registry.models().items():
+        for hb in hbs:
+            LIVE_WORKERS.labels(model, hb.state).inc()
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
