@@ -49,8 +49,14 @@ PERMISSIONS: dict[str, dict[str, str]] = {
         "write": _either(_exact(t.REPLIES_EXCHANGE, t.WORKERS_EXCHANGE), _prefix(t.WORKER_QUEUE_PREFIX)),
         "read": _either(_exact(t.CONTROL_EXCHANGE), _prefix(t.MODEL_QUEUE_PREFIX), _prefix(t.WORKER_QUEUE_PREFIX)),
     },
-    # Operators and the autoscaler look at queue depths and consumers; they change nothing.
-    "operator": {"configure": "^$", "write": "^$", "read": "^$"},
+    # Operators and the autoscaler look at queue depths and consumers (passive declare needs no
+    # permission) and listen to heartbeats through queues of their own, bound to the workers
+    # exchange. They can neither publish anything nor read requests or replies.
+    "operator": {
+        "configure": _prefix(t.OPERATOR_QUEUE_PREFIX),
+        "write": _prefix(t.OPERATOR_QUEUE_PREFIX),
+        "read": _either(_exact(t.WORKERS_EXCHANGE), _prefix(t.OPERATOR_QUEUE_PREFIX)),
+    },
 }
 TAGS: dict[str, list[str]] = {"gateway": [], "worker": [], "operator": ["monitoring"]}
 ROLES = tuple(PERMISSIONS)

@@ -20,6 +20,7 @@ MODEL_QUEUE_PREFIX = "chatai.model."
 BATCH_RESULTS_QUEUE = "chatai.batch-results"  # durable: batch results survive a gateway restart
 GATEWAY_QUEUE_PREFIX = "chatai.gw."  # per gateway process, exclusive, auto-delete
 WORKER_QUEUE_PREFIX = "chatai.wk."  # per worker process, exclusive, auto-delete
+OPERATOR_QUEUE_PREFIX = "chatai.op."  # per operator tool (status, autoscaler), exclusive, auto-delete
 
 # Priorities (classic queues, x-max-priority): interactive work overtakes a running batch.
 MAX_PRIORITY = 10
@@ -53,3 +54,8 @@ def gateway_workers_queue(gateway_id: str) -> str:
 
 def worker_control_queue(worker_id: str) -> str:
     return f"{WORKER_QUEUE_PREFIX}{worker_id}.control"
+
+
+def operator_workers_queue(tool_id: str) -> str:
+    """A status view's or autoscaler's private copy of the heartbeat stream."""
+    return f"{OPERATOR_QUEUE_PREFIX}{tool_id}.workers"
