@@ -20,6 +20,10 @@ def _register() -> None:
     app.add_typer(broker_app, name="broker")
     app.add_typer(keys_app, name="keys")
     app.command("gateway")(serve)
+    from slurm_jobs.cli import app as scale_app, autoscale
+
+    app.add_typer(scale_app, name="scale")
+    app.command("autoscale")(autoscale)
 
 
 _register()

@@ -1,0 +1,165 @@
+"""Queue-depth autoscaling: a pure decision function and the daemon loop that feeds it.
+
+Why this split: the policy (how many array tasks to submit or let go of, given what the broker
+and Slurm show) is where the subtle cases live - a worker that runs but has not loaded its
+model yet, tasks still pending, a cooldown - so it is a pure function of an observation, tested
+without Slurm or RabbitMQ. The loop only gathers observations and carries out decisions.
+
+Scaling down is deliberately not the autoscaler's job: it never signals a running worker. Each
+worker exits by itself after its ``--idle-timeout`` without work, which is also the moment its
+GPU is least valuable to us and most valuable to the cluster; that is how a model reaches zero.
+The autoscaler only cancels *pending* tasks nobody needs any more (they hold nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+from broker_config.messages import Heartbeat
+from slurm_jobs.broker_view import BrokerView
+from slurm_jobs.jobs import WorkerJobs
+
+log = logging.getLogger("chatai.autoscale")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Bounds and pace for one model."""
+
+    min_workers: int = 0
+    max_workers: int = 2
+    backlog_per_worker: int = 8  # waiting requests one more worker is expected to absorb
+    cooldown: float = 60.0  # seconds between two submissions for the same model
+    release_pending_after: float = 120.0  # an empty queue for this long lets pending tasks go
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One model at one instant, as the broker and Slurm report it."""
+
+    model: str
+    now: float
+    ready: int  # requests waiting in the model queue (not yet pulled by any worker)
+    consumers: int  # workers pulling from the queue
+    pending: int  # array tasks Slurm has not started
+    running: int  # array tasks running (loading their model, serving or draining)
+    draining: int = 0  # running workers that announced they are leaving (heartbeat state)
+    last_submit_at: float | None = None
+    queue_empty_since: float | None = None  # when the queue was last seen non-empty -> empty
+
+
+@dataclass(frozen=True)
+class Decision:
+    submit: int = 0  # new array tasks to submit
+    cancel_pending: int = 0  # pending tasks to cancel
+    reason: str = "steady"
+
+
+def decide(obs: Observation, policy: Policy) -> Decision:
+    """How many tasks to submit (or pending ones to cancel) for this model, and why.
+
+    - Workers that will serve soon count as capacity: pending tasks, and running tasks that do
+      not consume yet (the engine takes a while to load). Draining workers do not count.
+    - Below ``min_workers``: submit up to the floor at once (no cooldown: a floor is a promise).
+    - Requests waiting: the queue is only non-empty when every consumer is full, so each
+      ``backlog_per_worker`` waiting requests call for one more worker, up to ``max_workers``,
+      at most once per cooldown.
+    - Queue empty for a while: pending tasks above the floor are cancelled; running workers
+      are never touched (they go away by themselves when idle).
+    """
+    if policy.min_workers < 0 or policy.max_workers < policy.min_workers:
+        raise ValueError("need 0 <= min_workers <= max_workers")
+    live = max(0, obs.running - obs.draining)
+    active = live + obs.pending
+    if active < policy.min_workers:
+        n = min(policy.min_workers, policy.max_workers) - active
+        return Decision(submit=n, reason=f"below the floor of {policy.min_workers} worker(s)")
+    if obs.ready > 0:
+        coming = obs.pending + max(0, live - obs.consumers)  # not pulling yet, but will
+        wanted = math.ceil(obs.ready / max(1, policy.backlog_per_worker)) - coming
+        room = policy.max_workers - active
+        if wanted <= 0:
+            return Decision(reason=f"{obs.ready} waiting; {coming} worker(s) on their way")
+        if room <= 0:
+            return Decision(reason=f"{obs.ready} waiting; at the ceiling of {policy.max_workers}")
+        if obs.last_submit_at is not None and obs.now - obs.last_submit_at < policy.cooldown:
+            return Decision(reason="cooling down")
+        n = min(wanted, room)
+        return Decision(submit=n, reason=f"{obs.ready} waiting, {obs.consumers} consumer(s)")
+    if obs.pending > 0 and active > policy.min_workers and obs.queue_empty_since is not None \
+            and obs.now - obs.queue_empty_since >= policy.release_pending_after:
+        n = min(obs.pending, active - policy.min_workers)
+        return Decision(cancel_pending=n, reason="queue empty: pending tasks not needed")
+    return Decision()
+
+
+@dataclass
+class _ModelState:
+    last_submit_at: float | None = None
+    queue_empty_since: float | None = None
+
+
+@dataclass
+class Autoscaler:
+    """The daemon: every ``interval`` seconds, observe each model, decide, act."""
+
+    jobs: WorkerJobs
+    view: BrokerView
+    policies: dict[str, Policy]  # served model name -> policy
+    model_paths: dict[str, str] = field(default_factory=dict)
+    interval: float = 5.0
+    state: dict[str, _ModelState] = field(default_factory=dict)
+
+    async def observe(self, model: str, jobs_by_model: dict, heartbeats: list[Heartbeat], now: float) -> Observation:
+        stats = await self.view.queue_stats(model)
+        st = self.state.setdefault(model, _ModelState())
+        ready = stats.ready or 0
+        if ready > 0:
+            st.queue_empty_since = None
+        elif st.queue_empty_since is None:
+            st.queue_empty_since = now
+        jobs = jobs_by_model.get(model, [])
+        return Observation(
+            model=model, now=now, ready=ready, consumers=stats.consumers or 0,
+            pending=sum(1 for j in jobs if j.pending), running=sum(1 for j in jobs if j.running),
+            draining=sum(1 for hb in heartbeats if hb.model == model and hb.state == "draining"),
+            last_submit_at=st.last_submit_at, queue_empty_since=st.queue_empty_since,
+        )
+
+    async def step(self) -> dict[str, Decision]:
+        """One round over all models; returns what was decided (for logs and tests)."""
+        now = time.time()
+        by_model = await asyncio.to_thread(self.jobs.jobs_by_model)
+        heartbeats = self.view.book.live(now)
+        decisions = {}
+        for model, policy in self.policies.items():
+            obs = await self.observe(model, by_model, heartbeats, now)
+            d = decide(obs, policy)
+            decisions[model] = d
+            if d.submit:
+                job_id = await asyncio.to_thread(self.jobs.submit, model, d.submit, self.model_paths.get(model))
+                self.state[model].last_submit_at = now
+                log.info("%s: submitted %d task(s) as job %s (%s)", model, d.submit, job_id, d.reason)
+            elif d.cancel_pending:
+                ids = await asyncio.to_thread(self.jobs.cancel_pending, model, d.cancel_pending)
+                log.info("%s: cancelled pending %s (%s)", model, ",".join(ids), d.reason)
+            else:
+                log.debug("%s: %s (ready=%d consumers=%d pending=%d running=%d)", model, d.reason,
+                          obs.ready, obs.consumers, obs.pending, obs.running)
+        return decisions
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        stop = stop or asyncio.Event()
+        while not stop.is_set():
+            try:
+                await self.step()
+            except Exception:  # a failed round (slurmctld busy, broker restarting) is retried
+                log.exception("autoscaler round failed; retrying in %.0f s", self.interval)
+            try:
+                await asyncio.wait_for(stop.wait(), self.interval)
+            except asyncio.TimeoutError:
+                pass

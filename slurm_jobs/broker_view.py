@@ -1,0 +1,121 @@
+"""What the broker knows about each model, seen through the read-only ``operator`` user.
+
+Why through AMQP and not rabbitmqctl: the operator tools may run on any login or service node
+with just the operator's password; they need neither the Erlang cookie nor admin rights.
+Queue depth and consumer count come from a passive ``queue.declare`` (no permission needed,
+nothing is created); live workers come from heartbeats, copied into a private exclusive queue
+bound to the workers fanout exchange.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+from aiormq.exceptions import ChannelNotFoundEntity
+
+from broker_config import topology as t
+from broker_config.connection import connect
+from broker_config.messages import Heartbeat
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    model: str
+    ready: int | None  # messages waiting; None: the model has no queue on the broker
+    consumers: int | None
+
+
+@dataclass
+class HeartbeatBook:
+    """The latest heartbeat of every worker, forgotten after a few missed intervals."""
+
+    expiry_intervals: float = 3.0
+    workers: dict[str, Heartbeat] = field(default_factory=dict)
+    received_at: dict[str, float] = field(default_factory=dict)
+
+    def add(self, hb: Heartbeat, now: float | None = None) -> None:
+        self.workers[hb.worker_id] = hb
+        self.received_at[hb.worker_id] = now if now is not None else time.time()
+
+    def live(self, now: float | None = None) -> list[Heartbeat]:
+        now = now if now is not None else time.time()
+        out = []
+        for wid, hb in list(self.workers.items()):
+            if hb.state == "stopped" or now - self.received_at[wid] > self.expiry_intervals * hb.interval:
+                continue
+            out.append(hb)
+        return out
+
+    def for_model(self, model: str, now: float | None = None) -> list[Heartbeat]:
+        return [hb for hb in self.live(now) if hb.model == model]
+
+
+class BrokerView:
+    """One operator connection: queue stats on demand, heartbeats collected in the background."""
+
+    def __init__(self, url: str, name: str = "chatai-operator") -> None:
+        self.url = url
+        self.name = name
+        self.book = HeartbeatBook()
+        self._conn: aio_pika.abc.AbstractRobustConnection | None = None
+        self._hb_channel: aio_pika.abc.AbstractChannel | None = None
+        self._first_heartbeat = asyncio.Event()
+
+    async def __aenter__(self) -> "BrokerView":
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def open(self, heartbeats: bool = True) -> None:
+        self._conn = await connect(self.url, self.name)
+        if heartbeats:
+            self._hb_channel = await self._conn.channel()
+            queue = await self._hb_channel.declare_queue(
+                t.operator_workers_queue(uuid.uuid4().hex[:12]), exclusive=True, auto_delete=True,
+                arguments={"x-message-ttl": 30_000},
+            )
+            await queue.bind(t.WORKERS_EXCHANGE)
+            await queue.consume(self._on_heartbeat, no_ack=True)
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    async def _on_heartbeat(self, message: AbstractIncomingMessage) -> None:
+        try:
+            hb = Heartbeat.model_validate_json(message.body)
+        except ValueError:
+            return
+        self.book.add(hb)
+        self._first_heartbeat.set()
+
+    async def wait_for_heartbeats(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for a first heartbeat (a status view listens one interval)."""
+        try:
+            await asyncio.wait_for(self._first_heartbeat.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def queue_stats(self, model: str) -> QueueStats:
+        """Depth and consumers of a model queue via passive declare, on a throwaway channel
+        (a missing queue closes the channel with 404)."""
+        assert self._conn is not None, "open() first"
+        channel = await self._conn.channel()
+        try:
+            q = await channel.declare_queue(t.model_queue(model), passive=True)
+            res = q.declaration_result
+            return QueueStats(model, res.message_count, res.consumer_count)
+        except ChannelNotFoundEntity:
+            return QueueStats(model, None, None)
+        finally:
+            if not channel.is_closed:
+                await channel.close()

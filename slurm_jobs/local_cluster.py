@@ -1,0 +1,271 @@
+"""A private Slurm cluster on this one machine: munged, slurmctld and one or more slurmd.
+
+Why: tests and ``chatai dev --slurm`` need real Slurm semantics (arrays, ``--signal``,
+``scancel``, the backfill scheduler) without touching a site's Slurm or needing systemd.
+Everything lives under one directory of its own - config, munge key and socket, state, spool,
+logs - on free ports, so it neither needs nor disturbs a system Slurm. Clients (sbatch, squeue,
+...) find it through the ``SLURM_CONF`` variable in :attr:`LocalSlurmCluster.env`.
+
+Several nodes are emulated by several ``slurmd -N NAME`` processes on one host (each with its
+own port, ``NodeHostname=localhost``); ``SlurmdParameters=config_overrides`` lets a node claim
+the CPUs and memory the config gives it rather than what the hardware has, so a two-core VM
+can still show a scheduler a cluster with a queue of waiting work.
+
+It runs as root (``SlurmUser=root``): a development and CI tool, not a way to run a site.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class LocalClusterError(RuntimeError):
+    pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def slurm_installed() -> bool:
+    """True when the Debian ``slurm-wlm`` and ``munge`` programs are on the PATH."""
+    return all(shutil.which(p) for p in ("slurmctld", "slurmd", "sbatch", "munged", "mungekey"))
+
+
+@dataclass
+class LocalNode:
+    """One emulated compute node: its own slurmd process on its own port."""
+
+    name: str
+    cpus: int
+    memory_mb: int
+    port: int = 0
+
+
+@dataclass
+class LocalSlurmCluster:
+    """Handle on a running private cluster; :meth:`start` builds and boots one.
+
+    ``env`` is what any Slurm client or ``chatai scale`` call needs (``SLURM_CONF``); merge it
+    into ``os.environ`` or pass it to subprocesses.
+    """
+
+    base_dir: Path
+    nodes: list[LocalNode]
+    partition: str = "chatai"
+    ctld_port: int = 0
+    cluster_name: str = "chatai-local"
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    _owns_dir: bool = False
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def create(
+        cls,
+        base_dir: Path | None = None,
+        nodes: int = 1,
+        cpus_per_node: int | None = None,
+        memory_mb_per_node: int = 4096,
+        partition: str = "chatai",
+    ) -> "LocalSlurmCluster":
+        """Lay out a cluster of ``nodes`` emulated nodes (not started yet).
+
+        A single node takes the host's short name and real CPU count; several nodes are named
+        ``<host>-n0..`` and get ``cpus_per_node`` each (default: the real count).
+        """
+        owns = base_dir is None
+        base = Path(base_dir or tempfile.mkdtemp(prefix="chatai-slurm-"))
+        base.mkdir(parents=True, exist_ok=True)
+        host = socket.gethostname().split(".")[0]
+        cpus = cpus_per_node or os.cpu_count() or 1
+        if nodes == 1:
+            node_list = [LocalNode(host, cpus, memory_mb_per_node, _free_port())]
+        else:
+            node_list = [LocalNode(f"{host}-n{i}", cpus, memory_mb_per_node, _free_port()) for i in range(nodes)]
+        return cls(base_dir=base, nodes=node_list, partition=partition, ctld_port=_free_port(), _owns_dir=owns)
+
+    @property
+    def conf_path(self) -> Path:
+        return self.base_dir / "slurm.conf"
+
+    @property
+    def munge_socket(self) -> Path:
+        return self.base_dir / "munge" / "munge.socket"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for Slurm clients talking to this cluster."""
+        return {"SLURM_CONF": str(self.conf_path)}
+
+    def client_env(self) -> dict[str, str]:
+        """``os.environ`` plus :attr:`env`, for subprocesses."""
+        return {**os.environ, **self.env}
+
+    def render_conf(self) -> str:
+        """The slurm.conf: backfill, cons_tres, root-run daemons, everything under base_dir."""
+        b = self.base_dir
+        host = socket.gethostname().split(".")[0]
+        multi = len(self.nodes) > 1
+        lines = [
+            f"ClusterName={self.cluster_name}",
+            f"SlurmctldHost={host}(127.0.0.1)",
+            f"SlurmctldPort={self.ctld_port}",
+            "SlurmUser=root",
+            "SlurmdUser=root",
+            "AuthType=auth/munge",
+            "CredType=cred/munge",
+            f"AuthInfo=socket={self.munge_socket}",
+            f"StateSaveLocation={b / 'state'}",
+            f"SlurmdSpoolDir={b / 'spool' / '%n'}",
+            f"SlurmctldPidFile={b / 'slurmctld.pid'}",
+            f"SlurmdPidFile={b / 'slurmd-%n.pid'}",
+            f"SlurmctldLogFile={b / 'log' / 'slurmctld.log'}",
+            f"SlurmdLogFile={b / 'log' / 'slurmd-%n.log'}",
+            "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",
+            "SchedulerType=sched/backfill",
+            # Backfill every second (default 30 s) so a gap is filled at once in tests and dev.
+            "SchedulerParameters=bf_interval=1,bf_resolution=60,sched_min_interval=100000",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_Core",
+            "PriorityType=priority/basic",
+            "ReturnToService=2",
+            "MpiDefault=none",
+            "JobAcctGatherType=jobacct_gather/none",
+            "AccountingStorageType=accounting_storage/none",
+            "SlurmdParameters=config_overrides",
+            "KillWait=30",
+            "MinJobAge=300",
+            "InactiveLimit=0",
+            "SlurmctldTimeout=30",
+            "SlurmdTimeout=60",
+            "MessageTimeout=20",
+            "MaxArraySize=1001",
+        ]
+        for n in self.nodes:
+            extra = f" NodeHostname=localhost NodeAddr=127.0.0.1 Port={n.port}" if multi else f" NodeAddr=127.0.0.1 Port={n.port}"
+            lines.append(f"NodeName={n.name}{extra} CPUs={n.cpus} RealMemory={n.memory_mb} State=UNKNOWN")
+        names = ",".join(n.name for n in self.nodes)
+        lines.append(f"PartitionName={self.partition} Nodes={names} Default=YES MaxTime=INFINITE State=UP")
+        return "\n".join(lines) + "\n"
+
+    # ------------------------------------------------------------------ life cycle
+    def start(self, timeout: float = 30.0) -> "LocalSlurmCluster":
+        """Start munged, slurmctld and every slurmd; return once all nodes are idle."""
+        b = self.base_dir
+        for sub in ("munge", "state", "log", "spool"):
+            (b / sub).mkdir(parents=True, exist_ok=True)
+        for n in self.nodes:
+            (b / "spool" / n.name).mkdir(parents=True, exist_ok=True)
+        (b / "munge").chmod(0o700)
+        self.conf_path.write_text(self.render_conf())
+        key = b / "munge" / "munge.key"
+        if not key.exists():
+            self._run(["mungekey", "-c", "-k", str(key)])
+        self._spawn("munged", [
+            "munged", "-F", "--force", f"--socket={self.munge_socket}", f"--key-file={key}",
+            f"--pid-file={b / 'munge' / 'munged.pid'}", f"--log-file={b / 'log' / 'munged.log'}",
+            f"--seed-file={b / 'munge' / 'munged.seed'}",
+        ])
+        self._await(lambda: self.munge_socket.exists(), timeout, "munged did not create its socket")
+        self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf_path)])
+        self._await(self._ctld_up, timeout, "slurmctld did not answer")
+        for n in self.nodes:
+            cmd = ["slurmd", "-D", "-f", str(self.conf_path)]
+            if len(self.nodes) > 1:
+                cmd += ["-N", n.name]
+            self._spawn(f"slurmd-{n.name}", cmd)
+        self._await(self._nodes_idle, timeout, "nodes did not become idle")
+        return self
+
+    def stop(self) -> None:
+        """Cancel every job, stop the daemons (TERM, then KILL) and remove the directory."""
+        if self.processes.get("slurmctld") and self.processes["slurmctld"].poll() is None:
+            subprocess.run(["scancel", "--full", "--signal=KILL", "--user=root"], env=self.client_env(),
+                           capture_output=True, timeout=10)
+        for name in reversed(list(self.processes)):
+            proc = self.processes[name]
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.processes.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        self.processes.clear()
+        if self._owns_dir:
+            shutil.rmtree(self.base_dir, ignore_errors=True)
+
+    def __enter__(self) -> "LocalSlurmCluster":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ helpers
+    def _run(self, cmd: list[str]) -> subprocess.CompletedProcess:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=self.client_env(), timeout=30)
+        if proc.returncode != 0:
+            raise LocalClusterError(f"{cmd[0]} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+        return proc
+
+    def _spawn(self, name: str, cmd: list[str]) -> None:
+        log = open(self.base_dir / "log" / f"{name}.out", "ab")
+        self.processes[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.client_env(),
+                                                start_new_session=True)
+        log.close()
+
+    def _check_alive(self) -> None:
+        for name, proc in self.processes.items():
+            if proc.poll() is not None:
+                tail = ""
+                for f in (self.base_dir / "log" / f"{name}.out", self.base_dir / "log" / f"{name}.log"):
+                    if f.exists():
+                        tail += f.read_text(errors="replace")[-1500:]
+                raise LocalClusterError(f"{name} exited with {proc.returncode}: {tail}")
+
+    def _await(self, cond, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise LocalClusterError(f"{what} within {timeout:.0f} s (logs in {self.base_dir / 'log'})")
+            time.sleep(0.2)
+
+    def _ctld_up(self) -> bool:
+        p = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, env=self.client_env(), timeout=10)
+        return p.returncode == 0 and "UP" in p.stdout
+
+    def _nodes_idle(self) -> bool:
+        p = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True,
+                           env=self.client_env(), timeout=10)
+        if p.returncode != 0:
+            return False
+        states = dict(line.split() for line in p.stdout.splitlines() if line.strip())
+        return len(states) == len(self.nodes) and all(s.rstrip("*") in ("idle", "mix", "alloc") for s in states.values())
+
+
+def start_local_cluster(base_dir: Path | None = None, nodes: int = 1, cpus_per_node: int | None = None) -> LocalSlurmCluster:
+    """Start a private single-host Slurm and return its handle (``chatai dev --slurm`` calls this).
+
+    The caller merges ``cluster.env`` into the environment of anything that runs Slurm
+    commands and calls ``cluster.stop()`` when done.
+    """
+    if not slurm_installed():
+        raise LocalClusterError("Slurm is not installed: apt-get install slurm-wlm munge")
+    cluster = LocalSlurmCluster.create(base_dir=base_dir, nodes=nodes, cpus_per_node=cpus_per_node)
+    try:
+        return cluster.start()
+    except BaseException:
+        cluster.stop()
+        raise
