@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
-from aio_pika.exceptions import DeliveryError
+from aio_pika.exceptions import DeliveryError, PublishError
 from pamqp.commands import Basic
 
 from broker_config import topology as t
@@ -188,7 +188,7 @@ class GatewayBroker:
         try:
             await self._requests.publish(message, routing_key=request.model, mandatory=True, timeout=10)
         except DeliveryError as exc:
-            if isinstance(exc.frame, Basic.Return):
+            if isinstance(exc, PublishError) or isinstance(exc.frame, Basic.Return):  # unroutable
                 raise model_not_found(request.model) from None
             raise APIError(429, f"The queue of model '{request.model}' is full; retry later.",
                            code="queue_full") from None
@@ -203,6 +203,6 @@ class GatewayBroker:
             await self._control.publish(
                 aio_pika.Message(body=Cancel(request_id=request_id, reason=reason).encode(),
                                  content_type=CONTENT_TYPE),
-                routing_key="", timeout=5)
+                routing_key="", mandatory=False, timeout=5)
         except Exception as exc:  # noqa: BLE001
             log.warning("could not publish a cancellation: %s", type(exc).__name__)

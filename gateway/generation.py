@@ -72,7 +72,11 @@ class Generation:
         IN_FLIGHT.labels(req.model).inc()
         published = time.monotonic()
         try:
-            await self.broker.publish_request(req, priority=t.INTERACTIVE_PRIORITY, ttl=self.timeouts.queue)
+            try:
+                await self.broker.publish_request(req, priority=t.INTERACTIVE_PRIORITY, ttl=self.timeouts.queue)
+            except APIError:
+                self._done = True  # nothing was queued: nothing to cancel
+                raise
             attempt, last_seq, started_at = 0, -1, None
             first_token_seen = False
             while True:
