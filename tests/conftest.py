@@ -66,3 +66,60 @@ def broker() -> BrokerEnv:
         node.stop()
     if container is not None:  # pragma: no cover
         container.stop()
+
+
+# ---------------------------------------------------------------- the worker side (real vLLM)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
+    """The tiny random Llama (real tokenizer and chat template), built once per session."""
+    from chatai.tiny_model import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-model") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def served_worker(broker: BrokerEnv, tiny_model_dir, tmp_path_factory: pytest.TempPathFactory):
+    """One real worker process (vLLM CPU engine) serving SERVED_MODEL for the whole session.
+
+    ``.proc`` (Popen), ``.model``, ``.log_path``, ``.worker_id``; stopped with SIGTERM at the end.
+    Tests that kill, drain or idle a worker start their own with ``support.worker_proc``.
+    """
+    from support.worker_proc import start_worker
+
+    log_path = tmp_path_factory.mktemp("worker-logs") / "served-worker.log"
+    worker = start_worker(tiny_model_dir, SERVED_MODEL, broker.url("worker"), log_path,
+                          worker_id="served-worker", max_num_seqs=16, max_model_len=512,
+                          heartbeat_interval=1.0, extra_args=["--coalesce-ms", "20", "--coalesce-tokens", "16"])
+    try:
+        worker.wait_ready()
+    except BaseException:
+        worker.kill()
+        raise
+    yield worker
+    worker.stop(timeout=60)
+
+
+# ---------------------------------------------------------------- the gateway (real process)
+
+
+@pytest.fixture(scope="session")
+def gateway(broker: BrokerEnv, served_worker, tmp_path_factory: pytest.TempPathFactory):
+    """A ``chatai gateway`` process connected straight to the test broker, with an API key.
+
+    ``.client()`` / ``.async_client()`` give official OpenAI SDK clients; ``.health()``,
+    ``.wait_for(predicate)``; it is serving SERVED_MODEL when handed out.
+    """
+    from support.gateway import start_gateway
+
+    gw = start_gateway(tmp_path_factory.mktemp("gateway"), broker.url("gateway"),
+                       extra_env={"CHATAI_GATEWAY_QUEUE_TIMEOUT": "30"})
+    try:
+        gw.wait_for(lambda h: h["models"].get(SERVED_MODEL, {}).get("ready", 0) >= 1, timeout=60,
+                    what="the served worker's heartbeat")
+    except BaseException:
+        gw.stop()
+        raise
+    yield gw
+    gw.stop()

@@ -1,0 +1,222 @@
+"""``chatai dev``: the whole stack on one machine, as a developer or a demo needs it.
+
+Broker (a reachable local RabbitMQ, or a private node started from ``broker_config/``), the
+definitions, a worker on the tiny model (or ``--model``), and the gateway, each a child
+process with its log under ``STATE_DIR/logs``. ``STATE_DIR/stack.json`` tells tests and tools
+where everything is. Ctrl-C or SIGTERM stops all of it, workers first so they drain.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from broker_config.admin import BrokerAdmin, BrokerAdminError
+from broker_config.cli import load_or_create_passwords
+from broker_config.definitions import Definitions
+from broker_config.local_node import LocalBrokerNode, free_port, rabbitmq_installed
+from gateway.keys import KeyStore
+
+
+class DevError(RuntimeError):
+    pass
+
+
+def _say(msg: str) -> None:
+    print(f"chatai dev: {msg}", flush=True)
+
+
+@dataclass
+class DevStack:
+    state_dir: Path
+    port: int
+    api_key: str | None = None
+    model: Path | None = None
+    served_model_name: str = "tiny"
+    broker: str = "auto"  # auto | system | private
+    worker_args: list[str] = field(default_factory=list)
+    ready_timeout: float = 300.0
+
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict, init=False)
+    node: LocalBrokerNode | None = field(default=None, init=False)
+    broker_port: int = field(default=5672, init=False)
+    extra: dict[str, object] = field(default_factory=dict, init=False)
+
+    # ------------------------------------------------------------------ pieces
+
+    @property
+    def logs(self) -> Path:
+        return self.state_dir / "logs"
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "ab")
+        proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        self.processes[name] = proc
+        return proc
+
+    def _start_broker(self) -> BrokerAdmin:
+        if self.broker in ("auto", "system"):
+            admin = BrokerAdmin(timeout=15)
+            try:
+                admin.list_user_connections("guest")  # can we administer the default node?
+                _say("using the local RabbitMQ on 127.0.0.1:5672")
+                return admin
+            except (BrokerAdminError, OSError, subprocess.TimeoutExpired) as exc:
+                if self.broker == "system":
+                    raise DevError(f"no reachable local RabbitMQ: {exc}") from None
+        if not rabbitmq_installed():
+            raise DevError("no reachable RabbitMQ and rabbitmq-server is not installed "
+                           "(apt-get install rabbitmq-server)")
+        self.node = LocalBrokerNode.create(name="chatai-dev")
+        _say(f"starting a private RabbitMQ node {self.node.node} on port {self.node.port}")
+        self.node.start()
+        self.broker_port = self.node.port
+        return BrokerAdmin(node=self.node.node)
+
+    def _model_dir(self) -> Path:
+        if self.model is not None:
+            return self.model
+        tiny = self.state_dir / "tiny-model"
+        if not (tiny / "config.json").exists():
+            _say("writing the tiny test model")
+            subprocess.run([sys.executable, "-m", "chatai.cli", "make-tiny-model", str(tiny)], check=True,
+                           stdout=subprocess.DEVNULL)
+        return tiny
+
+    def broker_url(self, role: str, passwords: dict[str, str]) -> str:
+        return f"amqp://{role}:{passwords[role]}@127.0.0.1:{self.broker_port}/chatai"
+
+    # ------------------------------------------------------------------ whole stack
+
+    def start(self) -> dict:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(exist_ok=True)
+        admin = self._start_broker()
+        passwords = load_or_create_passwords(self.state_dir / "broker-secrets.json")
+        admin.import_definitions(Definitions(models=[self.served_model_name], passwords=passwords).render())
+        _say(f"applied broker definitions for model '{self.served_model_name}'")
+
+        gw_state = self.state_dir / "gateway"
+        keys = KeyStore(gw_state / "gateway.db")
+        if self.api_key:
+            keys.ensure("dev", self.api_key)
+        else:
+            self.api_key = keys.create("dev")[1]
+        keys.close()
+
+        model_dir = self._model_dir()
+        self._spawn("worker", [sys.executable, "-m", "chatai.cli", "worker", "--model", str(model_dir),
+                               "--served-model-name", self.served_model_name, *self.worker_args],
+                    {"CHATAI_WORKER_BROKER_URL": self.broker_url("worker", passwords)})
+        self._spawn("gateway", [sys.executable, "-m", "chatai.cli", "gateway", "--broker-direct",
+                                "--port", str(self.port), "--state-dir", str(gw_state)],
+                    {"CHATAI_GATEWAY_BROKER_URL": self.broker_url("gateway", passwords)})
+        info = {
+            "gateway_url": f"http://127.0.0.1:{self.port}/v1",
+            "api_key": self.api_key,
+            "model": self.served_model_name,
+            "broker_url": self.broker_url("gateway", passwords),
+            "broker_node": self.node.node if self.node else None,
+            "pids": {name: p.pid for name, p in self.processes.items()},
+            "logs": str(self.logs),
+            **self.extra,
+        }
+        stack = self.state_dir / "stack.json"
+        stack.touch(mode=0o600, exist_ok=True)
+        stack.chmod(0o600)  # it holds the API key and broker credentials
+        stack.write_text(json.dumps(info, indent=2))
+        return info
+
+    def wait_until_serving(self) -> None:
+        deadline = time.monotonic() + self.ready_timeout
+        url = f"http://127.0.0.1:{self.port}/health"
+        while time.monotonic() < deadline:
+            self.check_children()
+            try:
+                body = httpx.get(url, timeout=2).json()
+                if body.get("models", {}).get(self.served_model_name, {}).get("ready"):
+                    return
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.5)
+        raise DevError(f"the stack did not serve '{self.served_model_name}' within {self.ready_timeout:.0f} s; "
+                       f"see the logs in {self.logs}")
+
+    def check_children(self) -> None:
+        for name, proc in self.processes.items():
+            if proc.poll() is not None:
+                raise DevError(f"the {name} exited with code {proc.returncode}; see {self.logs / (name + '.log')}")
+
+    def demo(self) -> None:
+        """Stream one answer through the whole stack with the official SDK: the proof it serves."""
+        from openai import OpenAI
+
+        client = OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=self.api_key, max_retries=0)
+        stream = client.chat.completions.create(
+            model=self.served_model_name, stream=True, max_tokens=24,
+            messages=[{"role": "user", "content": "Say hello to the cluster."}])
+        print("chatai dev: streamed answer: ", end="", flush=True)
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                print(chunk.choices[0].delta.content, end="", flush=True)
+        print(flush=True)
+
+    def stop(self) -> None:
+        # Workers first (SIGTERM: they drain and give requests back), then the rest.
+        order = sorted(self.processes, key=lambda n: 0 if n.startswith("worker") else 1)
+        for name in order:
+            proc = self.processes[name]
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for name in order:
+            proc = self.processes[name]
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self.node is not None:
+            self.node.stop()
+
+
+def run(stack: DevStack, demo: bool = True) -> int:
+    """Start, prove, serve until a signal, stop. Returns the exit code."""
+    stopping = {"signal": None}
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopping["signal"] = signum
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    code = 0
+    try:
+        info = stack.start()
+        stack.wait_until_serving()
+        if demo:
+            stack.demo()
+        _say(f"ready: {info['gateway_url']} model={stack.served_model_name} state={stack.state_dir / 'stack.json'}")
+        while True:
+            stack.check_children()
+            time.sleep(1)
+    except KeyboardInterrupt:
+        _say("stopping")
+    except DevError as exc:
+        _say(f"error: {exc}")
+        code = 1
+    finally:
+        stack.stop()
+        _say("stopped")
+    return code
+
+
+def default_port() -> int:
+    return free_port()
