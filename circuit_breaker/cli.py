@@ -1,0 +1,105 @@
+"""``chatai breaker``: status, trip, reset, watch and install (run as root on the login node)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from broker_config.admin import BrokerAdminError
+
+app = typer.Typer(help="The SSH circuit breaker in front of the cluster.", no_args_is_help=True)
+
+ConfigOpt = Annotated[Path, typer.Option("--config", envvar="CHATAI_BREAKER_CONFIG",
+                                         help="Breaker config written by the installer.")]
+NodeOpt = Annotated[str | None, typer.Option("--rabbit-node", help="RabbitMQ node (rabbitmqctl -n); "
+                                             "default: the installed config's.")]
+NoBrokerOpt = Annotated[bool, typer.Option("--no-broker", help="Leave the broker alone (sshd side only).")]
+DEFAULT = Path("/etc/chatai-breaker/config.json")
+
+
+def _breaker(config: Path, node: str | None, no_broker: bool):
+    from circuit_breaker.breaker import Breaker
+
+    try:
+        return Breaker.from_config(config, rabbit_node=node, use_broker=not no_broker)
+    except (OSError, ValueError) as exc:
+        raise typer.BadParameter(f"cannot read breaker config {config}: {exc}") from exc
+
+
+@app.command()
+def status(config: ConfigOpt = DEFAULT, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Tripped or not, since when, why, and the last recorded attempts. Exit 1 when tripped."""
+    st = _breaker(config, None, True).status()
+    if as_json:
+        typer.echo(json.dumps(st, indent=2))
+    else:
+        typer.echo(f"{'TRIPPED' if st['tripped'] else 'closed (service allowed)'}"
+                   f"  since {st.get('since')}  reason: {st.get('reason')}  by: {st.get('by')}")
+        for a in st["attempts"]:
+            typer.echo(f"  attempt {a.get('time')} {a.get('client')} {a.get('kind')} {a.get('command')}")
+    raise typer.Exit(1 if st["tripped"] else 0)
+
+
+@app.command()
+def trip(config: ConfigOpt = DEFAULT, reason: str = "tripped by an operator", node: NodeOpt = None,
+         no_broker: NoBrokerOpt = False) -> None:
+    """Refuse tunnel logins, end tunnel sessions, shut the gateway's broker user out."""
+    try:
+        st = _breaker(config, node, no_broker).trip(reason=reason, by=os.environ.get("SUDO_USER") or "operator")
+    except BrokerAdminError as exc:
+        typer.echo(f"breaker tripped on the SSH side, but the broker side failed: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"tripped at {st['since']}")
+
+
+@app.command()
+def reset(config: ConfigOpt = DEFAULT, node: NodeOpt = None, no_broker: NoBrokerOpt = False) -> None:
+    """Restore the gateway's broker permissions and tunnel logins; nothing is restarted."""
+    try:
+        st = _breaker(config, node, no_broker).reset(by=os.environ.get("SUDO_USER") or "operator")
+    except BrokerAdminError as exc:
+        typer.echo(f"broker side failed, breaker left tripped: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"reset at {st['since']}")
+
+
+@app.command()
+def watch(config: ConfigOpt = DEFAULT, node: NodeOpt = None,
+          interval: Annotated[float, typer.Option(help="Seconds between polls.")] = 1.0,
+          reapply: Annotated[float, typer.Option(help="Re-apply the broker side this often (s).")] = 30.0) -> None:
+    """Daemon for automatic trips: absorb trip requests and enforce the broker side."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    _breaker(config, node, False).watch(interval=interval, reapply=reapply)
+
+
+@app.command()
+def install(
+    public_key: Annotated[list[Path], typer.Option(help="The gateway's public key file; repeatable.")] = [],  # noqa: B006
+    tunnel_user: str = "chatai-tunnel",
+    keys_user: str = "chatai-breaker",
+    broker_host: str = "127.0.0.1",
+    broker_port: int = 5672,
+    from_: Annotated[str | None, typer.Option("--from", help='from="..." patterns for the key')] = None,
+    rabbit_node: str | None = None,
+    broker_user: str = "gateway",
+    sshd_config: Path = Path("/etc/ssh/sshd_config"),
+    snippet: Path = Path("/etc/ssh/sshd_config.d/chatai-breaker.conf"),
+) -> None:
+    """Create the tunnel account, the hook, the key file and the sshd snippet; validate with sshd -t."""
+    from circuit_breaker.install import BreakerSpec, InstallError, Layout
+    from circuit_breaker.install import install as do_install
+
+    spec = BreakerSpec(tunnel_user=tunnel_user, keys_user=keys_user, broker_host=broker_host,
+                       broker_port=broker_port, from_=from_, rabbit_node=rabbit_node, broker_user=broker_user,
+                       public_keys=[p.read_text().strip() for p in public_key])
+    try:
+        result = do_install(spec, Layout(sshd_snippet=snippet, sshd_config=sshd_config))
+    except InstallError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(json.dumps(result, indent=2))

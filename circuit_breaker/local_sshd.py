@@ -1,0 +1,194 @@
+"""A private OpenSSH sshd with the real breaker configuration, for tests and ``chatai dev``.
+
+    sshd = start_local_sshd(state_dir, broker_host, broker_port)
+    ... sshd.host, sshd.port, sshd.user, sshd.client_key_path, sshd.known_hosts_path ...
+    sshd.stop()
+
+Needs root (it creates two throw-away accounts with unique names, runs the installer and an
+sshd on a free port with its own host key and config). The breaker's files live under a
+root-owned ``/run/chatai-breaker-<id>/`` because sshd refuses an AuthorizedKeysCommand whose
+path has a group- or world-writable component (so not under /tmp); the gateway-side files
+(client key, known_hosts) go to ``state_dir``. The system sshd and its config are not touched.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from circuit_breaker import hook
+from circuit_breaker.install import BreakerSpec, Layout, install
+
+SSHD = "/usr/sbin/sshd"
+
+
+def sshd_available() -> bool:
+    return os.path.exists(SSHD) and shutil.which("ssh-keygen") is not None and os.geteuid() == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Global part of the private sshd's config, like Debian's: the Include comes first, and the
+# global defaults are permissive (passwords, X11, agent, TCP forwarding all allowed) so that it
+# is the breaker's Match block that refuses them.
+MAIN_CONFIG = """\
+Include {snippet}
+Port {port}
+ListenAddress 127.0.0.1
+HostKey {host_key}
+PidFile {pid_file}
+UsePAM yes
+PasswordAuthentication yes
+KbdInteractiveAuthentication no
+X11Forwarding yes
+AllowAgentForwarding yes
+AllowTcpForwarding yes
+PrintMotd no
+AcceptEnv LANG LC_*
+LogLevel VERBOSE
+Subsystem sftp /usr/lib/openssh/sftp-server
+"""
+
+
+@dataclass
+class LocalSshd:
+    host: str
+    port: int
+    user: str
+    keys_user: str
+    client_key_path: Path
+    known_hosts_path: Path
+    base_dir: Path  # root-owned: sshd config, host key, the breaker's etc/state/libexec
+    layout: Layout
+    config_path: Path  # the breaker config (chatai breaker --config ...)
+    log_path: Path
+    process: subprocess.Popen | None = None
+    broker_host: str = "127.0.0.1"
+    broker_port: int = 5672
+    _stopped: bool = field(default=False, repr=False)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.layout.state_dir
+
+    def breaker(self, admin=None):
+        """The root-side Breaker for this sshd's tunnel account."""
+        from circuit_breaker.breaker import Breaker
+
+        return Breaker(state_dir=self.layout.state_dir, tunnel_user=self.user, admin=admin)
+
+    def ssh_command(self, *options: str, remote: str | None = None) -> list[str]:
+        """The system ssh client pointed at this server as the tunnel user (no user config)."""
+        return ["ssh", "-F", "/dev/null", "-p", str(self.port), "-i", str(self.client_key_path),
+                "-o", f"UserKnownHostsFile={self.known_hosts_path}", "-o", "StrictHostKeyChecking=yes",
+                "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
+                *options, f"{self.user}@{self.host}", *([remote] if remote is not None else [])]
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        # Sessions of the throw-away account (children of our sshd), then the accounts.
+        try:
+            hook.end_sessions(pwd.getpwnam(self.user).pw_uid)
+        except KeyError:
+            pass
+        for name in (self.keys_user, self.user):
+            subprocess.run(["userdel", name], capture_output=True)
+        for name in (self.user, self.keys_user):
+            try:
+                grp.getgrnam(name)
+                subprocess.run(["groupdel", name], capture_output=True)
+            except KeyError:
+                pass
+        subprocess.run(["chattr", "-a", str(self.layout.state_dir / hook.ATTEMPTS_LOG)], capture_output=True)
+        shutil.rmtree(self.base_dir, ignore_errors=True)
+
+    def __enter__(self) -> "LocalSshd":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _keygen(path: Path, comment: str) -> str:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
+                   check=True, capture_output=True)
+    return path.with_name(path.name + ".pub").read_text().strip()
+
+
+def start_local_sshd(state_dir: Path, broker_host: str, broker_port: int, *, from_: str | None = None,
+                     rabbit_node: str | None = None, timeout: float = 15.0) -> LocalSshd:
+    """Start a private sshd whose tunnel account may only forward to broker_host:broker_port."""
+    if not sshd_available():
+        raise RuntimeError("a local sshd needs root, /usr/sbin/sshd and ssh-keygen (openssh-server)")
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    ident = secrets.token_hex(3)
+    user, keys_user = f"cbt{ident}", f"cbk{ident}"
+    base = Path(f"/run/chatai-breaker-{ident}")
+    base.mkdir(mode=0o755)
+    os.chmod(base, 0o755)
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+    port = _free_port()
+    host_key = base / "ssh_host_ed25519_key"
+    host_pub = _keygen(host_key, f"chatai-test-host-{ident}")
+    client_key = state_dir / "tunnel_ed25519"
+    for p in (client_key, client_key.with_name(client_key.name + ".pub")):
+        p.unlink(missing_ok=True)
+    client_pub = _keygen(client_key, f"chatai-gateway-{ident}")
+    known_hosts = state_dir / "tunnel_known_hosts"
+    key_type, key_b64 = host_pub.split()[:2]
+    known_hosts.write_text(f"[127.0.0.1]:{port} {key_type} {key_b64}\n")
+
+    layout = Layout.under(base, sshd_config=base / "sshd_config")
+    main_config = MAIN_CONFIG.format(snippet=layout.sshd_snippet, port=port, host_key=host_key,
+                                     pid_file=base / "sshd.pid")
+    layout.sshd_config.write_text(main_config)
+    log_path = base / "sshd.log"
+    sshd = LocalSshd(host="127.0.0.1", port=port, user=user, keys_user=keys_user, client_key_path=client_key,
+                     known_hosts_path=known_hosts, base_dir=base, layout=layout, config_path=layout.config_file,
+                     log_path=log_path, broker_host=broker_host, broker_port=broker_port)
+    try:
+        spec = BreakerSpec(tunnel_user=user, keys_user=keys_user, broker_host=broker_host, broker_port=broker_port,
+                           from_=from_, rabbit_node=rabbit_node, public_keys=[client_pub])
+        install(spec, layout)
+        sshd.process = subprocess.Popen([SSHD, "-D", "-f", str(layout.sshd_config), "-E", str(log_path)],
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while True:
+            if sshd.process.poll() is not None:
+                raise RuntimeError(f"sshd exited: {log_path.read_text()[-2000:] if log_path.exists() else ''}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                    if s.recv(64).startswith(b"SSH-"):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("sshd did not start listening")
+            time.sleep(0.1)
+    except BaseException:
+        sshd.stop()
+        raise
+    return sshd
