@@ -20,6 +20,9 @@ def _register() -> None:
     app.add_typer(broker_app, name="broker")
     app.add_typer(keys_app, name="keys")
     app.command("gateway")(serve)
+    from circuit_breaker.cli import app as breaker_app
+
+    app.add_typer(breaker_app, name="breaker")
     from slurm_jobs.cli import app as scale_app, autoscale
 
     app.add_typer(scale_app, name="scale")
