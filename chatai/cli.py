@@ -28,5 +28,9 @@ def _register() -> None:
     app.add_typer(scale_app, name="scale")
     app.command("autoscale")(autoscale)
 
+    from gpu_worker.cli import register as register_worker
+
+    register_worker(app)
+
 
 _register()

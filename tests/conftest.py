@@ -90,7 +90,7 @@ def served_worker(broker: BrokerEnv, tiny_model_dir, tmp_path_factory: pytest.Te
 
     log_path = tmp_path_factory.mktemp("worker-logs") / "served-worker.log"
     worker = start_worker(tiny_model_dir, SERVED_MODEL, broker.url("worker"), log_path,
-                          worker_id="served-worker", max_num_seqs=16, max_model_len=512,
+                          worker_id=f"served-worker-{os.getpid()}", max_num_seqs=16, max_model_len=512,
                           heartbeat_interval=1.0, extra_args=["--coalesce-ms", "20", "--coalesce-tokens", "16"])
     try:
         worker.wait_ready()

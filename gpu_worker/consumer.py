@@ -1,0 +1,272 @@
+"""Pulling work: the model queue with prefetch = capacity, and the control queue for cancels.
+
+An idle worker has free prefetch slots, so the broker hands it requests; a full one has none,
+so requests wait in the queue for whichever worker frees up first. Each delivery becomes a
+task; its message is acknowledged only after the final (or error) frame is confirmed by the
+broker, so a worker that dies mid-request loses nothing: the broker redelivers the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from pydantic import ValidationError
+
+from broker_config import topology
+from broker_config.messages import Cancel, GenerateRequest
+from gpu_worker.engine import Engine, EngineDead, RequestFailed
+from gpu_worker.replies import ReplyPublisher, ReplyStream
+from gpu_worker.settings import WorkerSettings
+
+log = logging.getLogger("chatai.worker.consumer")
+
+
+@dataclass
+class Job:
+    message: AbstractIncomingMessage
+    request: GenerateRequest
+    attempt: int
+    task: asyncio.Task | None = None
+    cancelled: bool = False  # a Cancel arrived: end with finish_reason "abort"
+    requeue: bool = False  # draining ran out of time: give the message back, send nothing more
+    aborted: bool = False
+    received_at: float = field(default_factory=time.monotonic)
+
+
+class RecentlyCancelled:
+    """Request ids cancelled lately, so a cancel that overtakes its request still counts."""
+
+    def __init__(self, ttl: float, max_items: int = 100_000) -> None:
+        self._ttl, self._max = ttl, max_items
+        self._ids: OrderedDict[str, float] = OrderedDict()
+
+    def add(self, request_id: str) -> None:
+        self._prune()
+        self._ids[request_id] = time.monotonic() + self._ttl
+        self._ids.move_to_end(request_id)
+        while len(self._ids) > self._max:
+            self._ids.popitem(last=False)
+
+    def __contains__(self, request_id: str) -> bool:
+        self._prune()
+        return request_id in self._ids
+
+    def _prune(self) -> None:
+        now = time.monotonic()
+        while self._ids:
+            first = next(iter(self._ids))
+            if self._ids[first] > now:
+                break
+            del self._ids[first]
+
+
+class Consumer:
+    """Turns deliveries into engine requests and reply streams."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        engine: Engine,
+        publisher: ReplyPublisher,
+        on_change: Callable[[], None] = lambda: None,
+        on_fatal: Callable[[BaseException], None] = lambda exc: None,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.publisher = publisher
+        self.jobs: dict[str, Job] = {}
+        self.cancelled = RecentlyCancelled(settings.cancel_memory)
+        self.accepting = False
+        self.last_activity = time.monotonic()
+        self.completed = 0
+        self._on_change = on_change
+        self._on_fatal = on_fatal
+        self._queue: AbstractQueue | None = None
+        self._tag: str | None = None
+        self._control: AbstractQueue | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.jobs)
+
+    # ------------------------------------------------------------------ subscriptions
+
+    async def start_control(self, channel: AbstractChannel) -> None:
+        """Own an exclusive control queue on the chatai.control fanout, before taking work."""
+        q = await channel.declare_queue(
+            topology.worker_control_queue(self.settings.worker_id), exclusive=True, auto_delete=True
+        )
+        await q.bind(topology.CONTROL_EXCHANGE, routing_key="")
+        await q.consume(self._on_control, no_ack=True)
+        self._control = q
+
+    async def start(self, channel: AbstractChannel) -> None:
+        """Consume the model queue that the broker's definitions declared (never declare it here)."""
+        await channel.set_qos(prefetch_count=self.settings.max_num_seqs)
+        name = topology.model_queue(self.settings.served_model_name or "")
+        self._queue = await channel.get_queue(name, ensure=True)  # passive: fails if not defined
+        self.accepting = True
+        self._tag = await self._queue.consume(self._on_message, no_ack=False)
+
+    async def stop_consuming(self) -> None:
+        """Tell the broker to send nothing more; held messages stay ours until acked or rejected."""
+        self.accepting = False
+        if self._queue is not None and self._tag is not None:
+            tag, self._tag = self._tag, None
+            try:
+                await self._queue.cancel(tag)
+            except Exception as exc:
+                log.warning("basic.cancel failed: %s", type(exc).__name__)
+
+    # ------------------------------------------------------------------ control
+
+    async def _on_control(self, message: AbstractIncomingMessage) -> None:
+        try:
+            cancel = Cancel.model_validate_json(message.body)
+        except ValidationError:
+            log.warning("ignored a control message that is not a Cancel")
+            return
+        self.cancelled.add(cancel.request_id)
+        job = self.jobs.get(cancel.request_id)
+        if job is None:
+            return
+        log.info("cancel request_id=%s reason=%s", cancel.request_id, cancel.reason)
+        job.cancelled = True
+        await self._abort(job)
+
+    async def _abort(self, job: Job) -> None:
+        if not job.aborted:
+            job.aborted = True
+            await self.engine.abort(job.request.request_id)
+
+    # ------------------------------------------------------------------ requests
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self.last_activity = time.monotonic()
+        if not self.accepting:
+            # Arrived after we stopped taking work: straight back to the queue for another worker.
+            await message.reject(requeue=True)
+            return
+        try:
+            req = GenerateRequest.model_validate_json(message.body)
+        except ValidationError:
+            log.error("dropped an undecodable request message (message_id=%s)", message.message_id)
+            await message.ack()
+            return
+        attempt = 2 if message.redelivered else 1
+        if req.deadline is not None and req.deadline < time.time():
+            log.info("dropped expired request_id=%s attempt=%d late_by=%.1fs",
+                     req.request_id, attempt, time.time() - req.deadline)
+            await message.ack()
+            return
+        if req.request_id in self.cancelled:
+            log.info("dropped cancelled request_id=%s attempt=%d", req.request_id, attempt)
+            await message.ack()
+            return
+        if req.request_id in self.jobs:  # the same id twice at once would confuse engine aborts
+            log.warning("duplicate request_id=%s in flight: returned to the queue", req.request_id)
+            await message.reject(requeue=True)
+            return
+        job = Job(message=message, request=req, attempt=attempt)
+        self.jobs[req.request_id] = job
+        self._on_change()
+        job.task = asyncio.create_task(self._run(job), name=f"req-{req.request_id}")
+
+    async def _run(self, job: Job) -> None:
+        req = job.request
+        stream = ReplyStream(self.publisher, req, job.attempt, self.settings.worker_id,
+                             self.settings.coalesce_ms, self.settings.coalesce_tokens)
+        t0 = time.monotonic()
+        first_token: float | None = None
+        outcome = "final"
+        try:
+            try:
+                started = False
+                gen = self.engine.generate(req)
+                try:
+                    async for step in gen:
+                        if not started:
+                            await stream.started(step.prompt_tokens)
+                            started = True
+                            if job.cancelled:  # cancelled between delivery and engine start
+                                await self._abort(job)
+                        if first_token is None and any(c.tokens for c in step.choices):
+                            first_token = time.monotonic()
+                        if job.requeue:
+                            continue
+                        await stream.add(step)
+                finally:
+                    await gen.aclose()
+                if job.requeue:
+                    stream.cancel_timer()
+                    outcome = "requeued"
+                    await job.message.reject(requeue=True)
+                    return
+                if not started:  # the engine ended the request before any output
+                    await stream.started(0)
+                await stream.final(req.sampling.n)
+                await job.message.ack()
+            except RequestFailed as exc:
+                outcome = f"error {exc.status} {exc.code}"
+                await stream.started(0)
+                await stream.error(exc.status, exc.code, exc.message)
+                await job.message.ack()
+            except EngineDead as exc:
+                outcome = "engine dead"
+                stream.cancel_timer()
+                await job.message.reject(requeue=True)
+                self._on_fatal(exc)
+            except asyncio.CancelledError:
+                outcome = "cancelled"
+                stream.cancel_timer()
+                raise
+            except Exception as exc:
+                outcome = f"error 500 {type(exc).__name__}"
+                log.exception("request_id=%s failed", req.request_id)
+                try:
+                    await stream.error(500, "internal_error", "the worker failed on this request")
+                    await job.message.ack()
+                except Exception:
+                    log.warning("request_id=%s: could not report the failure", req.request_id)
+        finally:
+            self.jobs.pop(req.request_id, None)
+            self.completed += 1
+            self.last_activity = time.monotonic()
+            self._on_change()
+            ttft = f"{(first_token - t0) * 1000:.0f}ms" if first_token else "-"
+            log.info(
+                "request_id=%s attempt=%d %s prompt_tokens=%d completion_tokens=%d messages=%d ttft=%s total=%.0fms",
+                req.request_id, job.attempt, outcome, stream.prompt_tokens, stream.completion_tokens(),
+                stream.messages_sent, ttft, (time.monotonic() - t0) * 1000,
+            )
+
+    async def return_remaining(self) -> int:
+        """Drain timed out: abort what is left, give those messages back to the broker."""
+        jobs = list(self.jobs.values())
+        for job in jobs:
+            job.requeue = True
+            await self._abort(job)
+        tasks = [j.task for j in jobs if j.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=10)
+        return len(jobs)
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until nothing is in flight; False if time ran out first."""
+        deadline = time.monotonic() + timeout
+        while self.jobs:
+            tasks = [j.task for j in self.jobs.values() if j.task is not None]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if tasks:
+                await asyncio.wait(tasks, timeout=left)
+            else:
+                await asyncio.sleep(0.01)
+        return True

@@ -1,0 +1,87 @@
+"""When to stop taking work: a signal, an idle spell, or the Slurm job nearing its end.
+
+All three lead to the same graceful path in ``main``: stop consuming, finish what is held
+within the drain grace, return the rest to the queue, say "stopped", exit 0. Slurm sends
+SIGTERM on ``scancel``, on preemption and ahead of the time limit with ``--signal``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Callable
+
+from gpu_worker import slurm
+
+log = logging.getLogger("chatai.worker.lifecycle")
+
+
+class StopSignal:
+    """One event for "time to go", with the reason that set it first."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.reason: str | None = None
+        self.signals = 0
+
+    def set(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+            log.info("stopping: %s", reason)
+        self.event.set()
+
+    def install(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self.signals += 1
+        self.set(f"signal {signal.Signals(sig).name}")
+
+    async def wait(self) -> str:
+        await self.event.wait()
+        return self.reason or "stop"
+
+
+async def watch_idle(stop: StopSignal, idle_timeout: float, in_flight: Callable[[], int],
+                     last_activity: Callable[[], float]) -> None:
+    """Scale to zero: stop after idle_timeout seconds with nothing held and nothing received."""
+    if idle_timeout <= 0:
+        return
+    while not stop.event.is_set():
+        idle_for = time.monotonic() - last_activity()
+        if in_flight() == 0 and idle_for >= idle_timeout:
+            stop.set(f"idle for {idle_for:.0f}s")
+            return
+        await asyncio.sleep(min(1.0, max(0.1, idle_timeout - idle_for if in_flight() == 0 else 1.0)))
+
+
+async def watch_job_end(stop: StopSignal, keep: float, poll: float,
+                        on_end_time: Callable[[float | None], None]) -> None:
+    """Stop taking work when less than ``keep`` seconds (grace + margin) remain in the job."""
+    job = slurm.job_id()
+    if job is None:
+        return
+    end: float | None = None
+    next_poll = 0.0
+    while not stop.event.is_set():
+        now = time.monotonic()
+        if now >= next_poll:
+            new_end = await slurm.job_end_time()
+            if new_end != end:
+                end = new_end
+                on_end_time(end)
+                if end is not None:
+                    log.info("slurm job %s ends in %.0fs", job, end - time.time())
+            next_poll = now + poll
+        if end is not None and end - time.time() <= keep:
+            stop.set(f"slurm job ends in {max(0.0, end - time.time()):.0f}s")
+            return
+        wait = poll if end is None else min(poll, max(0.5, end - time.time() - keep))
+        try:
+            await asyncio.wait_for(stop.event.wait(), timeout=wait)
+        except asyncio.TimeoutError:
+            pass

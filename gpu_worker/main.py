@@ -1,0 +1,137 @@
+"""The worker's run loop: connect, start the engine, serve, and leave gracefully.
+
+Order matters. The worker says "starting" before loading the model (minutes for big ones), owns
+its control queue before taking any request (so no cancel is missed), and on the way out stops
+consuming first, finishes or returns what it holds, and only then says "stopped" and exits 0:
+for Slurm and the autoscaler a drained worker is a normal end, not a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from broker_config import topology
+from broker_config.connection import connect, redact
+from gpu_worker import slurm
+from gpu_worker.consumer import Consumer
+from gpu_worker.engine import Engine
+from gpu_worker.heartbeat import Heartbeater
+from gpu_worker.lifecycle import StopSignal, watch_idle, watch_job_end
+from gpu_worker.replies import ReplyPublisher
+from gpu_worker.settings import WorkerSettings
+
+log = logging.getLogger("chatai.worker")
+
+READY_LINE = "worker ready"  # tests and scripts wait for this in the log
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aio_pika").setLevel(logging.WARNING)
+    logging.getLogger("aiormq").setLevel(logging.WARNING)
+
+
+async def _drain(consumer: Consumer, stop: StopSignal, grace: float) -> None:
+    """Finish held work within the grace (a second signal cuts it short), requeue the rest."""
+    deadline = time.monotonic() + grace
+    signals = stop.signals
+    while consumer.in_flight and time.monotonic() < deadline and stop.signals == signals:
+        await consumer.wait_idle(min(0.5, max(0.0, deadline - time.monotonic())))
+    if consumer.in_flight:
+        n = await consumer.return_remaining()
+        log.info("drain: returned %d request(s) to the queue", n)
+
+
+async def run(settings: WorkerSettings) -> int:
+    """Serve until told to stop; returns the process exit code."""
+    t0 = time.monotonic()
+    stop = StopSignal()
+    stop.install()
+    fatal: list[BaseException] = []
+    url = settings.broker_url.get_secret_value()
+    model = settings.served_model_name or ""
+    log.info("worker_id=%s model=%s capacity=%d broker=%s", settings.worker_id, model,
+             settings.max_num_seqs, redact(url))
+
+    conn = await connect(url, name=f"chatai-worker {settings.worker_id}")
+    consumer: Consumer | None = None
+    engine: Engine | None = None
+    try:
+        beat_channel = await conn.channel()
+        workers_exchange = await beat_channel.get_exchange(topology.WORKERS_EXCHANGE, ensure=False)
+        hb = Heartbeater(
+            workers_exchange,
+            worker_id=settings.worker_id,
+            model=model,
+            capacity=settings.max_num_seqs,
+            interval=settings.heartbeat_interval,
+            in_flight=lambda: consumer.in_flight if consumer else 0,
+            slurm_job_id=slurm.job_id(),
+            max_model_len=settings.max_model_len,
+        )
+        await hb.send()
+        hb.start()
+
+        # The engine loads in a thread so heartbeats and AMQP keep flowing meanwhile.
+        engine_task = asyncio.ensure_future(asyncio.to_thread(Engine.start, settings))
+        stop_task = asyncio.ensure_future(stop.event.wait())
+        await asyncio.wait({engine_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        engine = await engine_task  # even when stopping: the engine's processes must be shut down
+        stop_task.cancel()
+        hb.max_model_len = engine.max_model_len
+        log.info("engine started in %.1fs, max_model_len=%d", time.monotonic() - t0, engine.max_model_len)
+
+        if not stop.event.is_set():
+            reply_channel = await conn.channel(publisher_confirms=True)
+            replies = await reply_channel.get_exchange(topology.REPLIES_EXCHANGE, ensure=False)
+            consumer = Consumer(
+                settings, engine, ReplyPublisher(replies),
+                on_change=hb.in_flight_changed,
+                on_fatal=lambda exc: (fatal.append(exc), stop.set("engine died")),
+            )
+            await consumer.start_control(await conn.channel())
+            await consumer.start(await conn.channel())
+            await hb.set_state("ready")
+            log.info("%s: worker_id=%s model=%s capacity=%d startup=%.1fs", READY_LINE, settings.worker_id,
+                     model, settings.max_num_seqs, time.monotonic() - t0)
+
+            watchers = [
+                asyncio.create_task(watch_idle(stop, settings.idle_timeout, lambda: consumer.in_flight,
+                                               lambda: consumer.last_activity)),
+                asyncio.create_task(watch_job_end(stop, settings.drain_grace + settings.job_end_margin,
+                                                  settings.job_end_poll, _set_job_end(hb))),
+            ]
+            reason = await stop.wait()
+            for w in watchers:
+                w.cancel()
+            await hb.set_state("draining")
+            await consumer.stop_consuming()
+            log.info("draining (%s): %d in flight, grace %.0fs", reason, consumer.in_flight, settings.drain_grace)
+            await _drain(consumer, stop, settings.drain_grace)
+        await hb.stop()
+        hb.state = "stopped"
+        await hb.send()
+        log.info("stopped: served %d request(s)", consumer.completed if consumer else 0)
+    finally:
+        try:
+            await conn.close()
+        except Exception:  # closing a dead connection must not hide the real error
+            pass
+        if engine is not None:
+            engine.shutdown()
+    return 1 if fatal else 0
+
+
+def _set_job_end(hb: Heartbeater):
+    def set_end(end: float | None) -> None:
+        hb.job_end_at = end
+        hb.in_flight_changed()
+
+    return set_end
+
+
+def main(settings: WorkerSettings) -> int:
+    setup_logging()
+    return asyncio.run(run(settings))

@@ -1,0 +1,82 @@
+"""Worker configuration: one settings class, from ``CHATAI_WORKER_*`` variables and CLI flags.
+
+The broker URL carries the worker user's password: pass it through the environment (argv is
+visible to every user in ``ps``), and it is a ``SecretStr`` so it never lands in a log or repr.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from pydantic import SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _on_gpu() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # pragma: no cover - torch always exists where vLLM does
+        return False
+
+
+def default_worker_id() -> str:
+    """Unique and readable: the Slurm array task or job when there is one, else node-pid."""
+    node = socket.gethostname().split(".")[0]
+    array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and array_task:
+        return f"{node}-{array_job}_{array_task}-{os.getpid()}"
+    if job := os.environ.get("SLURM_JOB_ID"):
+        return f"{node}-{job}-{os.getpid()}"
+    return f"{node}-{os.getpid()}"
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CHATAI_WORKER_", extra="ignore")
+
+    broker_url: SecretStr = SecretStr("amqp://worker:worker@127.0.0.1:5672/chatai")
+
+    # The engine.
+    model: Path | None = None  # a Hugging Face model folder
+    served_model_name: str | None = None  # the queue to consume; default: the folder's name
+    max_num_seqs: int = 16  # engine concurrency = AMQP prefetch = advertised capacity
+    max_model_len: int | None = None  # None: the model's own context length
+    dtype: str | None = None  # None: float32 on CPU (bf16 crashes there), auto on GPU
+    gpu_memory_utilization: float | None = None  # None: 0.9 on GPU, 0.1 on CPU (means CPU RAM)
+    kv_cache_space_gb: float = 1.0  # VLLM_CPU_KVCACHE_SPACE, CPU backend only
+    enforce_eager: bool = True  # no compilation: start-up in seconds matters for backfill jobs
+    tensor_parallel_size: int = 1
+    trust_remote_code: bool = False
+
+    # Lifecycle.
+    heartbeat_interval: float = 5.0
+    idle_timeout: float = 0.0  # seconds with nothing in flight and nothing received; 0 = never
+    drain_grace: float = 30.0  # after SIGTERM, time to finish held work before returning the rest
+    job_end_margin: float = 30.0  # extra time kept before the Slurm job's end
+    job_end_poll: float = 60.0  # how often to re-read the job's end time (it may be extended)
+    cancel_memory: float = 300.0  # seconds a cancelled id is remembered, for cancels that overtake
+
+    # Reply coalescing: the first delta at once, then at most every ms / tokens.
+    coalesce_ms: float = 20.0
+    coalesce_tokens: int = 16
+
+    worker_id: str = ""
+
+    @model_validator(mode="after")
+    def _defaults(self) -> "WorkerSettings":
+        if not self.worker_id:
+            self.worker_id = default_worker_id()
+        if self.model is not None and not self.served_model_name:
+            self.served_model_name = Path(self.model).name
+        return self
+
+    def resolved_dtype(self) -> str:
+        return self.dtype or ("auto" if _on_gpu() else "float32")
+
+    def resolved_gpu_memory_utilization(self) -> float:
+        if self.gpu_memory_utilization is not None:
+            return self.gpu_memory_utilization
+        return 0.9 if _on_gpu() else 0.1
