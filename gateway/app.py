@@ -83,4 +83,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(completions.router)
+    from gateway.batches import install as install_batches
+
+    install_batches(app, settings)  # /v1/files, /v1/batches and the batch dispatcher
     return app

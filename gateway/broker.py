@@ -195,6 +195,22 @@ class GatewayBroker:
         except (asyncio.TimeoutError, aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError):
             raise broker_unavailable() from None
 
+    async def consume_batch_results(self, callback: Callable[[AbstractIncomingMessage], object],
+                                    prefetch: int) -> None:
+        """Consume the durable batch results queue, manual ack, on a channel of its own.
+
+        The queue comes from the broker's definitions (passive declare: the gateway may not
+        create it). The robust connection restores this consumer after a reconnect; results
+        that were not acked are redelivered, and the batch store drops what it already has.
+        """
+        await self.ready.wait()
+        if self._connection is None:
+            raise RuntimeError("no broker connection")
+        channel = await self._connection.channel()
+        await channel.set_qos(prefetch_count=prefetch)
+        queue = await channel.get_queue(t.BATCH_RESULTS_QUEUE, ensure=True)
+        await queue.consume(callback, no_ack=False)
+
     async def cancel(self, request_id: str, reason: str) -> None:
         """Tell every worker to abort this request (best effort: the client is already gone)."""
         if not self.connected or self._control is None:

@@ -1,0 +1,31 @@
+"""The OpenAI Files and Batches API: uploads, batch jobs, and the dispatcher that runs them.
+
+``install(app, settings)`` adds the routes and the lifespan hooks that open the batch store and
+start the dispatcher; ``gateway/app.py`` calls it, so nothing else in the gateway knows batches.
+See ``docs/batches.md`` for the lifecycle and the exactly-once rule.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from gateway.settings import GatewaySettings
+
+
+def install(app: FastAPI, settings: GatewaySettings) -> None:
+    from gateway.batches.routes import batches_router, files_router
+    from gateway.batches.service import start_batches, stop_batches
+
+    app.include_router(files_router)
+    app.include_router(batches_router)
+
+    async def _start(ctx) -> None:
+        app.state.batches = await start_batches(ctx)
+
+    async def _stop(ctx) -> None:
+        service = getattr(app.state, "batches", None)
+        if service is not None:
+            await stop_batches(service)
+
+    app.state.startup_hooks.append(_start)
+    app.state.shutdown_hooks.append(_stop)

@@ -1,0 +1,46 @@
+"""Batch settings, from ``CHATAI_GATEWAY_BATCH_*`` variables.
+
+They live apart from ``GatewaySettings`` so the batch feature can be tuned (and tested with
+small limits) without touching the gateway's own settings; paths default to the gateway's
+state directory, so one ``--state-dir`` still holds everything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DAY = 86_400.0
+
+
+class BatchSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CHATAI_GATEWAY_BATCH_", extra="ignore")
+
+    db_path: Path | None = None  # None: the gateway database (state_dir/gateway.db)
+    files_dir: Path | None = None  # None: state_dir/files
+
+    # Work: how many lines of one batch may sit in a model queue or on a worker at once. Small
+    # enough that a batch never floods the queue (interactive requests overtake it anyway, by
+    # priority) and that a cancel has little to chase; large enough to keep workers busy.
+    max_in_flight: int = 32
+    results_prefetch: int = 256  # unacked result messages the gateway holds at once
+    republish_after: float = 6 * 3600.0  # a confirmed line with no result for this long is sent again
+    cancel_grace: float = 5.0  # seconds a cancelling batch waits for aborted lines to report back
+    tick: float = 0.5  # dispatcher wake-up period when nothing else wakes it
+
+    # Limits (OpenAI's: 50,000 requests and 200 MB per input file).
+    max_lines: int = 50_000
+    max_file_bytes: int = 200 * 1024 * 1024
+
+    # Retention: batch files are kept only until deleted or expired (privacy).
+    input_file_ttl: float = 30 * DAY  # uploaded files, unless expires_after says otherwise
+    output_file_ttl: float = 30 * DAY  # output and error files
+    batch_retention: float = 30 * DAY  # a finished batch's record, after it ended
+    sweep_interval: float = 60.0
+
+    def resolve_db(self, state_dir: Path) -> Path:
+        return self.db_path or state_dir / "gateway.db"
+
+    def resolve_files(self, state_dir: Path) -> Path:
+        return self.files_dir or state_dir / "files"

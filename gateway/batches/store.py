@@ -1,0 +1,350 @@
+"""Batch state in SQLite: files, batches and one row per batch line.
+
+The database is the single source of truth for a batch's progress, so the gateway can be
+killed at any moment and resume from here. Every state change that matters is one
+transaction; in particular a line's result and the batch's counters change together, and only
+for a line that has no result yet (``record_result``): that conditional update is what makes
+each custom_id's result exactly-once however often the broker redelivers it.
+
+Line states:
+``pending``    not yet sent;
+``publishing`` being published, the broker's confirm not yet seen (after a crash: unknown
+               whether the broker has it, so it is sent again);
+``queued``     the broker confirmed it: it sits in a durable queue or on a worker, and its
+               result will arrive on the durable results queue (not sent again, except after
+               ``republish_after``);
+``done`` / ``failed``  result written (output file / error file);
+``cancelled``  never ran (batch cancelled or expired).
+
+One connection, guarded by a lock, shared by the event loop and the validation thread; every
+call is short, so the loop is never held up for long.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
+TERMINAL = ("failed", "completed", "expired", "cancelled")
+IN_FLIGHT = ("publishing", "queued")
+OPEN = ("pending", "publishing", "queued")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS batch_files (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    owner TEXT NOT NULL,
+    filename TEXT NOT NULL,
+    purpose TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS batch_files_owner ON batch_files (owner, seq);
+CREATE TABLE IF NOT EXISTS batches (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    owner TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    input_file_id TEXT NOT NULL,
+    completion_window TEXT NOT NULL,
+    status TEXT NOT NULL,
+    model TEXT,
+    output_file_id TEXT,
+    error_file_id TEXT,
+    errors TEXT,
+    metadata TEXT,
+    output_ttl REAL,
+    total INTEGER NOT NULL DEFAULT 0,
+    completed INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER,
+    in_progress_at INTEGER,
+    finalizing_at INTEGER,
+    completed_at INTEGER,
+    failed_at INTEGER,
+    expired_at INTEGER,
+    cancelling_at INTEGER,
+    cancelled_at INTEGER,
+    ended_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS batches_owner ON batches (owner, seq);
+CREATE INDEX IF NOT EXISTS batches_status ON batches (status);
+CREATE TABLE IF NOT EXISTS batch_lines (
+    batch_id TEXT NOT NULL,
+    line_no INTEGER NOT NULL,
+    custom_id TEXT,
+    state TEXT NOT NULL,
+    request TEXT,
+    result TEXT,
+    sent_at REAL,
+    PRIMARY KEY (batch_id, line_no)
+);
+CREATE INDEX IF NOT EXISTS batch_lines_state ON batch_lines (batch_id, state, line_no);
+"""
+
+
+@dataclass(frozen=True)
+class LineRow:
+    batch_id: str
+    line_no: int
+    custom_id: str | None
+    state: str
+    request: dict[str, Any] | None
+    sent_at: float | None
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class BatchStore:
+    def __init__(self, db_path: Path) -> None:
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # a committed result survives a power cut
+            self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE: no lock upgrade dead-ends between writers)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _one(self, sql: str, args: Iterable[Any] = ()) -> sqlite3.Row | None:
+        with self._lock:
+            return self._db.execute(sql, tuple(args)).fetchone()
+
+    def _all(self, sql: str, args: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, tuple(args)).fetchall()
+
+    # ------------------------------------------------------------------ files
+
+    def add_file(self, file_id: str, owner: str, filename: str, purpose: str, size: int,
+                 expires_at: int | None, *, conn: sqlite3.Connection | None = None) -> None:
+        sql = ("INSERT OR REPLACE INTO batch_files (id, owner, filename, purpose, bytes, created_at, expires_at) "
+               "VALUES (?, ?, ?, ?, ?, ?, ?)")
+        args = (file_id, owner, filename, purpose, size, now(), expires_at)
+        if conn is not None:
+            conn.execute(sql, args)
+        else:
+            with self._lock:
+                self._db.execute(sql, args)
+
+    def get_file(self, file_id: str, owner: str | None = None) -> sqlite3.Row | None:
+        if owner is None:
+            return self._one("SELECT * FROM batch_files WHERE id = ?", (file_id,))
+        return self._one("SELECT * FROM batch_files WHERE id = ? AND owner = ?", (file_id, owner))
+
+    def list_files(self, owner: str, *, purpose: str | None, limit: int, after: str | None,
+                   order: str) -> tuple[list[sqlite3.Row], bool]:
+        return self._page("batch_files", owner, limit, after, order,
+                          extra=("purpose = ?", purpose) if purpose else None)
+
+    def delete_file(self, file_id: str) -> bool:
+        with self._lock:
+            return self._db.execute("DELETE FROM batch_files WHERE id = ?", (file_id,)).rowcount == 1
+
+    def expired_files(self, at: int) -> list[str]:
+        return [r["id"] for r in self._all(
+            "SELECT id FROM batch_files WHERE expires_at IS NOT NULL AND expires_at <= ?", (at,))]
+
+    def _page(self, table: str, owner: str, limit: int, after: str | None, order: str,
+              extra: tuple[str, Any] | None = None) -> tuple[list[sqlite3.Row], bool]:
+        """Cursor pagination as OpenAI does it: ``after`` is the last id of the previous page."""
+        desc = order != "asc"
+        where, args = ["owner = ?"], [owner]
+        if extra:
+            where.append(extra[0])
+            args.append(extra[1])
+        if after:
+            cursor = self._one(f"SELECT seq FROM {table} WHERE id = ? AND owner = ?", (after, owner))
+            if cursor is not None:
+                where.append("seq < ?" if desc else "seq > ?")
+                args.append(cursor["seq"])
+        rows = self._all(f"SELECT * FROM {table} WHERE {' AND '.join(where)} "
+                         f"ORDER BY seq {'DESC' if desc else 'ASC'} LIMIT ?", (*args, limit + 1))
+        return rows[:limit], len(rows) > limit
+
+    # ------------------------------------------------------------------ batches
+
+    def create_batch(self, batch_id: str, owner: str, endpoint: str, input_file_id: str,
+                     completion_window: str, expires_at: int, metadata: dict | None,
+                     output_ttl: float | None) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO batches (id, owner, endpoint, input_file_id, completion_window, status, "
+                "metadata, output_ttl, created_at, expires_at) VALUES (?, ?, ?, ?, ?, 'validating', ?, ?, ?, ?)",
+                (batch_id, owner, endpoint, input_file_id, completion_window,
+                 json.dumps(metadata) if metadata is not None else None, output_ttl, now(), expires_at))
+
+    def get_batch(self, batch_id: str, owner: str | None = None) -> sqlite3.Row | None:
+        if owner is None:
+            return self._one("SELECT * FROM batches WHERE id = ?", (batch_id,))
+        return self._one("SELECT * FROM batches WHERE id = ? AND owner = ?", (batch_id, owner))
+
+    def list_batches(self, owner: str, *, limit: int, after: str | None) -> tuple[list[sqlite3.Row], bool]:
+        return self._page("batches", owner, limit, after, "desc")
+
+    def batches_in(self, statuses: Iterable[str]) -> list[sqlite3.Row]:
+        s = tuple(statuses)
+        return self._all(f"SELECT * FROM batches WHERE status IN ({','.join('?' * len(s))}) ORDER BY seq", s)
+
+    def set_status(self, batch_id: str, status: str, *, only_from: Iterable[str] = (),
+                   **fields: Any) -> bool:
+        """Move a batch to ``status`` (stamping ``<status>_at``), optionally only from given states."""
+        sets = {"status": status, f"{status}_at": now(), **fields}
+        if status in TERMINAL:
+            sets["ended_at"] = now()
+        sql = f"UPDATE batches SET {', '.join(f'{k} = ?' for k in sets)} WHERE id = ?"
+        args: list[Any] = [*sets.values(), batch_id]
+        src = tuple(only_from)
+        if src:
+            sql += f" AND status IN ({','.join('?' * len(src))})"
+            args.extend(src)
+        with self._lock:
+            return self._db.execute(sql, args).rowcount == 1
+
+    def start_batch(self, batch_id: str, lines: list[tuple[int, str | None, str, dict | None, dict | None]],
+                    model: str | None) -> bool:
+        """Store a validated batch's lines and move it to in_progress, in one transaction.
+
+        ``lines``: (line_no, custom_id, state 'pending' or 'failed', request, error result).
+        Re-running it (a restart during validation) replaces what a previous run left.
+        """
+        failed = sum(1 for line in lines if line[2] == "failed")
+        with self.tx() as db:
+            row = db.execute("SELECT status FROM batches WHERE id = ?", (batch_id,)).fetchone()
+            if row is None or row["status"] != "validating":
+                return False
+            db.execute("DELETE FROM batch_lines WHERE batch_id = ?", (batch_id,))
+            db.executemany(
+                "INSERT INTO batch_lines (batch_id, line_no, custom_id, state, request, result) VALUES (?, ?, ?, ?, ?, ?)",
+                [(batch_id, n, cid, state, json.dumps(req) if req is not None else None,
+                  json.dumps(res) if res is not None else None) for n, cid, state, req, res in lines])
+            db.execute("UPDATE batches SET status = 'in_progress', in_progress_at = ?, total = ?, completed = 0, "
+                       "failed = ?, model = ? WHERE id = ?", (now(), len(lines), failed, model, batch_id))
+        return True
+
+    def delete_batch(self, batch_id: str) -> None:
+        with self.tx() as db:
+            db.execute("DELETE FROM batch_lines WHERE batch_id = ?", (batch_id,))
+            db.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
+
+    def ended_before(self, at: int) -> list[sqlite3.Row]:
+        return self._all("SELECT * FROM batches WHERE ended_at IS NOT NULL AND ended_at <= ?", (at,))
+
+    # ------------------------------------------------------------------ lines
+
+    def count_lines(self, batch_id: str, states: Iterable[str]) -> int:
+        s = tuple(states)
+        row = self._one(f"SELECT COUNT(*) AS n FROM batch_lines WHERE batch_id = ? AND state IN "
+                        f"({','.join('?' * len(s))})", (batch_id, *s))
+        return int(row["n"]) if row else 0
+
+    def lines_in(self, batch_id: str, states: Iterable[str], limit: int | None = None) -> list[LineRow]:
+        s = tuple(states)
+        sql = (f"SELECT batch_id, line_no, custom_id, state, request, sent_at FROM batch_lines "
+               f"WHERE batch_id = ? AND state IN ({','.join('?' * len(s))}) ORDER BY line_no")
+        args: list[Any] = [batch_id, *s]
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return [LineRow(r["batch_id"], r["line_no"], r["custom_id"], r["state"],
+                        json.loads(r["request"]) if r["request"] else None, r["sent_at"])
+                for r in self._all(sql, args)]
+
+    def get_line(self, batch_id: str, line_no: int) -> LineRow | None:
+        rows = self._all("SELECT batch_id, line_no, custom_id, state, request, sent_at FROM batch_lines "
+                         "WHERE batch_id = ? AND line_no = ?", (batch_id, line_no))
+        if not rows:
+            return None
+        r = rows[0]
+        return LineRow(r["batch_id"], r["line_no"], r["custom_id"], r["state"],
+                       json.loads(r["request"]) if r["request"] else None, r["sent_at"])
+
+    def mark_publishing(self, batch_id: str, line_nos: list[int]) -> None:
+        with self._lock:
+            self._db.executemany("UPDATE batch_lines SET state = 'publishing' WHERE batch_id = ? AND line_no = ? "
+                                 "AND state = 'pending'", [(batch_id, n) for n in line_nos])
+
+    def mark_queued(self, batch_id: str, line_no: int) -> None:
+        """After the broker's confirm; a result that already arrived is left alone."""
+        with self._lock:
+            self._db.execute("UPDATE batch_lines SET state = 'queued', sent_at = ? WHERE batch_id = ? AND "
+                             "line_no = ? AND state = 'publishing'", (time.time(), batch_id, line_no))
+
+    def back_to_pending(self, batch_id: str, line_nos: Iterable[int], from_states: Iterable[str] = IN_FLIGHT) -> int:
+        s = tuple(from_states)
+        with self._lock:
+            n = 0
+            for line_no in line_nos:
+                n += self._db.execute(
+                    f"UPDATE batch_lines SET state = 'pending', sent_at = NULL WHERE batch_id = ? AND line_no = ? "
+                    f"AND state IN ({','.join('?' * len(s))})", (batch_id, line_no, *s)).rowcount
+            return n
+
+    def reset_publishing(self) -> int:
+        """At start-up: lines whose publish may or may not have reached the broker go out again."""
+        with self._lock:
+            return self._db.execute("UPDATE batch_lines SET state = 'pending' WHERE state = 'publishing'").rowcount
+
+    def stale_queued(self, batch_id: str, older_than: float) -> list[int]:
+        return [r["line_no"] for r in self._all(
+            "SELECT line_no FROM batch_lines WHERE batch_id = ? AND state = 'queued' AND sent_at < ?",
+            (batch_id, older_than))]
+
+    def record_result(self, batch_id: str, line_no: int, ok: bool, result: dict[str, Any],
+                      usage: tuple[int, int] = (0, 0)) -> bool:
+        """Write a line's result once: False if it already had one (a duplicate) or is gone."""
+        with self.tx() as db:
+            cur = db.execute(
+                "UPDATE batch_lines SET state = ?, result = ?, request = NULL WHERE batch_id = ? AND line_no = ? "
+                "AND state IN ('pending', 'publishing', 'queued')",
+                ("done" if ok else "failed", json.dumps(result), batch_id, line_no))
+            if cur.rowcount != 1:
+                return False
+            db.execute(f"UPDATE batches SET {'completed' if ok else 'failed'} = "
+                       f"{'completed' if ok else 'failed'} + 1, prompt_tokens = prompt_tokens + ?, "
+                       f"completion_tokens = completion_tokens + ? WHERE id = ?", (*usage, batch_id))
+        return True
+
+    def cancel_open_lines(self, batch_id: str) -> int:
+        with self._lock:
+            return self._db.execute(
+                "UPDATE batch_lines SET state = 'cancelled', request = NULL WHERE batch_id = ? AND "
+                "state IN ('pending', 'publishing', 'queued')", (batch_id,)).rowcount
+
+    def results(self, batch_id: str, state: str) -> Iterator[tuple[int, str | None, str | None]]:
+        """(line_no, custom_id, result JSON) of lines in one state, in input order."""
+        with self._lock:
+            rows = self._db.execute("SELECT line_no, custom_id, result FROM batch_lines WHERE batch_id = ? AND "
+                                    "state = ? ORDER BY line_no", (batch_id, state)).fetchall()
+        for r in rows:
+            yield r["line_no"], r["custom_id"], r["result"]

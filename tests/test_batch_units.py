@@ -1,0 +1,221 @@
+"""Batch parts that need no broker: line validation, the SQLite store's exactly-once rule, the
+handling of result frames (duplicates, aborts, errors), finalizing and the expiry sweep.
+
+The end-to-end behaviour with RabbitMQ and a vLLM worker is in ``test_batches.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from broker_config.messages import ChoiceEnd, Error, Final, Started, Usage
+from gateway.batches.config import BatchSettings
+from gateway.batches.dispatcher import Dispatcher, output_file_ids, parse_request_id, request_id
+from gateway.batches.files import FileStore
+from gateway.batches.service import BatchService
+from gateway.batches.store import BatchStore
+from gateway.batches.validation import BatchFileError, parse_file
+
+CHAT = "/v1/chat/completions"
+
+
+def _line(cid, body=None, url=CHAT, **extra):
+    item = {"custom_id": cid, "method": "POST", "url": url,
+            "body": body if body is not None else {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                                                   "max_tokens": 4}}
+    item.update(extra)
+    return json.dumps(item)
+
+
+def _reason(result: dict) -> str:
+    if result.get("error"):
+        return result["error"]["message"]
+    return result["response"]["body"]["error"]["message"]
+
+
+def test_each_bad_line_becomes_an_error_with_its_custom_id_and_reason(tmp_path: Path):
+    lines = [
+        _line("ok-1"),
+        "{not json",
+        json.dumps({"method": "POST", "url": CHAT, "body": {}}),
+        _line("ok-1"),  # duplicate custom_id
+        _line("wrong-url", url="/v1/embeddings"),
+        _line("bad-body", body={"model": "tiny", "messages": []}),
+        _line("bad-temp", body={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": 9}),
+        _line("tools", body={"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                             "tools": [{"type": "function"}]}),
+        _line("streamed", body={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stream": True}),
+        "",
+        "[1, 2]",
+        _line("ok-2"),
+    ]
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    parsed = parse_file(path, CHAT, max_lines=100)
+    by_line = {n: (cid, state, req, res) for n, cid, state, req, res in parsed.lines}
+    assert len(parsed.lines) == 11  # the blank line is not a request
+    assert [n for n, (_, s, _, _) in by_line.items() if s == "pending"] == [1, 12]
+    expected = {2: (None, "invalid_json"), 3: (None, "missing_custom_id"), 4: ("ok-1", "duplicate_custom_id"),
+                5: ("wrong-url", "invalid_url"), 6: ("bad-body", None), 7: ("bad-temp", None),
+                8: ("tools", "unsupported_parameter"), 9: ("streamed", None), 11: (None, "invalid_request")}
+    for n, (cid, code) in expected.items():
+        got_cid, state, req, res = by_line[n]
+        assert state == "failed" and req is None, n
+        assert got_cid == cid and res["custom_id"] == cid, n
+        assert _reason(res), n
+        if res["error"]:
+            assert res["error"]["code"] == code and res["error"]["line"] == n
+        else:
+            assert res["response"]["status_code"] == 400
+            if code:
+                assert res["response"]["body"]["error"]["code"] == code
+    assert "temperature" in _reason(by_line[7][3])
+    req = by_line[1][2]
+    assert req["model"] == "tiny" and req["kind"] == "chat" and req["sampling"]["max_tokens"] == 4
+    assert parsed.model == "tiny"
+
+
+def test_a_file_that_cannot_be_a_batch_fails_whole(tmp_path: Path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(BatchFileError) as exc:
+        parse_file(empty, CHAT, 10)
+    assert exc.value.code == "empty_file"
+    binary = tmp_path / "bin.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(BatchFileError) as exc:
+        parse_file(binary, CHAT, 10)
+    assert exc.value.code == "invalid_file_format"
+    many = tmp_path / "many.jsonl"
+    many.write_text("\n".join(_line(f"c{i}") for i in range(4)))
+    with pytest.raises(BatchFileError) as exc:
+        parse_file(many, CHAT, 3)
+    assert exc.value.code == "too_many_requests"
+
+
+def test_completions_endpoint_lines(tmp_path: Path):
+    path = tmp_path / "in.jsonl"
+    path.write_text(_line("a", url="/v1/completions", body={"model": "tiny", "prompt": "Once", "max_tokens": 3})
+                    + "\n" + _line("b", url="/v1/completions", body={"model": "tiny", "prompt": ["x", "y"]}))
+    parsed = parse_file(path, "/v1/completions", 10)
+    (_, _, s1, r1, _), (_, _, s2, _, e2) = parsed.lines
+    assert s1 == "pending" and r1["prompt"] == "Once" and r1["kind"] == "completion"
+    assert s2 == "failed" and e2["response"]["status_code"] == 400
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> BatchService:
+    settings = BatchSettings(db_path=tmp_path / "gw.db", files_dir=tmp_path / "files")
+    store = BatchStore(settings.db_path)
+    files = FileStore(settings.files_dir)
+    svc = BatchService(settings, store, files, Dispatcher(None, store, files, settings))  # type: ignore[arg-type]
+    yield svc
+    store.close()
+
+
+def _started_batch(svc: BatchService, n: int = 3) -> str:
+    bid = "batch_" + "a" * 24
+    svc.store.create_batch(bid, "key_1", CHAT, "file-x", "24h", 2**31, None, None)
+    lines = [(i, f"c{i}", "pending", {"model": "tiny", "kind": "chat", "messages": [], "sampling": {}}, None)
+             for i in range(1, n + 1)]
+    assert svc.store.start_batch(bid, lines, "tiny")
+    return bid
+
+
+def _final(bid: str, line: int, reason: str = "length", text: str = "hello") -> bytes:
+    return Final(request_id=request_id(bid, line), attempt=1, seq=1,
+                 choices=[ChoiceEnd(index=0, finish_reason=reason, text=text)],
+                 usage=Usage(prompt_tokens=5, completion_tokens=2, total_tokens=7)).encode()
+
+
+def test_each_line_is_recorded_once_however_often_its_result_arrives(service: BatchService):
+    bid = _started_batch(service)
+    d = service.dispatcher
+    assert parse_request_id(request_id(bid, 2)) == (bid, 2)
+    d.handle_result(Started(request_id=request_id(bid, 1), worker_id="w").encode())  # ignored
+    for _ in range(3):  # the broker redelivers; a re-published copy also answers
+        d.handle_result(_final(bid, 1))
+    d.handle_result(Final(request_id=request_id(bid, 1), attempt=2, choices=[ChoiceEnd(index=0, finish_reason="stop",
+                          text="other")], usage=Usage()).encode())
+    d.handle_result(Error(request_id=request_id(bid, 2), status=400, code="context_length_exceeded",
+                          message="too long").encode())
+    d.handle_result(Error(request_id=request_id(bid, 2), status=500, message="late duplicate").encode())
+    d.handle_result(b"garbage")
+    d.handle_result(_final("batch_" + "b" * 24, 1))  # a batch this gateway does not know
+    b = service.store.get_batch(bid)
+    assert (b["total"], b["completed"], b["failed"]) == (3, 1, 1)
+    assert b["prompt_tokens"] == 5 and b["completion_tokens"] == 2
+    assert d.duplicates == 5
+    results = {cid: json.loads(r) for _, cid, r in service.store.results(bid, "done")}
+    assert list(results) == ["c1"]
+    assert results["c1"]["response"]["body"]["choices"][0]["message"]["content"] == "hello"
+    assert results["c1"]["response"]["request_id"] == request_id(bid, 1)
+    errors = [json.loads(r) for _, _, r in service.store.results(bid, "failed")]
+    assert errors[0]["custom_id"] == "c2" and errors[0]["response"]["status_code"] == 400
+    assert errors[0]["response"]["body"]["error"]["code"] == "context_length_exceeded"
+
+
+def test_an_aborted_line_runs_again_unless_the_batch_is_cancelled(service: BatchService):
+    bid = _started_batch(service)
+    d = service.dispatcher
+    service.store.mark_publishing(bid, [1, 2])
+    service.store.mark_queued(bid, 1)
+    service.store.mark_queued(bid, 2)
+    d.handle_result(_final(bid, 1, reason="abort"))
+    assert service.store.get_line(bid, 1).state == "pending"
+    service.store.set_status(bid, "cancelling", only_from=("in_progress",))
+    d.handle_result(_final(bid, 2, reason="abort"))
+    assert service.store.get_line(bid, 2).state == "cancelled"
+
+
+async def test_finalize_writes_files_in_line_order_and_forgets_the_lines(service: BatchService):
+    bid = _started_batch(service, n=4)
+    d = service.dispatcher
+    d.handle_result(_final(bid, 3))
+    d.handle_result(_final(bid, 1))
+    d.handle_result(Error(request_id=request_id(bid, 2), status=400, message="refused").encode())
+    service.store.set_status(bid, "cancelling", only_from=("in_progress",))
+    d._finalize(bid, "cancelled")
+    b = service.store.get_batch(bid)
+    assert b["status"] == "cancelled" and b["cancelled_at"] and b["ended_at"]
+    out_id, err_id = output_file_ids(bid)
+    assert (b["output_file_id"], b["error_file_id"]) == (out_id, err_id)
+    out = [json.loads(x) for x in service.files.path(out_id).read_text().splitlines()]
+    assert [o["custom_id"] for o in out] == ["c1", "c3"]
+    errs = [json.loads(x) for x in service.files.path(err_id).read_text().splitlines()]
+    assert [e["custom_id"] for e in errs] == ["c2", "c4"]
+    assert errs[1]["error"]["code"] == "batch_cancelled"
+    assert service.store.get_file(out_id, "key_1")["purpose"] == "batch_output"
+    assert service.store.count_lines(bid, ("pending", "done", "failed", "cancelled")) == 0
+    d._finalize(bid, "cancelled")  # a second finalize (restart) changes nothing
+    assert service.store.get_batch(bid)["cancelled_at"] == b["cancelled_at"]
+
+
+def test_restart_rule_resends_unconfirmed_lines_only(service: BatchService):
+    bid = _started_batch(service, n=3)
+    service.store.mark_publishing(bid, [1, 2])
+    service.store.mark_queued(bid, 1)  # confirmed: the broker owns it
+    assert service.store.reset_publishing() == 1  # line 2's confirm was never seen
+    states = [service.store.get_line(bid, n).state for n in (1, 2, 3)]
+    assert states == ["queued", "pending", "pending"]
+    assert service.store.stale_queued(bid, older_than=0) == []
+    import time
+
+    assert service.store.stale_queued(bid, older_than=time.time() + 1) == [1]
+
+
+def test_expired_files_and_old_batches_are_swept(service: BatchService):
+    service.store.add_file("file-old", "key_1", "a.jsonl", "batch", 3, expires_at=1)
+    service.files.path("file-old").write_text("abc")
+    service.store.add_file("file-new", "key_1", "b.jsonl", "batch", 3, expires_at=2**31)
+    service.files.path("file-new").write_text("abc")
+    bid = _started_batch(service)
+    service.store.set_status(bid, "cancelled")
+    service.settings.batch_retention = -10  # anything ended is past retention
+    assert service.sweep() == (1, 1)
+    assert not service.files.path("file-old").exists() and service.store.get_file("file-old") is None
+    assert service.files.path("file-new").exists()
+    assert service.store.get_batch(bid) is None
