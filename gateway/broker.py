@@ -196,19 +196,25 @@ class GatewayBroker:
             raise broker_unavailable() from None
 
     async def consume_batch_results(self, callback: Callable[[AbstractIncomingMessage], object],
-                                    prefetch: int) -> None:
-        """Consume the durable batch results queue, manual ack, on a channel of its own.
+                                    prefetch: int, queue_name: str = t.BATCH_RESULTS_QUEUE) -> None:
+        """Consume a durable batch results queue, manual ack, on a channel of its own.
 
-        The queue comes from the broker's definitions (passive declare: the gateway may not
-        create it). The robust connection restores this consumer after a reconnect; results
-        that were not acked are redelivered, and the batch store drops what it already has.
+        The definitions' shared queue (``chatai.batch-results``) is only looked up (passive: the
+        gateway may not create it). A queue under the gateway's own prefix is declared durable
+        and bound here, so that each gateway deployment (state directory) has its own and two
+        gateways on one broker never take each other's results. The robust connection restores
+        the consumer after a reconnect; unacked results are redelivered.
         """
         await self.ready.wait()
         if self._connection is None:
             raise RuntimeError("no broker connection")
         channel = await self._connection.channel()
         await channel.set_qos(prefetch_count=prefetch)
-        queue = await channel.get_queue(t.BATCH_RESULTS_QUEUE, ensure=True)
+        if queue_name.startswith(t.GATEWAY_QUEUE_PREFIX):
+            queue = await channel.declare_queue(queue_name, durable=True, auto_delete=False, exclusive=False)
+            await queue.bind(t.REPLIES_EXCHANGE, routing_key=queue_name)
+        else:
+            queue = await channel.get_queue(queue_name, ensure=True)
         await queue.consume(callback, no_ack=False)
 
     async def cancel(self, request_id: str, reason: str) -> None:

@@ -20,6 +20,13 @@ class BatchSettings(BaseSettings):
     db_path: Path | None = None  # None: the gateway database (state_dir/gateway.db)
     files_dir: Path | None = None  # None: state_dir/files
 
+    # Where workers send batch results. None: a durable queue of this deployment's own,
+    # ``chatai.gw.<deployment id>.batch-results`` (the id lives in the batch database, so a
+    # restarted gateway finds its queue again, and gateways sharing a broker never take each
+    # other's results). "chatai.batch-results": the definitions' shared queue, only for a broker
+    # that serves one gateway deployment.
+    results_queue: str | None = None
+
     # Work: how many lines of one batch may sit in a model queue or on a worker at once. Small
     # enough that a batch never floods the queue (interactive requests overtake it anyway, by
     # priority) and that a cancel has little to chase; large enough to keep workers busy.

@@ -4,9 +4,9 @@ One task in the gateway process drives every batch through its lifecycle (valida
 in_progress -> finalizing -> completed, or cancelling -> cancelled, or expired / failed),
 reading and writing only SQLite, so a restart resumes from whatever was committed.
 
-Sending: each line becomes a persistent, low-priority GenerateRequest (reply_to = the durable
-results queue, no deadline, stream false) whose request id is ``<batch id>.<line number>``: the
-same line always has the same id, so a redelivery or a re-publish is recognised. At most
+Sending: each line becomes a persistent, low-priority GenerateRequest (reply_to = this
+deployment's durable results queue, see ``BatchSettings.results_queue``; no deadline; stream
+false) whose request id is ``<batch id>.<line number>``: the same line always has the same id, so a redelivery or a re-publish is recognised. At most
 ``max_in_flight`` lines of a batch are out at once; interactive requests, at a higher priority,
 overtake whatever a batch has queued.
 
@@ -72,6 +72,10 @@ def parse_request_id(rid: str) -> tuple[str, int] | None:
     return batch_id, int(line)
 
 
+def results_queue_name(deployment_id: str) -> str:
+    return f"{t.GATEWAY_QUEUE_PREFIX}{deployment_id}.batch-results"
+
+
 def output_file_ids(batch_id: str) -> tuple[str, str]:
     """Deterministic, so finalizing twice (a restart mid-finalize) rewrites the same files."""
     suffix = batch_id.removeprefix("batch_")
@@ -89,6 +93,7 @@ class Dispatcher:
         self._backoff_until = 0.0
         self._tasks: list[asyncio.Task] = []
         self.duplicates = 0  # results dropped because their line already had one (tests, metrics)
+        self.results_queue = settings.results_queue or results_queue_name(store.deployment_id())
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -127,7 +132,8 @@ class Dispatcher:
     async def _consume(self) -> None:
         while True:
             try:
-                await self.broker.consume_batch_results(self._on_result, self.settings.results_prefetch)
+                await self.broker.consume_batch_results(self._on_result, self.settings.results_prefetch,
+                                                       self.results_queue)
                 return  # the robust connection restores the consumer after a reconnect
             except asyncio.CancelledError:
                 raise
@@ -188,7 +194,7 @@ class Dispatcher:
         for i, line in enumerate(lines):
             assert line.request is not None
             rid = request_id(bid, line.line_no)
-            req = GenerateRequest(request_id=rid, reply_to=t.BATCH_RESULTS_QUEUE, stream=False, deadline=None,
+            req = GenerateRequest(request_id=rid, reply_to=self.results_queue, stream=False, deadline=None,
                                   batch_id=bid, **line.request)
             try:
                 await self.broker.publish_request(req, priority=t.BATCH_PRIORITY, ttl=None, persistent=True)

@@ -23,6 +23,7 @@ call is short, so the loop is never held up for long.
 from __future__ import annotations
 
 import json
+import secrets
 import sqlite3
 import threading
 import time
@@ -91,6 +92,7 @@ CREATE TABLE IF NOT EXISTS batch_lines (
     sent_at REAL,
     PRIMARY KEY (batch_id, line_no)
 );
+CREATE TABLE IF NOT EXISTS batch_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS batch_lines_state ON batch_lines (batch_id, state, line_no);
 """
 
@@ -143,6 +145,16 @@ class BatchStore:
     def _all(self, sql: str, args: Iterable[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:
             return self._db.execute(sql, tuple(args)).fetchall()
+
+    def deployment_id(self) -> str:
+        """A random id made once per database: names this deployment's results queue."""
+        with self.tx() as db:
+            row = db.execute("SELECT value FROM batch_meta WHERE key = 'deployment'").fetchone()
+            if row is not None:
+                return row["value"]
+            value = secrets.token_hex(8)
+            db.execute("INSERT INTO batch_meta (key, value) VALUES ('deployment', ?)", (value,))
+            return value
 
     # ------------------------------------------------------------------ files
 

@@ -1,0 +1,395 @@
+"""Batches end to end: the official OpenAI SDK -> gateway process -> RabbitMQ -> real vLLM worker.
+
+The batch tests serve a model of their own (``tiny-batch``, the tiny random Llama) from a worker
+of their own, so they can kill it, and run their own gateways, so they can restart them; the
+session's ``gateway`` and ``served_worker`` are not disturbed. Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+from gateway.keys import KeyStore
+from support.gateway import GatewayProcess, start_gateway
+from support.worker_proc import WorkerProcess, start_worker
+
+BATCH_MODEL = "tiny-batch"
+CHAT = "/v1/chat/completions"
+# Small limits so a cancel or a restart has something in flight, and a quick dispatcher tick.
+GATEWAY_ENV = {"CHATAI_GATEWAY_BATCH_MAX_IN_FLIGHT": "24", "CHATAI_GATEWAY_BATCH_CANCEL_GRACE": "3",
+               "CHATAI_GATEWAY_BATCH_TICK": "0.2", "CHATAI_GATEWAY_QUEUE_TIMEOUT": "60"}
+
+
+# ---------------------------------------------------------------------------------- fixtures
+
+
+class Workers:
+    """The worker serving BATCH_MODEL; a test may kill it and start another."""
+
+    def __init__(self, model_dir: Path, url: str, logs: Path) -> None:
+        self.model_dir, self.url, self.logs = model_dir, url, logs
+        self.current: WorkerProcess | None = None
+        self.started = 0
+
+    def start(self) -> WorkerProcess:
+        self.started += 1
+        self.current = start_worker(self.model_dir, BATCH_MODEL, self.url, self.logs / f"worker-{self.started}.log",
+                                    worker_id=f"batch-worker-{os.getpid()}-{self.started}", max_num_seqs=8,
+                                    max_model_len=512, heartbeat_interval=1.0)
+        return self.current.wait_ready()
+
+    def all_logs(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in sorted(self.logs.glob("worker-*.log")))
+
+
+@pytest.fixture(scope="module")
+def workers(broker, tiny_model_dir, tmp_path_factory):
+    broker.apply([BATCH_MODEL])
+    w = Workers(tiny_model_dir, broker.url("worker"), tmp_path_factory.mktemp("batch-workers"))
+    w.start()
+    yield w
+    if w.current is not None:
+        w.current.stop(timeout=30)
+
+
+def _serving(gw: GatewayProcess) -> GatewayProcess:
+    gw.wait_for(lambda h: h["models"].get(BATCH_MODEL, {}).get("ready", 0) >= 1, timeout=60,
+                what="the batch worker's heartbeat")
+    return gw
+
+
+@pytest.fixture(scope="module")
+def bgw(broker, workers, tmp_path_factory):
+    gw = start_gateway(tmp_path_factory.mktemp("batch-gateway"), broker.url("gateway"), extra_env=GATEWAY_ENV)
+    try:
+        yield _serving(gw)
+    finally:
+        gw.stop()
+
+
+@pytest.fixture
+def own_gateway(broker, workers, tmp_path):
+    """A gateway of the test's own (restart it, or give it other settings)."""
+    started: list[GatewayProcess] = []
+
+    def start(extra_env: dict[str, str] | None = None, state_dir: Path | None = None) -> GatewayProcess:
+        gw = start_gateway(state_dir or tmp_path / "gw", broker.url("gateway"),
+                           extra_env={**GATEWAY_ENV, **(extra_env or {})})
+        started.append(gw)
+        return _serving(gw)
+
+    yield start
+    for gw in started:
+        gw.stop()
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def lines(n: int, prefix: str = "req", max_tokens: int = 4, **body) -> list[dict]:
+    return [{"custom_id": f"{prefix}-{i}", "method": "POST", "url": CHAT,
+             "body": {"model": BATCH_MODEL, "max_tokens": max_tokens,
+                      "messages": [{"role": "user", "content": f"Question number {i}: what is {i} plus {i}?"}],
+                      **body}}
+            for i in range(n)]
+
+
+def jsonl(items: list) -> bytes:
+    return ("\n".join(i if isinstance(i, str) else json.dumps(i) for i in items) + "\n").encode()
+
+
+def submit(client: openai.OpenAI, items: list, endpoint: str = CHAT):
+    f = client.files.create(file=("input.jsonl", jsonl(items)), purpose="batch")
+    assert f.purpose == "batch" and f.bytes > 0
+    return client.batches.create(input_file_id=f.id, endpoint=endpoint, completion_window="24h")
+
+
+def wait_until(client: openai.OpenAI, batch_id: str, predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    b = client.batches.retrieve(batch_id)
+    while time.monotonic() < deadline:
+        b = client.batches.retrieve(batch_id)
+        if predicate(b):
+            return b
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}: {b.status} {b.request_counts}")
+
+
+def wait_done(client: openai.OpenAI, batch_id: str, timeout: float = 240.0):
+    return wait_until(client, batch_id, lambda b: b.status in ("completed", "failed", "expired", "cancelled"),
+                      timeout, "the batch to end")
+
+
+def read(client: openai.OpenAI, file_id: str | None) -> list[dict]:
+    if file_id is None:
+        return []
+    return [json.loads(line) for line in client.files.content(file_id).text.splitlines() if line.strip()]
+
+
+def reason(item: dict) -> str:
+    if item.get("error"):
+        return item["error"]["message"]
+    return item["response"]["body"]["error"]["message"]
+
+
+def assert_exactly_once(outputs: list[dict], expected: set[str]) -> None:
+    ids = [o["custom_id"] for o in outputs]
+    assert len(ids) == len(set(ids)), "a custom_id was answered more than once"
+    assert set(ids) == expected
+    for o in outputs:
+        assert o["response"]["status_code"] == 200 and o["error"] is None
+        body = o["response"]["body"]
+        assert body["object"] == "chat.completion" and body["model"] == BATCH_MODEL
+        assert body["choices"][0]["message"]["role"] == "assistant"
+        assert 1 <= body["usage"]["completion_tokens"] <= 8
+
+
+def model_queue(broker) -> dict:
+    return next(q for q in broker.admin.list_queues() if q["name"] == f"chatai.model.{BATCH_MODEL}")
+
+
+# ---------------------------------------------------------------------------------- tests
+
+
+def test_500_line_batch_through_the_sdk(bgw, workers, broker):
+    client = bgw.client()
+    batch = submit(client, lines(500))
+    assert batch.status == "validating" and batch.endpoint == CHAT and batch.completion_window == "24h"
+    t0 = time.monotonic()
+    done = wait_done(client, batch.id)
+    elapsed = time.monotonic() - t0
+    print(f"\n500-line batch: {elapsed:.1f} s ({500 / elapsed * 60:.0f} requests/min)")
+    assert done.status == "completed", done
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (500, 500, 0)
+    assert done.error_file_id is None and done.output_file_id
+    assert done.in_progress_at and done.finalizing_at and done.completed_at
+    assert done.created_at <= done.in_progress_at <= done.finalizing_at <= done.completed_at
+    assert done.model == BATCH_MODEL and done.usage.output_tokens > 0
+    outputs = read(client, done.output_file_id)
+    assert_exactly_once(outputs, {f"req-{i}" for i in range(500)})
+    assert [o["custom_id"] for o in outputs] == [f"req-{i}" for i in range(500)]  # input order
+
+    # Files: retrieve, list (the output file is listed too), delete.
+    out_file = client.files.retrieve(done.output_file_id)
+    assert out_file.purpose == "batch_output" and out_file.expires_at
+    listed = [f.id for f in client.files.list()]
+    assert done.input_file_id in listed and done.output_file_id in listed
+    assert client.files.delete(done.input_file_id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(done.input_file_id)
+    assert not (bgw.state_dir / "files" / done.input_file_id).exists()
+
+    # Batches: retrieve, list with pagination.
+    assert client.batches.retrieve(batch.id).status == "completed"
+    page = client.batches.list(limit=1)
+    assert page.data[0].id == batch.id
+
+    # Another key sees none of it.
+    keys = KeyStore(bgw.state_dir / "gateway.db")
+    other_key = keys.create("someone-else")[1]
+    keys.close()
+    other = openai.OpenAI(base_url=bgw.base_url + "/v1", api_key=other_key, max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        other.batches.retrieve(batch.id)
+    with pytest.raises(openai.NotFoundError):
+        other.files.content(done.output_file_id)
+    assert other.batches.list().data == [] and other.files.list().data == []
+
+
+def test_bad_lines_land_in_the_error_file_and_the_rest_runs(bgw):
+    client = bgw.client()
+    good = lines(6, prefix="good")
+    long_prompt = " ".join(["word"] * 900)  # past the worker's 512-token context: the model refuses it
+    items = [
+        good[0],
+        "{this is not json",
+        {"method": "POST", "url": CHAT, "body": good[1]["body"]},  # no custom_id
+        good[1],
+        {**good[2], "custom_id": "good-0"},  # duplicate custom_id
+        {**good[3], "url": "/v1/embeddings", "custom_id": "wrong-url"},
+        {"custom_id": "unknown-model", "method": "POST", "url": CHAT,
+         "body": {**good[4]["body"], "model": "no-such-model"}},
+        {"custom_id": "bad-body", "method": "POST", "url": CHAT,
+         "body": {"model": BATCH_MODEL, "messages": [], "max_tokens": 4}},
+        {"custom_id": "too-long", "method": "POST", "url": CHAT,
+         "body": {"model": BATCH_MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": long_prompt}]}},
+        good[5],
+    ]
+    done = wait_done(client, submit(client, items).id, timeout=120)
+    assert done.status == "completed"
+    counts = done.request_counts
+    assert counts.total == len(items) == 10
+    assert counts.completed + counts.failed == counts.total
+    assert counts.completed == 3, counts  # good-0, good-1, good-5
+    outputs = read(client, done.output_file_id)
+    assert_exactly_once(outputs, {"good-0", "good-1", "good-5"})
+    errors = read(client, done.error_file_id)
+    assert len(errors) == counts.failed == 7
+    for e in errors:
+        assert reason(e), e
+    by_id = {e["custom_id"]: e for e in errors if e["custom_id"]}
+    assert {e["error"]["code"] for e in errors if e["custom_id"] is None} == {"invalid_json", "missing_custom_id"}
+    assert by_id["good-0"]["error"]["code"] == "duplicate_custom_id"
+    assert by_id["wrong-url"]["error"]["code"] == "invalid_url"
+    assert by_id["unknown-model"]["response"]["status_code"] == 404
+    assert "no-such-model" in reason(by_id["unknown-model"])
+    assert by_id["bad-body"]["response"]["status_code"] == 400
+    assert by_id["too-long"]["response"]["status_code"] == 400
+    assert by_id["too-long"]["response"]["body"]["error"]["code"] == "context_length_exceeded"
+    print("\nerror reasons:\n" + "\n".join(f"  {e['custom_id']}: {reason(e)}" for e in errors))
+
+
+def test_worker_killed_mid_batch_loses_nothing_and_duplicates_nothing(bgw, workers, broker):
+    client = bgw.client()
+    n = 160
+    batch = submit(client, lines(n, prefix="kill", max_tokens=8))
+    wait_until(client, batch.id, lambda b: b.request_counts and b.request_counts.completed >= 20, 120,
+               "some results before the kill")
+    held = model_queue(broker)["messages_unacknowledged"]
+    victim = workers.current
+    victim.kill()  # SIGKILL to the worker and its engine processes: no goodbye, no acks
+    print(f"\nSIGKILLed the worker holding {held} unacked batch messages")
+    assert held > 0, "the worker held nothing when killed: the test would prove nothing"
+    mid = client.batches.retrieve(batch.id)
+    assert mid.status == "in_progress" and mid.request_counts.completed < n
+    workers.start()
+    done = wait_done(client, batch.id)
+    assert done.status == "completed"
+    assert (done.request_counts.completed, done.request_counts.failed) == (n, 0)
+    assert_exactly_once(read(client, done.output_file_id), {f"kill-{i}" for i in range(n)})
+
+
+def test_gateway_restarted_mid_batch_resumes_exactly_once(own_gateway, tmp_path):
+    state = tmp_path / "restarting-gw"
+    gw = own_gateway(state_dir=state)
+    client = gw.client()
+    n = 160
+    batch = submit(client, lines(n, prefix="restart", max_tokens=8))
+    before = wait_until(client, batch.id, lambda b: b.request_counts and b.request_counts.completed >= 30, 120,
+                        "some results before the restart")
+    gw.proc.kill()  # SIGKILL: no shutdown hooks, unacked results and in-flight lines left as they were
+    gw.proc.wait()
+    time.sleep(2.0)  # the worker keeps answering into the durable results queue meanwhile
+    gw2 = own_gateway(state_dir=state)
+    client2 = openai.OpenAI(base_url=gw2.base_url + "/v1", api_key=gw.api_key, max_retries=0)  # the owner's key
+    resumed = client2.batches.retrieve(batch.id)
+    assert resumed.status == "in_progress" and resumed.request_counts.completed >= before.request_counts.completed
+    done = wait_done(client2, batch.id)
+    assert done.status == "completed"
+    assert (done.request_counts.completed, done.request_counts.failed) == (n, 0)
+    assert_exactly_once(read(client2, done.output_file_id), {f"restart-{i}" for i in range(n)})
+
+
+def test_cancel_a_running_batch(bgw, workers, broker):
+    client = bgw.client()
+    n = 300
+    batch = submit(client, lines(n, prefix="cancel", max_tokens=8))
+    wait_until(client, batch.id, lambda b: b.request_counts and b.request_counts.completed >= 10, 120,
+               "some results before cancelling")
+    cancelling = client.batches.cancel(batch.id)
+    assert cancelling.status in ("cancelling", "cancelled") and cancelling.cancelling_at
+    done = wait_until(client, batch.id, lambda b: b.status == "cancelled", 30, "cancelled")
+    assert done.cancelled_at and done.status == "cancelled"
+    counts = done.request_counts
+    assert 10 <= counts.completed < n and counts.failed == 0
+    outputs = read(client, done.output_file_id)
+    ids = {o["custom_id"] for o in outputs}
+    assert len(outputs) == len(ids) == counts.completed
+    not_run = read(client, done.error_file_id)
+    assert all(e["error"]["code"] == "batch_cancelled" for e in not_run)
+    assert ids | {e["custom_id"] for e in not_run} == {f"cancel-{i}" for i in range(n)}
+    assert not ids & {e["custom_id"] for e in not_run}
+
+    # No further work runs for it: the model queue empties, the worker logs no more of its lines.
+    deadline = time.monotonic() + 15
+    while True:
+        q = model_queue(broker)
+        if q["messages"] == 0:
+            break
+        assert time.monotonic() < deadline, f"batch work still queued or running after cancel: {q}"
+        time.sleep(0.3)
+    seen = workers.all_logs().count(f"request_id={batch.id}.")
+    time.sleep(3.0)
+    assert workers.all_logs().count(f"request_id={batch.id}.") == seen
+    assert model_queue(broker)["messages"] == 0
+    assert client.batches.retrieve(batch.id).request_counts.completed == counts.completed
+    print(f"\ncancelled after {counts.completed}/{n}; worker handled {seen} of its lines in all")
+    assert client.batches.cancel(batch.id).status == "cancelled"  # cancelling again changes nothing
+
+
+async def _ttft(client: openai.AsyncOpenAI) -> float:
+    t0 = time.monotonic()
+    stream = await client.chat.completions.create(model=BATCH_MODEL, stream=True, max_tokens=4,
+                                                  messages=[{"role": "user", "content": "Hello?"}])
+    first = None
+    async for chunk in stream:
+        if first is None and chunk.choices and chunk.choices[0].delta.content:
+            first = time.monotonic() - t0
+    assert first is not None, "no token streamed"
+    return first
+
+
+async def test_interactive_requests_overtake_a_running_batch(own_gateway):
+    # Many lines in flight: were batch and interactive work served in arrival order, an
+    # interactive request would wait behind ~200 batch requests (many seconds).
+    gw = own_gateway(extra_env={"CHATAI_GATEWAY_BATCH_MAX_IN_FLIGHT": "200"})
+    aclient, client = gw.async_client(), gw.client()
+    await _ttft(aclient)  # warm-up
+    idle = [await _ttft(aclient) for _ in range(5)]
+    batch = submit(client, lines(600, prefix="load", max_tokens=16, ignore_eos=True))
+    wait_until(client, batch.id, lambda b: b.request_counts and b.request_counts.completed >= 16, 120,
+               "the batch to be running")
+    loaded = []
+    for _ in range(5):
+        loaded.append(await _ttft(aclient))
+        b = client.batches.retrieve(batch.id)
+        assert b.status == "in_progress", "the batch ended before the measurement did: make it larger"
+    progress = client.batches.retrieve(batch.id).request_counts
+    client.batches.cancel(batch.id)
+    idle_med, loaded_med = statistics.median(idle), statistics.median(loaded)
+    print(f"\nTTFT idle: median {idle_med * 1000:.0f} ms {[round(x * 1000) for x in idle]}; "
+          f"during the batch ({progress.completed}/{progress.total} done, 200 in flight): "
+          f"median {loaded_med * 1000:.0f} ms {[round(x * 1000) for x in loaded]}; "
+          f"ratio {loaded_med / idle_med:.1f}x")
+    assert loaded_med <= max(5 * idle_med, idle_med + 1.0), "interactive requests waited behind the batch"
+    wait_until(client, batch.id, lambda b: b.status == "cancelled", 30, "the load batch to be cancelled")
+
+
+def test_cli_submit_plain_prompts_wait_and_download(bgw, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"Say something about the number {i}." for i in range(20)) + "\n\n")
+    out = tmp_path / "answers.jsonl"
+    env = {**os.environ, "CHATAI_API_KEY": bgw.api_key, "CHATAI_BASE_URL": bgw.base_url}
+    cli = [sys.executable, "-m", "chatai.cli", "batch"]
+    run = subprocess.run([*cli, "submit", str(prompts), "--model", BATCH_MODEL, "--max-tokens", "4", "-o", str(out),
+                          "--poll", "0.3"], env=env, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr
+    batch_id = run.stdout.strip().splitlines()[0]
+    assert batch_id.startswith("batch_")
+    assert "20/20 completed" in run.stderr and "completed" in run.stderr
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["custom_id"] for r in results) == [f"prompt-{i:02d}" for i in range(20)]
+    assert all(r["response"]["status_code"] == 200 for r in results)
+
+    status = subprocess.run([*cli, "status", batch_id], env=env, capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0 and "completed" in status.stdout and "20/20" in status.stdout
+    listing = subprocess.run([*cli, "list"], env=env, capture_output=True, text=True, timeout=60)
+    assert listing.returncode == 0 and batch_id[:12] in listing.stdout
+    again = tmp_path / "again.jsonl"
+    dl = subprocess.run([*cli, "download", batch_id, "-o", str(again)], env=env, capture_output=True, text=True,
+                        timeout=60)
+    assert dl.returncode == 0 and again.read_text() == out.read_text()
+    cancel = subprocess.run([*cli, "cancel", batch_id], env=env, capture_output=True, text=True, timeout=60)
+    assert cancel.returncode == 1 and "409" in cancel.stderr  # a completed batch cannot be cancelled
+    bad = subprocess.run([*cli, "status", batch_id], env={**env, "CHATAI_API_KEY": "sk-chatai-wrong-key-000000"},
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "401" in bad.stderr
