@@ -117,9 +117,10 @@ class Heartbeater:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            # Cancel until it is really gone: Python 3.11's wait_for swallows a cancellation that
+            # arrives just as the kick event fires (drain's in-flight change does exactly that),
+            # and a single cancel() then left the loop beating and the worker never exiting.
+            while not self._task.done():
+                self._task.cancel()
+                await asyncio.wait({self._task}, timeout=0.1)
             self._task = None
