@@ -7,9 +7,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit, urlunsplit
 
-from fastapi import FastAPI, Request
-from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
-from starlette.responses import Response
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.broker import GatewayBroker
 from gateway.context import GatewayContext
@@ -29,19 +28,26 @@ def with_endpoint(url: str, host: str, port: int) -> str:
     return urlunsplit(parts._replace(netloc=(auth + "@" if auth else "") + f"{host}:{port}"))
 
 
-class BodyLimit(BaseHTTPMiddleware):
-    """Refuse oversized JSON bodies before reading them (file uploads have their own limit)."""
+class BodyLimit:
+    """Refuse oversized JSON bodies before reading them (file uploads have their own limit).
 
-    def __init__(self, app, max_bytes: int) -> None:
-        super().__init__(app)
+    A plain ASGI middleware: Starlette's BaseHTTPMiddleware would hide client disconnects from
+    the handlers, and those cancel generations.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
         self.max_bytes = max_bytes
 
-    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > self.max_bytes and not request.url.path.startswith("/v1/files"):
-            return APIError(413, f"Request body larger than {self.max_bytes} bytes.",
-                            code="request_too_large").response()
-        return await call_next(request)
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not scope["path"].startswith("/v1/files"):
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.max_bytes:
+                response = APIError(413, f"Request body larger than {self.max_bytes} bytes.",
+                                    code="request_too_large").response()
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:

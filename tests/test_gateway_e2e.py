@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import httpx
@@ -214,33 +215,45 @@ def _in_flight(health: dict) -> int:
     return health["models"].get(SERVED_MODEL, {}).get("in_flight", -1)
 
 
-def test_stream_disconnect_aborts_generation(gateway):
+def _completion_tokens(worker, request_id: str | None = None) -> int:
+    """What the worker's log says it generated for a request (the last one if no id is given)."""
+    lines = [ln for ln in worker.log_text().splitlines() if "completion_tokens=" in ln
+             and (request_id is None or f"request_id={request_id}" in ln)]
+    assert lines, f"no log line for request {request_id}"
+    return int(re.search(r"completion_tokens=(\d+)", lines[-1]).group(1))
+
+
+LONG = {"max_tokens": 480, "n": 16, "ignore_eos": True}  # 7,680 tokens: seconds of CPU work
+
+
+def test_stream_disconnect_aborts_generation(gateway, served_worker):
     gateway.wait_for(lambda h: _in_flight(h) == 0, what="an idle worker")
     client = gateway.client(timeout=60)
-    t0 = time.monotonic()
     with client.chat.completions.with_streaming_response.create(
-            model=SERVED_MODEL, messages=CHAT, stream=True, max_tokens=400,
+            model=SERVED_MODEL, messages=CHAT, stream=True, max_tokens=LONG["max_tokens"], n=LONG["n"],
             extra_body={"ignore_eos": True}) as response:
-        lines = response.iter_lines()
+        request_id = None
         seen = 0
-        for line in lines:
+        for line in response.iter_lines():
             if line.startswith("data:") and '"content"' in line:
+                request_id = json.loads(line[5:])["id"].removeprefix("chatcmpl-")
                 seen += 1
             if seen >= 3:
                 break
-        gateway.wait_for(lambda h: _in_flight(h) == 1, timeout=10, what="the request in flight")
-    # Leaving the block closes the connection mid-stream.
+    # Leaving the block closed the connection mid-stream.
     gateway.wait_for(lambda h: _in_flight(h) == 0, timeout=10, what="the abort to reach the worker")
-    assert time.monotonic() - t0 < 30
+    generated = _completion_tokens(served_worker, request_id)
+    assert generated < LONG["max_tokens"] * LONG["n"], "the worker finished instead of aborting"
 
 
-def test_non_streaming_disconnect_aborts_generation(gateway):
+def test_non_streaming_disconnect_aborts_generation(gateway, served_worker):
     gateway.wait_for(lambda h: _in_flight(h) == 0, what="an idle worker")
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(gateway.base_url + "/v1/completions", timeout=httpx.Timeout(3.0, connect=5.0),
+        httpx.post(gateway.base_url + "/v1/completions", timeout=httpx.Timeout(0.3, connect=5.0),
                    headers={"Authorization": f"Bearer {gateway.api_key}"},
-                   json={"model": SERVED_MODEL, "prompt": "x", "max_tokens": 450, "ignore_eos": True})
+                   json={"model": SERVED_MODEL, "prompt": "x", **LONG})
     gateway.wait_for(lambda h: _in_flight(h) == 0, timeout=10, what="the abort to reach the worker")
+    assert _completion_tokens(served_worker) < LONG["max_tokens"] * LONG["n"], "the worker finished instead of aborting"
 
 
 def test_metrics_count_requests_and_tokens(gateway):

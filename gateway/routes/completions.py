@@ -26,20 +26,26 @@ class ClientGone(Exception):
     pass
 
 
-async def until_disconnected(request: Request, work: Awaitable[T], poll: float = 0.5) -> T:
-    """Run ``work`` but cancel it as soon as the client hangs up (uvicorn would not tell us)."""
+async def _disconnected(request: Request) -> None:
+    """Returns when the client hangs up (the body was read already, so only that can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Run ``work`` but cancel it the moment the client hangs up."""
     task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=poll)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                raise ClientGone
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise ClientGone
     finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        for t in (task, watcher):
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(task, watcher, return_exceptions=True)
 
 
 async def _collect(frames: AsyncGenerator) -> Final:
