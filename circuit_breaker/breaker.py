@@ -142,6 +142,10 @@ class Breaker:
     def trip(self, reason: str = "tripped by an operator", by: str = "operator") -> dict:
         self.absorb()
         state = self._write_state(True, reason, by)
+        # A session whose login completed just before the state changed may still be forking
+        # its unprivileged child: look twice. (The watcher keeps looking while tripped.)
+        self.end_tunnel_sessions()
+        time.sleep(0.3)
         self.end_tunnel_sessions()
         self.apply_broker(True)
         return state
@@ -161,9 +165,9 @@ class Breaker:
             try:
                 absorbed = self.absorb()
                 tripped = hook.is_tripped(str(self.state_dir))
+                if tripped:  # cheap (/proc scan): no tunnel session outlives a poll while tripped
+                    self.end_tunnel_sessions()
                 if absorbed or tripped != applied or time.monotonic() - last_apply > reapply:
-                    if tripped:
-                        self.end_tunnel_sessions()
                     self.apply_broker(tripped)
                     if tripped != applied:
                         self._event({"event": "enforced", "tripped": tripped, "by": "watch"})

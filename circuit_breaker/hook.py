@@ -133,10 +133,16 @@ def processes_of(uid: int) -> list[int]:
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
+        # /proc/<pid> of a non-dumpable process (sshd's session child) is owned by root:
+        # the real uid is read from the status file instead.
         try:
-            if os.stat(f"/proc/{entry}").st_uid == uid:
-                pids.append(int(entry))
-        except OSError:
+            with open(f"/proc/{entry}/status", encoding="ascii", errors="replace") as f:
+                for line in f:
+                    if line.startswith("Uid:"):
+                        if uid in (int(x) for x in line.split()[1:3]):
+                            pids.append(int(entry))
+                        break
+        except (OSError, ValueError):
             continue
     return pids
 
@@ -178,6 +184,9 @@ def cmd_keys(cfg: dict, user: str) -> int:
 
 
 def cmd_forced(cfg: dict) -> int:
+    # A client that hangs up at once must not stop the record and the trip.
+    for sig in (signal.SIGHUP, signal.SIGPIPE, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     # Never read what the client sends: point stdin at /dev/null before anything else.
     try:
         devnull = os.open(os.devnull, os.O_RDONLY)
@@ -196,6 +205,7 @@ def cmd_forced(cfg: dict) -> int:
         sys.stderr.write("This account only forwards one port. The attempt was recorded and the "
                          "circuit breaker is tripped.\n")
         sys.stderr.flush()
+        time.sleep(0.1)  # let sshd relay the message before the session ends
     except OSError:
         pass
     end_sessions(os.getuid(), exclude={os.getpid()})

@@ -237,12 +237,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--python", default="/usr/bin/python3")
     p.add_argument("--sshd-config", type=Path, default=Path("/etc/ssh/sshd_config"))
     p.add_argument("--snippet", type=Path, default=Path("/etc/ssh/sshd_config.d/chatai-breaker.conf"))
+    p.add_argument("--prefix", type=Path, help="put etc/, state/, libexec/ and the snippet under this "
+                   "root-owned directory instead of the system paths (private sshds, tests)")
     args = p.parse_args(argv)
     spec = BreakerSpec(tunnel_user=args.tunnel_user, keys_user=args.keys_user, broker_host=args.broker_host,
                        broker_port=args.broker_port, from_=args.from_, rabbit_node=args.rabbit_node,
                        broker_user=args.broker_user, vhost=args.vhost, python=args.python,
                        public_keys=[Path(k).read_text().strip() for k in args.public_key])
-    layout = Layout(sshd_snippet=args.snippet, sshd_config=args.sshd_config)
+    if args.prefix:
+        layout = Layout.under(args.prefix, sshd_config=args.sshd_config)
+    else:
+        layout = Layout(sshd_snippet=args.snippet, sshd_config=args.sshd_config)
     try:
         result = install(spec, layout)
     except InstallError as exc:
