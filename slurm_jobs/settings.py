@@ -78,6 +78,12 @@ class SlurmSettings(BaseSettings):
     def _expand(cls, v: Path | None) -> Path | None:
         return v.expanduser() if v is not None else None
 
+    @field_validator("time_min", "partition", "account", "qos", "gres", "mem", "constraint", mode="before")
+    @classmethod
+    def _none(cls, v: object) -> object:
+        # "" or "none" in the environment or on the command line switches an option off
+        return None if isinstance(v, str) and v.strip().lower() in ("", "none") else v
+
     @field_validator("cancel_mode")
     @classmethod
     def _mode(cls, v: str) -> str:

@@ -1,0 +1,351 @@
+"""Workers as Slurm jobs, against a real private Slurm (munge, slurmctld, two slurmd) and the
+real vLLM worker on the tiny model.
+
+The cluster emulates two nodes of two CPUs on this host (``slurmd -N``), so the backfill test
+has a real gap to fill. Tests run in file order and share one cluster and broker; each leaves
+no worker job behind, so the next one starts from zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+import aio_pika
+import pytest
+
+from broker_config import topology
+from broker_config.messages import ChatMessage, Error, Final, GenerateRequest, SamplingParams, Started, decode_frame
+from slurm_jobs.broker_view import BrokerView
+from slurm_jobs.local_cluster import LocalSlurmCluster
+from slurm_jobs.slurm import Slurm
+from conftest import SERVED_MODEL, UNSERVED_MODEL
+
+MODEL = SERVED_MODEL
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A private two-node Slurm on this host, for the whole session (starts in about a second)."""
+    cluster = LocalSlurmCluster.create(nodes=2, cpus_per_node=2, memory_mb_per_node=8192)
+    cluster.start()
+    old = os.environ.get("SLURM_CONF")
+    os.environ.update(cluster.env)
+    yield cluster
+    if old is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = old
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def slurm_model_dir(tmp_path_factory) -> Path:
+    from chatai.tiny_model import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("slurm-model") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def operator_env(slurm_cluster, broker, slurm_model_dir, tmp_path_factory) -> dict[str, str]:
+    """The operator's environment: CHATAI_SLURM_* settings, the worker's broker URL in a 0600
+    file, small vLLM CPU settings for the worker (they travel with --export=ALL)."""
+    d = tmp_path_factory.mktemp("operator")
+    url_file = d / "worker-broker-url"
+    url_file.touch(mode=0o600)
+    url_file.write_text(broker.url("worker") + "\n")
+    env = {
+        **os.environ,
+        **slurm_cluster.env,
+        "CHATAI_SLURM_MODELS": json.dumps({MODEL: str(slurm_model_dir)}),
+        "CHATAI_SLURM_BROKER_URL_FILE": str(url_file),
+        "CHATAI_SLURM_OPERATOR_BROKER_URL": broker.url("operator"),
+        "CHATAI_SLURM_LOG_DIR": str(d / "logs"),
+        "CHATAI_SLURM_TIME": "00:30:00",
+        "CHATAI_SLURM_TIME_MIN": "none",  # Slurm 22.05 starts a --time-min job with just that limit
+        "CHATAI_SLURM_CPUS_PER_TASK": "1",
+        "CHATAI_SLURM_SIGNAL_GRACE": "60",
+        "CHATAI_SLURM_DRAIN_GRACE": "15",
+        "CHATAI_SLURM_IDLE_TIMEOUT": "600",
+        "CHATAI_WORKER_MAX_NUM_SEQS": "4",
+        "CHATAI_WORKER_MAX_MODEL_LEN": "2048",
+        "CHATAI_WORKER_KV_CACHE_SPACE_GB": "1",
+        "CHATAI_WORKER_HEARTBEAT_INTERVAL": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+        # an integer: the worker's default str(1.0) is refused by vLLM's int() parsing
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+    }
+    env.pop("CHATAI_WORKER_BROKER_URL", None)
+    return env
+
+
+def chatai(env: dict[str, str], *args: str, timeout: float = 60) -> str:
+    proc = subprocess.run(["chatai", *args], env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"chatai {' '.join(args)} failed: {proc.stderr}{proc.stdout}"
+    return proc.stdout
+
+
+def worker_jobs(model: str = MODEL):
+    return [j for j in Slurm().squeue(name_prefix=f"chatai-worker-{model}") if j.name == f"chatai-worker-{model}"]
+
+
+async def wait_for(cond, timeout: float, what: str, every: float = 0.25):
+    """Poll ``cond`` (sync or async) until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await asyncio.sleep(every)
+
+
+def job_log(env: dict[str, str]) -> str:
+    logs = Path(env["CHATAI_SLURM_LOG_DIR"])
+    return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(logs.glob("*.out")))
+
+
+class Client:
+    """Publishes GenerateRequests as the gateway user and collects every reply frame."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.frames: dict[str, list] = defaultdict(list)
+        self.reply_queue = topology.gateway_reply_queue("slurmtest-" + uuid.uuid4().hex[:8])
+        self._changed = asyncio.Event()
+
+    async def __aenter__(self) -> "Client":
+        self.conn = await aio_pika.connect(self.url)
+        self.channel = await self.conn.channel(publisher_confirms=True)
+        q = await self.channel.declare_queue(self.reply_queue, exclusive=True, auto_delete=True)
+        await q.bind(topology.REPLIES_EXCHANGE, routing_key=self.reply_queue)
+        await q.consume(self._on_frame, no_ack=True)
+        self.requests = await self.channel.get_exchange(topology.REQUESTS_EXCHANGE, ensure=False)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.conn.close()
+
+    async def _on_frame(self, message) -> None:
+        frame = decode_frame(message.body)
+        self.frames[frame.request_id].append(frame)
+        self._changed.set()
+
+    async def send(self, model: str = MODEL, stream: bool = False, max_tokens: int = 16, ignore_eos: bool = True) -> str:
+        rid = uuid.uuid4().hex
+        req = GenerateRequest(request_id=rid, model=model, kind="chat", stream=stream, reply_to=self.reply_queue,
+                              messages=[ChatMessage(role="user", content="Tell me about Slurm.")],
+                              sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos, temperature=0.0))
+        await self.requests.publish(
+            aio_pika.Message(req.encode(), content_type="application/json", message_id=rid,
+                             priority=topology.INTERACTIVE_PRIORITY),
+            routing_key=model,
+        )
+        return rid
+
+    def terminals(self, rid: str) -> list:
+        return [f for f in self.frames[rid] if isinstance(f, (Final, Error))]
+
+    def done(self, rids) -> bool:
+        return all(self.terminals(r) for r in rids)
+
+    async def wait_done(self, rids, timeout: float, alive=None) -> None:
+        """Wait for a final or error frame of every request; ``alive`` (optional) fails the wait
+        early when it returns False (e.g. no worker job left to answer)."""
+        deadline = time.monotonic() + timeout
+        while not self.done(rids):
+            if alive is not None and not alive():
+                await asyncio.sleep(2)  # frames already on their way
+                if not self.done(rids):
+                    raise AssertionError("no worker left to answer the requests")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = [r for r in rids if not self.terminals(r)]
+                raise AssertionError(f"{len(missing)} of {len(rids)} requests unanswered after {timeout:.0f} s")
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), min(left, 1.0))
+            except asyncio.TimeoutError:
+                pass
+
+
+async def queue_stats(broker, model: str = MODEL):
+    view = BrokerView(broker.url("operator"))
+    await view.open(heartbeats=False)
+    try:
+        return await view.queue_stats(model)
+    finally:
+        await view.close()
+
+
+async def no_worker_jobs_left(broker, timeout: float) -> None:
+    await wait_for(lambda: not worker_jobs(), timeout, "every worker job to leave the queue")
+    stats = await queue_stats(broker)
+    assert stats.consumers == 0
+
+
+# ---------------------------------------------------------------------------- tests
+
+
+async def test_backfill_starts_a_time_min_worker_in_a_gap_ahead_of_a_waiting_big_job(slurm_cluster, operator_env, broker):
+    """Node n0 is busy for 10 min; a two-node job waits for it. A worker asking for an hour but
+    content with 5 minutes (--time-min) fits the gap on n1 and starts at once, with its limit cut
+    to the gap; a job asking for the same hour without --time-min does not."""
+    slurm = Slurm()
+    n0, n1 = (n.name for n in slurm_cluster.nodes)
+    blocker = slurm.sbatch("#!/bin/bash\nsleep 600\n", ["--time=10", f"--nodelist={n0}", "--exclusive", "--job-name=blocker", "--output=/dev/null"])
+    await wait_for(lambda: any(j.running for j in slurm.squeue(job_ids=[blocker])), 20, "the blocker to run")
+    big = slurm.sbatch("#!/bin/bash\nsleep 1\n", ["--time=10", "--nodes=2", "--exclusive", "--job-name=big", "--output=/dev/null"])
+    rigid = slurm.sbatch("#!/bin/bash\nsleep 1\n", ["--time=60", "--nodes=1", "--ntasks=1", "--job-name=rigid", "--output=/dev/null"])
+    try:
+        out = chatai(operator_env, "scale", "up", "--model", MODEL, "--workers", "1", "--time", "01:00:00",
+                     "--time-min", "00:05:00")
+        worker = re.search(r"array job (\d+)", out).group(1)
+        (task,) = await wait_for(lambda: [j for j in worker_jobs() if j.running], 30, "backfill to start the worker")
+        info = slurm.show_job(task.job_id)
+        states = {j.name: j for j in slurm.squeue(job_ids=[big, rigid])}
+        assert states["big"].pending and states["rigid"].pending, states
+        assert states["big"].reason in ("Resources", "Priority"), states["big"]
+        assert info["NodeList"] == n1
+        limit_min = int(info["TimeLimit"].split(":")[0]) * 60 + int(info["TimeLimit"].split(":")[1])
+        assert 5 <= limit_min <= 10, f"time limit {info['TimeLimit']} should be cut to the gap"
+        assert info.get("TimeMin", "").startswith("00:05:00")
+        assert worker == task.array_job_id
+    finally:
+        slurm.cancel([blocker, big, rigid])
+        for j in worker_jobs():
+            slurm.cancel([j.job_id])
+    await no_worker_jobs_left(broker, 60)
+
+
+async def test_scale_up_array_serves_requests_through_the_real_worker(operator_env, broker):
+    out = chatai(operator_env, "scale", "up", "--model", MODEL, "--workers", "1")
+    array_id = re.search(r"array job (\d+)", out).group(1)
+    (task,) = worker_jobs()
+    assert task.array_job_id == array_id and task.array_task_id == "0"
+    script = subprocess.run(["scontrol", "write", "batch_script", task.job_id, "-"], capture_output=True, text=True,
+                            check=True).stdout
+    assert "amqp://" not in script and "exec " in script and "--signal=B:TERM@60" in script
+    async with Client(broker.url("gateway")) as client:
+        plain = [await client.send(max_tokens=12) for _ in range(3)]
+        streamed = await client.send(stream=True, max_tokens=40)
+        try:
+            await client.wait_done(plain + [streamed], 180, alive=worker_jobs)
+        except AssertionError:
+            raise AssertionError(job_log(operator_env))
+        for rid in plain + [streamed]:
+            (final,) = client.terminals(rid)
+            assert isinstance(final, Final), final
+            assert final.usage.completion_tokens > 0
+            started = [f for f in client.frames[rid] if isinstance(f, Started)]
+            assert started and f"{array_id}_0" in started[0].worker_id
+        assert all(final.choices[0].text for final in (client.terminals(r)[0] for r in plain))
+        assert sum(1 for f in client.frames[streamed] if f.type == "delta") >= 1
+
+
+async def test_status_shows_jobs_depth_consumers_and_heartbeats(operator_env, broker):
+    (task,) = [j for j in worker_jobs() if j.running]
+    async with Client(broker.url("gateway")) as client:
+        for _ in range(2):
+            await client.send(model=UNSERVED_MODEL)  # nobody serves it: they wait in its queue
+    data = json.loads(chatai(operator_env, "scale", "status", "--json", "--model", UNSERVED_MODEL))
+    models = {m["model"]: m for m in data["models"]}
+    assert models[MODEL]["consumers"] == 1 and models[MODEL]["running"] == 1
+    assert models[MODEL]["workers_ready"] == 1 and models[MODEL]["capacity"] == 4
+    assert models[UNSERVED_MODEL]["queue_ready"] >= 2 and models[UNSERVED_MODEL]["consumers"] == 0
+    (job,) = [j for j in data["jobs"] if j["model"] == MODEL]
+    assert job["job"] == task.display_id and job["state"] == "RUNNING"
+    assert job["worker_state"] == "ready" and job["in_flight"] == 0
+    table = chatai(operator_env, "scale", "status", "--model", UNSERVED_MODEL)
+    for text in (MODEL, UNSERVED_MODEL, task.display_id, "RUNNING", "ready", "consumers"):
+        assert text in table, table
+
+
+async def test_scale_down_drains_in_flight_requests_without_losing_or_duplicating(operator_env, broker):
+    """SIGTERM (scale down) while the worker holds 4 long requests and 4 more wait: what it holds
+    finishes or goes back to the queue, the next worker answers the rest, each exactly once."""
+    (task,) = [j for j in worker_jobs() if j.running]
+    async with Client(broker.url("gateway")) as client:
+        plain = [await client.send(max_tokens=1500) for _ in range(6)]
+        streams = [await client.send(stream=True, max_tokens=1500) for _ in range(2)]
+        everything = plain + streams
+        await wait_for(lambda: sum(1 for r in everything if client.frames[r]) >= 4, 60, "four requests to start")
+        out = chatai(operator_env, "scale", "down", "--model", MODEL, "--all")
+        assert task.display_id in out
+        await wait_for(lambda: not worker_jobs(), 60, "the drained worker to exit")
+        first_round = {r for r in everything if client.terminals(r)}
+        # the next worker (idle timeout short, so it leaves by itself afterwards) takes the rest
+        env = {**operator_env, "CHATAI_SLURM_IDLE_TIMEOUT": "5"}
+        chatai(env, "scale", "up", "--model", MODEL, "--workers", "1")
+        try:
+            await client.wait_done(everything, 240)
+        except AssertionError:
+            raise AssertionError(job_log(operator_env))
+        await no_worker_jobs_left(broker, 90)  # idle exit: scale to zero by itself
+        for rid in plain:
+            terms = client.terminals(rid)
+            assert len(terms) == 1 and isinstance(terms[0], Final), (rid, terms)
+            assert terms[0].usage.completion_tokens == 1500
+        for rid in streams:
+            terms = client.terminals(rid)
+            assert len(terms) == 1, (rid, terms)
+            if isinstance(terms[0], Error):
+                assert terms[0].message
+        assert len(first_round) < len(everything), "the drain should have left work for the next worker"
+    sacct_state = subprocess.run(["scontrol", "-o", "show", "job", task.job_id], capture_output=True, text=True).stdout
+    assert "ExitCode=0:0" in sacct_state or sacct_state == "", sacct_state
+
+
+async def test_autoscaler_takes_a_model_from_zero_to_n_and_back_to_zero(operator_env, broker):
+    assert not worker_jobs()
+    env = {**operator_env, "CHATAI_SLURM_IDLE_TIMEOUT": "6"}
+    log_path = Path(operator_env["CHATAI_SLURM_LOG_DIR"]) / "autoscaler.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        scaler = subprocess.Popen(["chatai", "autoscale", "--model", MODEL, "--max-workers", "2",
+                                   "--backlog-per-worker", "3", "--cooldown", "5", "--interval", "1"],
+                                  env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        seen_max = 0
+
+        def count():
+            nonlocal seen_max
+            seen_max = max(seen_max, len(worker_jobs()))
+            return seen_max
+
+        async with Client(broker.url("gateway")) as client:
+            rids = [await client.send(max_tokens=200) for _ in range(8)]
+            await wait_for(lambda: count() >= 2, 30, "the autoscaler to submit two workers")
+            try:
+                await client.wait_done(rids, 240)
+            except AssertionError:
+                raise AssertionError(log_path.read_text() + job_log(operator_env))
+            assert all(isinstance(client.terminals(r)[0], Final) and len(client.terminals(r)) == 1 for r in rids)
+            await wait_for(lambda: (count(), not worker_jobs())[1], 90, "idle workers to leave (scale to zero)")
+            assert (await queue_stats(broker)).consumers == 0
+            assert seen_max == 2
+            # and back up from zero on the next request
+            again = await client.send(max_tokens=8)
+            await wait_for(lambda: worker_jobs(), 30, "a worker for a new request after scaling to zero")
+            await client.wait_done([again], 180)
+        await no_worker_jobs_left(broker, 90)
+    finally:
+        scaler.terminate()
+        scaler.wait(timeout=20)
+    text = log_path.read_text()
+    assert scaler.returncode == 0, text
+    assert len(re.findall(r"submitted \d+ task", text)) >= 2, text
+    assert "Traceback" not in text, text
