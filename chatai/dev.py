@@ -89,7 +89,7 @@ class DevStack:
         if not (tiny / "config.json").exists():
             _say("writing the tiny test model")
             subprocess.run([sys.executable, "-m", "chatai.cli", "make-tiny-model", str(tiny)], check=True,
-                           stdout=subprocess.DEVNULL)
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return tiny
 
     def broker_url(self, role: str, passwords: dict[str, str]) -> str:

@@ -1,0 +1,78 @@
+"""``chatai dev``, the project's main job, run exactly as the README runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from openai import OpenAI
+
+from broker_config.local_node import free_port
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def dev_stack(tmp_path_factory: pytest.TempPathFactory):
+    state = tmp_path_factory.mktemp("dev-state")
+    key = "sk-chatai-test-" + uuid.uuid4().hex
+    port = free_port()
+    out = state.parent / "dev.out"
+    proc = subprocess.Popen([sys.executable, "-m", "chatai.cli", "dev", "--state-dir", str(state),
+                             "--api-key", key, "--port", str(port)],
+                            stdout=open(out, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while "ready" not in out.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"chatai dev did not get ready:\n{out.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.5)
+    yield proc, state, key, out
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_dev_stack_serves_streams_and_stops_cleanly(dev_stack):
+    proc, state, key, out = dev_stack
+    printed = out.read_text(errors="replace")
+    assert "streamed answer:" in printed and "ready" in printed
+
+    stack_file = state / "stack.json"
+    assert stat.S_IMODE(stack_file.stat().st_mode) == 0o600  # it holds the key and broker credentials
+    stack = json.loads(stack_file.read_text())
+    assert stack["api_key"] == key and stack["model"] == "tiny"
+    assert stack["broker_url"].startswith("amqp://gateway:")
+    pids = list(stack["pids"].values())
+    assert pids and all(_alive(pid) for pid in pids)
+
+    canary = "CANARY-" + uuid.uuid4().hex
+    client = OpenAI(base_url=stack["gateway_url"], api_key=key, max_retries=0)
+    stream = client.chat.completions.create(model="tiny", stream=True, max_tokens=8,
+                                            messages=[{"role": "user", "content": f"remember {canary}"}])
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=90) == 0
+    assert "stopped" in out.read_text(errors="replace")
+    assert not [pid for pid in pids if _alive(pid)], "a child of chatai dev outlived it"
+
+    # Privacy: the prompt appears in none of the stack's logs.
+    logs = [p for p in Path(stack["logs"]).rglob("*") if p.is_file()] + [out]
+    assert logs
+    for path in logs:
+        assert canary not in path.read_text(errors="replace"), f"prompt text leaked into {path}"
