@@ -84,10 +84,10 @@ class LocalSshd:
         return self.layout.state_dir
 
     def breaker(self, admin=None):
-        """The root-side Breaker for this sshd's tunnel account."""
+        """The root-side Breaker for this sshd's tunnel account (broker side only with an admin)."""
         from circuit_breaker.breaker import Breaker
 
-        return Breaker(state_dir=self.layout.state_dir, tunnel_user=self.user, admin=admin)
+        return Breaker.from_config(self.config_path, admin=admin, use_broker=admin is not None)
 
     def ssh_command(self, *options: str, remote: str | None = None) -> list[str]:
         """The system ssh client pointed at this server as the tunnel user (no user config)."""
@@ -137,7 +137,8 @@ def _keygen(path: Path, comment: str) -> str:
 
 
 def start_local_sshd(state_dir: Path, broker_host: str, broker_port: int, *, from_: str | None = None,
-                     rabbit_node: str | None = None, timeout: float = 15.0) -> LocalSshd:
+                     rabbit_node: str | None = None, broker_user: str = "gateway",
+                     timeout: float = 15.0) -> LocalSshd:
     """Start a private sshd whose tunnel account may only forward to broker_host:broker_port."""
     if not sshd_available():
         raise RuntimeError("a local sshd needs root, /usr/sbin/sshd and ssh-keygen (openssh-server)")
@@ -170,7 +171,8 @@ def start_local_sshd(state_dir: Path, broker_host: str, broker_port: int, *, fro
                      log_path=log_path, broker_host=broker_host, broker_port=broker_port)
     try:
         spec = BreakerSpec(tunnel_user=user, keys_user=keys_user, broker_host=broker_host, broker_port=broker_port,
-                           from_=from_, rabbit_node=rabbit_node, public_keys=[client_pub])
+                           from_=from_, rabbit_node=rabbit_node, broker_user=broker_user,
+                           public_keys=[client_pub])
         install(spec, layout)
         sshd.process = subprocess.Popen([SSHD, "-D", "-f", str(layout.sshd_config), "-E", str(log_path)],
                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

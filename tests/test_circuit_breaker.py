@@ -25,22 +25,34 @@ from broker_config import topology
 from circuit_breaker import hook
 from circuit_breaker.breaker import Breaker
 from circuit_breaker.local_sshd import LocalSshd, start_local_sshd
+from support.breaker_env import GatewayLikeUser, add_gateway_like_user
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
 
 @pytest.fixture(scope="module")
-def sshd(broker, tmp_path_factory) -> LocalSshd:
-    s = start_local_sshd(tmp_path_factory.mktemp("sshd"), broker.host, broker.port, rabbit_node=broker.admin.node)
+def gw_user(broker) -> GatewayLikeUser:
+    """The broker user this module's breaker shuts out (the session's ``gateway`` stays untouched)."""
+    user = add_gateway_like_user(broker)
+    yield user
+    user.delete()
+
+
+@pytest.fixture(scope="module")
+def sshd(broker, gw_user, tmp_path_factory) -> LocalSshd:
+    s = start_local_sshd(tmp_path_factory.mktemp("sshd"), broker.host, broker.port, rabbit_node=broker.admin.node,
+                         broker_user=gw_user.name)
     yield s
     s.stop()
     assert not Path(s.base_dir).exists()
+    with pytest.raises(KeyError):
+        pwd.getpwnam(s.user)
 
 
 @pytest.fixture
 def breaker(sshd, broker) -> Breaker:
-    b = Breaker(state_dir=sshd.state_dir, tunnel_user=sshd.user, admin=broker.admin)
+    b = sshd.breaker(admin=broker.admin)
     b.reset(by="test")
     yield b
     b.reset(by="test")
@@ -74,11 +86,11 @@ def raw_log(sshd: LocalSshd) -> str:
 
 # -- the one allowed thing ------------------------------------------------------------------------
 
-async def test_forward_to_broker_carries_amqp(sshd, breaker, broker):
+async def test_forward_to_broker_carries_amqp(sshd, breaker, gw_user):
     conn = await ssh_connect(sshd)
     try:
         listener = await conn.forward_local_port("127.0.0.1", 0, sshd.broker_host, sshd.broker_port)
-        url = f"amqp://gateway:{broker.passwords['gateway']}@127.0.0.1:{listener.get_port()}/{topology.VHOST}"
+        url = gw_user.url("127.0.0.1", listener.get_port())
         amqp = await aio_pika.connect(url)
         try:
             ch = await amqp.channel()
@@ -312,9 +324,9 @@ async def test_tunnel_user_can_trip_but_never_reset(sshd, breaker):
         await ssh_connect(sshd)
 
 
-async def test_watch_enforces_an_automatic_trip_on_the_broker(sshd, breaker, broker):
+async def test_watch_enforces_an_automatic_trip_on_the_broker(sshd, breaker, broker, gw_user):
     """ForceCommand trips; the watcher shuts the gateway user out; workers and queued work stay."""
-    gw_url, wk_url = broker.url("gateway"), broker.url("worker")
+    gw_url, wk_url = gw_user.url(), broker.url("worker")
     marker = f"queued-{secrets.token_hex(4)}".encode()
     gw = await aio_pika.connect(gw_url)
     ch = await gw.channel(publisher_confirms=True)
@@ -323,7 +335,7 @@ async def test_watch_enforces_an_automatic_trip_on_the_broker(sshd, breaker, bro
     closed = asyncio.get_running_loop().create_future()
     gw.close_callbacks.add(lambda *a: closed.done() or closed.set_result(True))
 
-    watcher = Breaker(state_dir=sshd.state_dir, tunnel_user=sshd.user, admin=broker.admin)
+    watcher = sshd.breaker(admin=broker.admin)
     stop = threading.Event()
     thread = threading.Thread(target=watcher.watch, kwargs={"interval": 0.2, "stop": stop}, daemon=True)
     thread.start()
@@ -368,7 +380,7 @@ async def test_watch_enforces_an_automatic_trip_on_the_broker(sshd, breaker, bro
             await gw.close()
 
 
-def test_cli_status_trip_reset(sshd, breaker, broker):
+def test_cli_status_trip_reset(sshd, breaker, broker, gw_user):
     env = dict(os.environ, CHATAI_BREAKER_CONFIG=str(sshd.config_path))
     node = ["--rabbit-node", broker.admin.node] if broker.admin.node else []
 
@@ -380,15 +392,15 @@ def test_cli_status_trip_reset(sshd, breaker, broker):
     assert r.returncode == 0, r.stderr
     st = chatai("status", "--json")
     assert st.returncode == 1 and json.loads(st.stdout)["reason"] == "cli test"
-    assert broker.admin.list_user_connections("gateway") == []
+    assert broker.admin.list_user_connections(gw_user.name) == []
     perms = subprocess.run(["rabbitmqctl", "-q", *(["-n", broker.admin.node] if broker.admin.node else []),
-                            "list_user_permissions", "gateway", "--formatter", "json"],
+                            "list_user_permissions", gw_user.name, "--formatter", "json"],
                            capture_output=True, text=True).stdout
     assert topology.VHOST not in [p.get("vhost") for p in json.loads(perms or "[]")]
     assert chatai("reset", *node).returncode == 0
     assert chatai("status").returncode == 0
     perms = subprocess.run(["rabbitmqctl", "-q", *(["-n", broker.admin.node] if broker.admin.node else []),
-                            "list_user_permissions", "gateway", "--formatter", "json"],
+                            "list_user_permissions", gw_user.name, "--formatter", "json"],
                            capture_output=True, text=True).stdout
     assert topology.VHOST in [p.get("vhost") for p in json.loads(perms)]
 

@@ -1,0 +1,247 @@
+"""The gateway's SSH tunnel manager against a real OpenSSH sshd (breaker config) and the broker.
+
+Also the whole path: a ``chatai gateway`` process that reaches the broker only through the
+tunnel answers through a real worker, answers 503 "paused" while the breaker is tripped, and
+answers again after a reset, with no process restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import subprocess
+import time
+from pathlib import Path
+
+import aio_pika
+import asyncssh
+import httpx
+import openai
+import pytest
+from prometheus_client import REGISTRY
+
+from broker_config import topology
+from circuit_breaker import hook
+from circuit_breaker.local_sshd import LocalSshd, start_local_sshd
+from gateway.settings import GatewaySettings
+from gateway.tunnel import BrokerTunnel
+from support.breaker_env import GatewayLikeUser, add_gateway_like_user
+
+
+@pytest.fixture(scope="module")
+def gw_user(broker) -> GatewayLikeUser:
+    user = add_gateway_like_user(broker)
+    yield user
+    user.delete()
+
+
+@pytest.fixture(scope="module")
+def sshd(broker, gw_user, tmp_path_factory) -> LocalSshd:
+    s = start_local_sshd(tmp_path_factory.mktemp("sshd"), broker.host, broker.port, rabbit_node=broker.admin.node,
+                         broker_user=gw_user.name)
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def breaker(sshd, broker):
+    b = sshd.breaker(admin=broker.admin)
+    b.reset(by="test")
+    yield b
+    b.reset(by="test")
+
+
+def make_tunnel(sshd: LocalSshd, **kw) -> BrokerTunnel:
+    opts = dict(host=sshd.host, port=sshd.port, user=sshd.user, key_path=sshd.client_key_path,
+                known_hosts_path=sshd.known_hosts_path, remote_host=sshd.broker_host,
+                remote_port=sshd.broker_port, keepalive=2.0)
+    opts.update(kw)
+    return BrokerTunnel(**opts)
+
+
+async def wait_until(pred, timeout: float = 15.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+def sample(name: str, **labels) -> float | None:
+    return REGISTRY.get_sample_value(name, labels)
+
+
+async def test_tunnel_carries_amqp_and_reports_state(sshd, breaker, gw_user):
+    tunnel = make_tunnel(sshd)
+    try:
+        host, port = await tunnel.start()
+        assert host == "127.0.0.1" and port > 0
+        assert await tunnel.wait_up(15), tunnel.last_error
+        assert tunnel.state == "up" and tunnel.last_error is None
+        assert sample("chatai_tunnel_up") == 1.0 and sample("chatai_tunnel_state", state="up") == 1.0
+        before = sample("chatai_tunnel_forwarded_connections_total") or 0
+        conn = await aio_pika.connect(gw_user.url(host, port))
+        try:
+            ch = await conn.channel()
+            q = await ch.declare_queue(topology.gateway_reply_queue(f"tun-{secrets.token_hex(3)}"), exclusive=True)
+            await q.bind(topology.REPLIES_EXCHANGE, routing_key=q.name)
+        finally:
+            await conn.close()
+        assert sample("chatai_tunnel_forwarded_connections_total") == before + 1
+    finally:
+        await tunnel.close()
+    assert tunnel.state == "down" and sample("chatai_tunnel_up") == 0.0
+    assert not breaker.status()["tripped"]  # a legitimate tunnel never trips the breaker
+
+
+async def test_wrong_or_unknown_host_key_is_refused(sshd, breaker, tmp_path):
+    other = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    wrong = tmp_path / "known_hosts_wrong"
+    wrong.write_text(f"[127.0.0.1]:{sshd.port} " + " ".join(other.with_suffix(".pub").read_text().split()[:2]) + "\n")
+    empty = tmp_path / "known_hosts_empty"
+    empty.write_text("")
+    before = sample("chatai_tunnel_connect_failures_total", reason="host_key") or 0
+    for known_hosts in (wrong, empty):
+        tunnel = make_tunnel(sshd, known_hosts_path=known_hosts, backoff_initial=0.2, backoff_max=0.5)
+        try:
+            await tunnel.start()
+            assert not await tunnel.wait_up(3)
+            assert tunnel.state in ("connecting", "down")
+            assert "host key" in (tunnel.last_error or "")
+        finally:
+            await tunnel.close()
+    assert (sample("chatai_tunnel_connect_failures_total", reason="host_key") or 0) >= before + 2
+    with pytest.raises(ValueError):
+        make_tunnel(sshd, known_hosts_path=None)
+
+
+async def test_tunnel_reconnects_on_the_same_port(sshd, breaker, gw_user):
+    tunnel = make_tunnel(sshd, backoff_initial=0.2)
+    try:
+        host, port = await tunnel.start()
+        assert await tunnel.wait_up(15)
+        # The login node drops the connection (the session process dies).
+        uid = __import__("pwd").getpwnam(sshd.user).pw_uid
+        await wait_until(lambda: hook.processes_of(uid), what="the session's process")
+        assert hook.end_sessions(uid) >= 1
+        await wait_until(lambda: tunnel.connects >= 2 and tunnel.state == "up", what="reconnect")
+        assert tunnel.local_address == (host, port)
+        conn = await aio_pika.connect(gw_user.url(host, port))
+        await conn.close()
+        assert (sample("chatai_tunnel_disconnects_total") or 0) >= 1
+    finally:
+        await tunnel.close()
+
+
+def test_from_settings(sshd):
+    settings = GatewaySettings(tunnel_host=sshd.host, tunnel_port=sshd.port, tunnel_user=sshd.user,
+                               tunnel_key=sshd.client_key_path, tunnel_known_hosts=sshd.known_hosts_path,
+                               tunnel_remote_host="10.1.2.3", tunnel_remote_port=5671, tunnel_keepalive=7)
+    t = BrokerTunnel.from_settings(settings)
+    assert (t.host, t.port, t.user, t.remote_host, t.remote_port, t.keepalive) == \
+        (sshd.host, sshd.port, sshd.user, "10.1.2.3", 5671, 7)
+    assert t.known_hosts_path == sshd.known_hosts_path and t.key_path == sshd.client_key_path
+    with pytest.raises(ValueError):
+        BrokerTunnel.from_settings(GatewaySettings(tunnel_host=sshd.host, tunnel_key=sshd.client_key_path))
+
+
+async def test_trip_shuts_the_tunnel_and_gateway_user_out_and_reset_brings_them_back(sshd, breaker, broker, gw_user):
+    """Trip: live tunnel closed, logins refused, gateway user out, worker fine. Reset: all back."""
+    tunnel = make_tunnel(sshd)
+    gw = wk = None
+    try:
+        host, port = await tunnel.start()
+        assert await tunnel.wait_up(15)
+        gw = await aio_pika.connect_robust(gw_user.url(host, port), reconnect_interval=0.5)
+        lost, back = asyncio.Event(), asyncio.Event()
+        gw.close_callbacks.add(lambda *a: lost.set())
+        gw.reconnect_callbacks.add(lambda *a: back.set())
+        ch = await gw.channel()
+        await ch.declare_queue(topology.gateway_reply_queue(f"tun-{secrets.token_hex(3)}"), exclusive=True)
+
+        await asyncio.to_thread(breaker.trip, "test trip", "test")
+        await asyncio.wait_for(lost.wait(), 10)
+        await wait_until(lambda: tunnel.state != "up", what="tunnel down")
+        # New logins are refused while tripped: the tunnel keeps failing with "permission denied".
+        await wait_until(lambda: "permission denied" in (tunnel.last_error or ""), what="login refused")
+        assert tunnel.state != "up"
+        # The gateway user cannot reach the vhost even without the tunnel.
+        with pytest.raises(Exception):
+            await aio_pika.connect(gw_user.url())
+        # Workers are untouched.
+        wk = await aio_pika.connect(broker.url("worker"))
+        wch = await wk.channel()
+        await wch.declare_queue(topology.worker_control_queue(f"tun-{secrets.token_hex(3)}"), exclusive=True)
+
+        t0 = time.monotonic()
+        await asyncio.to_thread(breaker.reset, "test")
+        assert await tunnel.wait_up(15), tunnel.last_error
+        assert tunnel.local_address == (host, port)
+        await asyncio.wait_for(back.wait(), 20)  # the robust AMQP connection found its way back
+        ch = await gw.channel()
+        await ch.declare_queue(topology.gateway_reply_queue(f"tun-{secrets.token_hex(3)}"), exclusive=True)
+        assert time.monotonic() - t0 < 20
+    finally:
+        for c in (gw, wk):
+            if c is not None:
+                await c.close()
+        await tunnel.close()
+
+
+def test_gateway_through_the_tunnel_pauses_on_trip_and_resumes_on_reset(sshd, breaker, broker, gw_user,
+                                                                       served_worker, tmp_path):
+    from support.gateway import start_gateway
+
+    env = {
+        "CHATAI_GATEWAY_TUNNEL_HOST": sshd.host, "CHATAI_GATEWAY_TUNNEL_PORT": str(sshd.port),
+        "CHATAI_GATEWAY_TUNNEL_USER": sshd.user, "CHATAI_GATEWAY_TUNNEL_KEY": str(sshd.client_key_path),
+        "CHATAI_GATEWAY_TUNNEL_KNOWN_HOSTS": str(sshd.known_hosts_path),
+        "CHATAI_GATEWAY_TUNNEL_REMOTE_HOST": sshd.broker_host,
+        "CHATAI_GATEWAY_TUNNEL_REMOTE_PORT": str(sshd.broker_port),
+        "CHATAI_GATEWAY_TUNNEL_KEEPALIVE": "2", "CHATAI_GATEWAY_QUEUE_TIMEOUT": "30",
+    }
+    # The broker URL's host and port are never used: the gateway goes through the tunnel.
+    gw = start_gateway(tmp_path / "gw", gw_user.url("203.0.113.1", 9), extra_env=env, direct=False)
+    try:
+        health = gw.wait_for(lambda h: h["models"].get("tiny", {}).get("ready", 0) >= 1, timeout=60,
+                             what="the worker's heartbeat through the tunnel")
+        assert health["tunnel"]["state"] == "up"
+        client = gw.client(timeout=60)
+        chat = dict(model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=4)
+        assert client.chat.completions.create(**chat).choices[0].message.content is not None
+        gateway_pid, worker_pid = gw.proc.pid, served_worker.proc.pid
+
+        breaker.trip(reason="test trip", by="test")
+        health = gw.wait_for(lambda h: h["tunnel"]["state"] != "up" and not h["broker"]["connected"], timeout=20,
+                             what="the gateway to notice the trip")
+        with pytest.raises(openai.APIStatusError) as err:
+            client.chat.completions.create(**chat)
+        assert err.value.status_code == 503
+        assert "paused" in err.value.message.lower()
+        assert httpx.get(gw.base_url + "/health", timeout=5).status_code == 503
+
+        t0 = time.monotonic()
+        breaker.reset(by="test")
+        gw.wait_for(lambda h: h["broker"]["connected"] and h["tunnel"]["state"] == "up", timeout=30,
+                    what="the gateway to come back")
+        deadline = time.monotonic() + 30
+        while True:  # answers again (heartbeats may take a moment to arrive again)
+            try:
+                resp = client.chat.completions.create(**chat)
+                break
+            except openai.APIStatusError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        assert resp.choices[0].message.content is not None
+        assert time.monotonic() - t0 < 30
+        assert gw.proc.poll() is None and gw.proc.pid == gateway_pid
+        assert served_worker.proc.poll() is None and served_worker.proc.pid == worker_pid
+    finally:
+        gw.stop()
+    log = Path(gw.log_path).read_text()
+    assert gw_user.password not in log  # credentials never reach the log
