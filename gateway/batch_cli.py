@@ -9,7 +9,6 @@ line, which become chat requests for ``--model``.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path

@@ -380,7 +380,7 @@ def test_cli_submit_plain_prompts_wait_and_download(bgw, tmp_path):
     assert batch_id.startswith("batch_")
     assert "20/20 completed" in run.stderr and "completed" in run.stderr
     results = [json.loads(line) for line in out.read_text().splitlines()]
-    assert sorted(r["custom_id"] for r in results) == [f"prompt-{i:02d}" for i in range(20)]
+    assert sorted(r["custom_id"] for r in results) == [f"prompt-{i:02d}" for i in range(1, 21)]  # line numbers
     assert all(r["response"]["status_code"] == 200 for r in results)
 
     status = subprocess.run([*cli, "status", batch_id], env=env, capture_output=True, text=True, timeout=60)

@@ -6,9 +6,10 @@ reading and writing only SQLite, so a restart resumes from whatever was committe
 
 Sending: each line becomes a persistent, low-priority GenerateRequest (reply_to = this
 deployment's durable results queue, see ``BatchSettings.results_queue``; no deadline; stream
-false) whose request id is ``<batch id>.<line number>``: the same line always has the same id, so a redelivery or a re-publish is recognised. At most
-``max_in_flight`` lines of a batch are out at once; interactive requests, at a higher priority,
-overtake whatever a batch has queued.
+false) whose request id is ``<batch id>.<line number>``: the same line always has the same
+id, so a redelivery or a re-publish is recognised. At most ``max_in_flight`` lines of a batch
+are out at once; interactive requests, at a higher priority, overtake whatever a batch has
+queued.
 
 Receiving: results are consumed with manual acks; a message is acked only after its result
 is committed, and a result is written only if its line has none yet (see ``BatchStore``), so

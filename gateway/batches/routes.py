@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
+from gateway.batches.files import FileTooLarge, new_file_id
 from gateway.batches.service import BatchService
 from gateway.batches.store import ACTIVE, now
 from gateway.batches.validation import ENDPOINTS
@@ -76,9 +77,7 @@ async def upload_file(
             raise APIError(400, "expires_after needs anchor 'created_at' and seconds between 3600 and 2592000.",
                            code="invalid_request", param="expires_after")
         ttl = min(ttl, expires_after_seconds)
-    file_id = "file-" + secrets.token_hex(12)
-    from gateway.batches.files import FileTooLarge
-
+    file_id = new_file_id()
     try:
         size = await service.files.save_upload(file_id, file, service.settings.max_file_bytes)
     except FileTooLarge:
