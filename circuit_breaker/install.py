@@ -219,8 +219,24 @@ def install(spec: BreakerSpec, layout: Layout = Layout(), validate: bool = True)
             else:
                 _write_root_file(layout.sshd_snippet, previous, 0o644)
             raise InstallError(f"sshd -t rejected the configuration (rolled back): {proc.stderr.strip()}")
+        check_effective(spec, layout)
     return {"config": str(layout.config_file), "snippet": str(layout.sshd_snippet), "snippet_changed": changed,
             "append_only_log": append_only, "keys": keys_text.count("\n"), "time": time.time()}
+
+
+def check_effective(spec: BreakerSpec, layout: Layout) -> None:
+    """The Match block must be what sshd applies to the tunnel user (the snippet is Included)."""
+    proc = _run("/usr/sbin/sshd", "-T", "-f", str(layout.sshd_config), "-C",
+                f"user={spec.tunnel_user},host=gateway,addr=127.0.0.1")
+    if proc.returncode != 0:
+        raise InstallError(f"sshd -T failed: {proc.stderr.strip()}")
+    eff = dict((ln.split(" ", 1) + [""])[:2] for ln in proc.stdout.splitlines())
+    expected = {"permitopen": spec.permit_open, "allowtcpforwarding": "local", "permittty": "no",
+                "authenticationmethods": "publickey", "passwordauthentication": "no"}
+    wrong = {k: eff.get(k) for k, v in expected.items() if eff.get(k) != v}
+    if str(layout.hook) not in eff.get("forcecommand", "") or wrong:
+        raise InstallError(f"{layout.sshd_config} does not apply the breaker's Match block to {spec.tunnel_user} "
+                           f"(add 'Include {layout.sshd_snippet}' near its top); effective: {wrong}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,7 +75,7 @@ class BrokerTunnel:
     def __init__(self, host: str, user: str, key_path: Path | str, known_hosts_path: Path | str,
                  remote_host: str = "127.0.0.1", remote_port: int = 5672, port: int = 22,
                  keepalive: float = 15.0, keepalive_count_max: int = 3, listen_host: str = "127.0.0.1",
-                 listen_port: int = 0, backoff_initial: float = 0.5, backoff_max: float = 30.0,
+                 listen_port: int = 0, backoff_initial: float = 0.5, backoff_max: float = 10.0,
                  connect_timeout: float = 20.0) -> None:
         if not known_hosts_path:
             raise ValueError("the tunnel needs a known_hosts file with the login node's pinned host key")

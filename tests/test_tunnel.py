@@ -211,7 +211,8 @@ def test_gateway_through_the_tunnel_pauses_on_trip_and_resumes_on_reset(sshd, br
                              what="the worker's heartbeat through the tunnel")
         assert health["tunnel"]["state"] == "up"
         client = gw.client(timeout=60)
-        chat = dict(model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=4)
+        canary = f"CANARY-{secrets.token_hex(8)}"
+        chat = dict(model="tiny", messages=[{"role": "user", "content": f"hello {canary}"}], max_tokens=4)
         assert client.chat.completions.create(**chat).choices[0].message.content is not None
         gateway_pid, worker_pid = gw.proc.pid, served_worker.proc.pid
 
@@ -245,3 +246,7 @@ def test_gateway_through_the_tunnel_pauses_on_trip_and_resumes_on_reset(sshd, br
         gw.stop()
     log = Path(gw.log_path).read_text()
     assert gw_user.password not in log  # credentials never reach the log
+    # No prompt text in any log on the path: gateway, sshd, breaker, worker.
+    for path in (gw.log_path, sshd.log_path, sshd.state_dir / hook.ATTEMPTS_LOG, sshd.state_dir / hook.EVENTS_LOG,
+                 served_worker.log_path):
+        assert canary not in Path(path).read_text(errors="replace"), path
