@@ -27,6 +27,7 @@ def worker(
     job_end_margin: Optional[float] = typer.Option(None, help="Extra seconds kept before the Slurm job ends."),
     coalesce_ms: Optional[float] = typer.Option(None, help="Most time between two delta messages."),
     coalesce_tokens: Optional[int] = typer.Option(None, help="Most tokens in one delta message."),
+    consumer_priority: Optional[int] = typer.Option(None, help="Higher-priority workers get requests first."),
     worker_id: Optional[str] = typer.Option(None, help="Default: node-slurmjob-pid or node-pid."),
     broker_url: Optional[str] = typer.Option(None, help="Prefer CHATAI_WORKER_BROKER_URL: argv shows in ps."),
 ) -> None:

@@ -112,7 +112,8 @@ class Consumer:
         name = topology.model_queue(self.settings.served_model_name or "")
         self._queue = await channel.get_queue(name, ensure=True)  # passive: fails if not defined
         self.accepting = True
-        self._tag = await self._queue.consume(self._on_message, no_ack=False)
+        args = {"x-priority": self.settings.consumer_priority} if self.settings.consumer_priority else None
+        self._tag = await self._queue.consume(self._on_message, no_ack=False, arguments=args)
 
     async def stop_consuming(self) -> None:
         """Tell the broker to send nothing more; held messages stay ours until acked or rejected."""

@@ -80,7 +80,7 @@ class Engine:
         """Build the engine (blocking, seconds to minutes: call it in a thread)."""
         if settings.model is None:
             raise ValueError("no model: give --model PATH or CHATAI_WORKER_MODEL")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_space_gb))
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{settings.kv_cache_space_gb:g}")  # vLLM wants an integer here
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 

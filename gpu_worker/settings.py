@@ -57,6 +57,9 @@ class WorkerSettings(BaseSettings):
     drain_grace: float = 30.0  # after SIGTERM, time to finish held work before returning the rest
     job_end_margin: float = 30.0  # extra time kept before the Slurm job's end
     job_end_poll: float = 60.0  # how often to re-read the job's end time (it may be extended)
+    # RabbitMQ consumer priority (x-priority): a queue feeds higher-priority workers first and
+    # lower ones only when those are full, e.g. reserved nodes before backfill scavengers.
+    consumer_priority: int = 0
     cancel_memory: float = 300.0  # seconds a cancelled id is remembered, for cancels that overtake
 
     # Reply coalescing: the first delta at once, then at most every ms / tokens.

@@ -1,13 +1,29 @@
-"""The GPU worker against a real RabbitMQ node and the real vLLM CPU engine on the tiny model."""
+"""The GPU worker against a real RabbitMQ node and the real vLLM CPU engine on the tiny model.
+
+Most tests share the session worker (``served_worker``). Tests that kill, drain or idle a worker
+start their own on a queue of their own; those start together (one fixture) to share start-up.
+"""
 
 from __future__ import annotations
+
+import asyncio
+import os
+import time
 
 import pytest
 import pytest_asyncio
 
+from broker_config import topology
 from broker_config.messages import Delta, Error, Final, Started
 from conftest import SERVED_MODEL
 from support.amqp_client import TestGatewayClient
+from support.worker_proc import start_worker
+
+KILL_MODEL = "tiny-kill"
+DRAIN_MODEL = "tiny-drain"
+KILL_TOKENS = 4000
+IDLE_TIMEOUT = 10  # long enough for the kill test to reach B first
+DRAIN_GRACE = 10  # shorts (1500 tokens) finish well within it, the long one (8100) cannot
 
 
 @pytest_asyncio.fixture(scope="module")
@@ -23,15 +39,276 @@ def split(frames):
     return started, deltas, ends
 
 
-async def test_stream_is_coalesced_and_usage_matches(gw):
+def assert_well_formed(frames, attempt: int = 1):
+    """One started first, one final/error last, seq 0..n-1, one attempt."""
+    assert isinstance(frames[0], Started)
+    assert isinstance(frames[-1], (Final, Error))
+    assert sum(isinstance(f, (Final, Error)) for f in frames) == 1
+    assert [f.seq for f in frames] == list(range(len(frames)))
+    assert {f.attempt for f in frames} == {attempt}
+
+
+async def wait_log(worker, text: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in worker.log_text():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} not in the worker log:\n{worker.log_tail()}")
+        await asyncio.sleep(0.1)
+
+
+def queue_counts(broker, model: str) -> dict:
+    name = topology.model_queue(model)
+    for q in broker.admin.list_queues():
+        if q["name"] == name:
+            return q
+    raise AssertionError(f"no queue {name}")
+
+
+# ------------------------------------------------------------------ generation through the session worker
+
+
+async def test_stream_is_coalesced_and_usage_matches(gw, served_worker):
     req = gw.request(SERVED_MODEL, stream=True, max_tokens=64, ignore_eos=True)
     frames = await gw.generate(req)
-    started, deltas, (final,) = split(frames)
-    print([d.tokens for d in deltas])
-    assert len(started) == 1 and frames[0] is started[0]
-    assert [f.seq for f in frames] == list(range(len(frames)))
+    assert_well_formed(frames)
+    (started,), deltas, (final,) = split(frames)
+    assert started.worker_id == served_worker.worker_id
     assert isinstance(final, Final)
     assert final.usage.completion_tokens == 64 == sum(d.tokens for d in deltas)
-    assert final.usage.prompt_tokens == started[0].prompt_tokens > 0
+    assert final.usage.prompt_tokens == started.prompt_tokens > 5  # the chat template was applied
+    assert final.usage.total_tokens == final.usage.prompt_tokens + 64
     assert final.choices[0].finish_reason == "length"
-    assert len(deltas) < 64
+    assert final.choices[0].text is None  # streamed: the text went in the deltas
+    assert deltas[0].tokens >= 1 and all(d.text for d in deltas)
+    assert len(deltas) < 64, "deltas were not coalesced"
+
+
+async def test_concurrent_streams_are_coalesced(gw):
+    reqs = [gw.request(SERVED_MODEL, stream=True, max_tokens=48, ignore_eos=True) for _ in range(8)]
+    for r in reqs:
+        await gw.publish(r)
+    results = [await gw.result(r.request_id) for r in reqs]
+    deltas = sum(len(split(f)[1]) for f in results)
+    tokens = sum(split(f)[2][0].usage.completion_tokens for f in results)
+    assert tokens == 8 * 48
+    assert deltas < tokens / 2, f"{deltas} delta messages for {tokens} tokens"
+
+
+async def test_non_streamed_gives_started_then_one_final_with_text(gw):
+    frames = await gw.generate(gw.request(SERVED_MODEL, stream=False, max_tokens=20, ignore_eos=True))
+    assert_well_formed(frames)
+    assert [type(f) for f in frames] == [Started, Final]
+    final = frames[-1]
+    assert final.choices[0].finish_reason == "length"
+    assert final.choices[0].text
+    assert final.usage.completion_tokens == 20
+
+
+async def test_completion_kind_and_echo(gw):
+    prompt = "Once upon a time"
+    frames = await gw.generate(gw.request(SERVED_MODEL, kind="completion", content=prompt, stream=False,
+                                          max_tokens=5, echo=True, temperature=0.0))
+    final = frames[-1]
+    assert isinstance(final, Final)
+    assert final.choices[0].text.startswith(prompt)
+    assert final.usage.prompt_tokens > 0 and final.usage.completion_tokens == 5
+
+
+async def test_n2_gives_two_choices(gw):
+    frames = await gw.generate(gw.request(SERVED_MODEL, stream=False, n=2, max_tokens=12, ignore_eos=True, seed=3))
+    final = frames[-1]
+    assert [c.index for c in final.choices] == [0, 1]
+    assert all(c.text and c.finish_reason == "length" for c in final.choices)
+    assert final.usage.completion_tokens == 24
+    streamed = await gw.generate(gw.request(SERVED_MODEL, stream=True, n=2, max_tokens=12, ignore_eos=True))
+    _, deltas, (end,) = split(streamed)
+    assert {d.index for d in deltas} == {0, 1}
+    for i in (0, 1):
+        assert sum(d.tokens for d in deltas if d.index == i) == 12
+    assert [c.index for c in end.choices] == [0, 1]
+
+
+async def test_stop_sequence_ends_with_stop(gw):
+    base = (await gw.generate(gw.request(SERVED_MODEL, stream=False, max_tokens=40, temperature=0.0)))[-1]
+    text = base.choices[0].text
+    # A stop string taken from the middle of the greedy output; greedy makes the rerun identical.
+    assert len(text) >= 8, repr(text)
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    expected = text[: text.find(stop)]
+    frames = await gw.generate(gw.request(SERVED_MODEL, stream=False, max_tokens=40, temperature=0.0, stop=[stop]))
+    choice = frames[-1].choices[0]
+    assert choice.finish_reason == "stop"
+    assert choice.stop_reason == stop
+    assert choice.text == expected
+    streamed = await gw.generate(gw.request(SERVED_MODEL, stream=True, max_tokens=40, temperature=0.0, stop=[stop]))
+    _, deltas, (end,) = split(streamed)
+    assert "".join(d.text for d in deltas) == expected
+    assert end.choices[0].finish_reason == "stop"
+
+
+async def test_seed_makes_sampling_reproducible(gw):
+    def req(seed):
+        return gw.request(SERVED_MODEL, stream=False, max_tokens=24, ignore_eos=True, temperature=1.0, seed=seed)
+
+    a, b, c = [(await gw.generate(req(s)))[-1].choices[0].text for s in (7, 7, 8)]
+    assert a == b
+    assert a != c
+
+
+async def test_logprobs_top_n(gw):
+    final = (await gw.generate(gw.request(SERVED_MODEL, stream=False, max_tokens=6, ignore_eos=True, logprobs=2)))[-1]
+    lps = final.choices[0].logprobs
+    assert len(lps) == 6
+    assert all(len(lp.top_logprobs) == 2 and lp.logprob <= 0 for lp in lps)
+    _, deltas, _ = split(await gw.generate(gw.request(SERVED_MODEL, stream=True, max_tokens=6, ignore_eos=True,
+                                                     logprobs=0)))
+    assert sum(len(d.logprobs) for d in deltas) == 6
+
+
+async def test_prompt_too_long_is_a_400(gw):
+    frames = await gw.generate(gw.request(SERVED_MODEL, content="hello world " * 400, stream=True))
+    assert_well_formed(frames)
+    err = frames[-1]
+    assert isinstance(err, Error)
+    assert (err.status, err.code) == (400, "context_length_exceeded")
+    assert "512" in err.message
+    # Prompt fits but prompt + max_tokens does not: OpenAI answers 400 as well.
+    err2 = (await gw.generate(gw.request(SERVED_MODEL, stream=False, max_tokens=600)))[-1]
+    assert isinstance(err2, Error) and err2.code == "context_length_exceeded"
+
+
+async def test_max_tokens_none_fills_the_context(gw):
+    final = (await gw.generate(gw.request(SERVED_MODEL, stream=False, ignore_eos=True)))[-1]
+    assert final.choices[0].finish_reason == "length"
+    assert final.usage.total_tokens == 512
+
+
+async def test_expired_deadline_is_dropped(gw, served_worker):
+    req = gw.request(SERVED_MODEL, stream=True, max_tokens=8)
+    req.deadline = time.time() - 1
+    await gw.publish(req)
+    await wait_log(served_worker, f"dropped expired request_id={req.request_id}")
+    # A request published after it is served: the worker is fine, and the dropped one got nothing.
+    await gw.generate(gw.request(SERVED_MODEL, stream=False, max_tokens=4))
+    assert req.request_id not in gw.frames
+
+
+async def test_cancel_before_start_is_honoured(gw, served_worker):
+    req = gw.request(SERVED_MODEL, stream=True, max_tokens=8)
+    await gw.cancel(req.request_id)
+    # A full round trip after the cancel: by then the worker has read its control queue.
+    await gw.generate(gw.request(SERVED_MODEL, stream=False, max_tokens=1))
+    await gw.publish(req)
+    await wait_log(served_worker, f"dropped cancelled request_id={req.request_id}")
+    assert req.request_id not in gw.frames
+
+
+async def test_cancel_aborts_a_running_generation(gw, served_worker):
+    req = gw.request(SERVED_MODEL, stream=True, ignore_eos=True)  # up to the whole context
+    await gw.publish(req)
+    await gw.wait_for(lambda: any(isinstance(f, Delta) for f in gw.frames[req.request_id]))
+    t0 = time.monotonic()
+    await gw.cancel(req.request_id)
+    frames = await gw.result(req.request_id, timeout=10)
+    elapsed = time.monotonic() - t0
+    assert_well_formed(frames)
+    final = frames[-1]
+    assert isinstance(final, Final)
+    assert final.choices[0].finish_reason == "abort"
+    assert final.usage.completion_tokens < 512 - final.usage.prompt_tokens
+    assert elapsed < 2.0
+    hb = await gw.heartbeat_where(served_worker.worker_id, lambda h: h.in_flight == 0, since=time.time(),
+                                  timeout=5)
+    assert hb.state == "ready" and hb.capacity == 16 and hb.model == SERVED_MODEL
+
+
+async def test_heartbeat_reports_the_worker(gw, served_worker):
+    hb = await gw.heartbeat_where(served_worker.worker_id, lambda h: True, since=time.time())
+    assert hb.state == "ready"
+    assert (hb.model, hb.capacity, hb.max_model_len) == (SERVED_MODEL, 16, 512)
+    assert hb.node and hb.interval == 1.0
+
+
+# ------------------------------------------------------------------ workers of their own: kill, drain, idle
+
+
+@pytest.fixture(scope="module")
+def own_workers(broker, tiny_model_dir, tmp_path_factory):
+    """Three extra workers started together (start-up is the slow part), on queues of their own.
+
+    On the kill queue, A has a higher consumer priority than B: requests go to A while it lives,
+    and to B once A is gone. B leaves by itself after IDLE_TIMEOUT seconds without work.
+    """
+    broker.apply([KILL_MODEL, DRAIN_MODEL])
+    logs = tmp_path_factory.mktemp("own-workers")
+    url, pid = broker.url("worker"), os.getpid()
+    workers = {
+        "a": start_worker(tiny_model_dir, KILL_MODEL, url, logs / "kill-a.log", worker_id=f"kill-a-{pid}",
+                          max_num_seqs=4, max_model_len=8192, extra_args=["--consumer-priority", "10"]),
+        "b": start_worker(tiny_model_dir, KILL_MODEL, url, logs / "kill-b.log", worker_id=f"kill-b-{pid}",
+                          max_num_seqs=4, max_model_len=8192, extra_args=["--idle-timeout", str(IDLE_TIMEOUT)]),
+        "drain": start_worker(tiny_model_dir, DRAIN_MODEL, url, logs / "drain.log", worker_id=f"drain-{pid}",
+                              max_num_seqs=3, max_model_len=8192, extra_args=["--drain-grace", str(DRAIN_GRACE)]),
+    }
+    try:
+        for w in workers.values():
+            w.wait_ready()
+        yield workers
+    finally:
+        for w in workers.values():
+            w.kill()
+
+
+async def test_sigkill_mid_request_is_redelivered_and_idle_worker_exits(gw, broker, own_workers):
+    a, b = own_workers["a"], own_workers["b"]
+    req = gw.request(KILL_MODEL, stream=False, max_tokens=KILL_TOKENS, ignore_eos=True)  # seconds of work
+    await gw.publish(req)
+    started = await gw.wait_for(lambda: gw.frames.get(req.request_id), timeout=30)
+    assert started[0].worker_id == a.worker_id  # the higher consumer priority
+    a.kill()  # the worker and its engine, mid-generation, nothing acked
+    assert [type(f) for f in gw.frames[req.request_id]] == [Started]
+
+    frames = await gw.result(req.request_id, timeout=60, attempt=2)
+    second = [f for f in frames if f.attempt == 2]
+    assert_well_formed(second, attempt=2)
+    assert second[0].worker_id == b.worker_id
+    assert second[-1].choices[0].finish_reason == "length"
+    assert second[-1].usage.completion_tokens == KILL_TOKENS
+    # Nothing more to do: B leaves by itself after its idle timeout, with exit 0.
+    rc = await asyncio.to_thread(b.wait, IDLE_TIMEOUT + 60)
+    assert rc == 0
+    assert "stopping: idle" in b.log_text()
+    hb = gw.last_heartbeat(b.worker_id)
+    assert hb is not None and hb.state == "stopped"
+    counts = await asyncio.to_thread(queue_counts, broker, KILL_MODEL)
+    assert counts["messages"] == 0  # acked once, after the final frame
+
+
+async def test_sigterm_drains_held_work_and_returns_the_rest(gw, broker, own_workers):
+    w = own_workers["drain"]
+    shorts = [gw.request(DRAIN_MODEL, stream=True, max_tokens=1500, ignore_eos=True) for _ in range(2)]
+    long = gw.request(DRAIN_MODEL, stream=True, max_tokens=8100, ignore_eos=True)
+    extra = gw.request(DRAIN_MODEL, stream=False, max_tokens=5)
+    for r in [long, *shorts]:
+        await gw.publish(r)
+    await gw.wait_for(lambda: all(gw.frames.get(r.request_id) for r in [long, *shorts]), timeout=30)
+    # The worker is full (prefetch = capacity = 3): this one must wait in the queue, untouched.
+    await gw.publish(extra)
+
+    since = time.time()
+    w.signal()  # SIGTERM to the worker process, as Slurm's --signal=B: does
+    for r in shorts:
+        frames = await gw.result(r.request_id, timeout=30)
+        assert isinstance(frames[-1], Final) and frames[-1].usage.completion_tokens == 1500
+    rc = await asyncio.to_thread(w.wait, 60)
+    assert rc == 0
+    # The long one could not finish within the grace: no final frame, back in the queue.
+    assert gw.done(long.request_id) is None
+    counts = await asyncio.to_thread(queue_counts, broker, DRAIN_MODEL)
+    assert (counts["messages_ready"], counts["consumers"]) == (2, 0)
+    states = [h.state for h in gw.heartbeats if h.worker_id == w.worker_id and h.sent_at >= since]
+    assert "draining" in states and states[-1] == "stopped"
+    log = w.log_text()
+    assert "draining (signal SIGTERM): 3 in flight" in log, "the shorts ended before SIGTERM: nothing drained"
+    assert "returned 1 request(s) to the queue" in log
+    assert extra.request_id not in gw.frames  # never delivered to the full, then draining, worker
