@@ -454,6 +454,25 @@ async def test_install_is_idempotent_and_scoped(sshd, breaker):
     conn.close()
 
 
+async def test_from_option_limits_the_key_to_the_gateway_address(sshd, breaker):
+    """Re-running the installer with --from re-restricts the kept key; without it, back to normal."""
+    from circuit_breaker.install import BreakerSpec, install
+
+    cfg = json.loads(sshd.config_path.read_text())
+    spec = dict(tunnel_user=sshd.user, keys_user=sshd.keys_user, broker_host=sshd.broker_host,
+                broker_port=sshd.broker_port, rabbit_node=cfg["rabbit_node"], broker_user=cfg["broker_user"])
+    try:
+        install(BreakerSpec(from_="10.9.9.9", **spec), sshd.layout)
+        assert ',from="10.9.9.9" ssh-ed25519 ' in sshd.layout.keys_file.read_text()
+        with pytest.raises(asyncssh.PermissionDenied):
+            await ssh_connect(sshd)  # we come from 127.0.0.1
+    finally:
+        install(BreakerSpec(**spec), sshd.layout)
+    assert "from=" not in sshd.layout.keys_file.read_text()
+    conn = await ssh_connect(sshd)
+    conn.close()
+
+
 async def test_invalid_sshd_config_is_rolled_back(sshd, breaker):
     from circuit_breaker.install import BreakerSpec, InstallError, install
 

@@ -137,6 +137,22 @@ async def test_tunnel_reconnects_on_the_same_port(sshd, breaker, gw_user):
         await tunnel.close()
 
 
+async def test_forward_the_login_node_refuses_is_reported(sshd, breaker):
+    """A gateway configured for another broker address gets nothing, and says why."""
+    tunnel = make_tunnel(sshd, remote_host="localhost")  # PermitOpen names 127.0.0.1 exactly
+    try:
+        host, port = await tunnel.start()
+        assert await tunnel.wait_up(15)
+        before = sample("chatai_tunnel_forward_failures_total") or 0
+        reader, writer = await asyncio.open_connection(host, port)
+        assert await asyncio.wait_for(reader.read(100), 10) == b""  # closed at once
+        writer.close()
+        assert "refused" in (tunnel.last_error or "") and sample("chatai_tunnel_forward_failures_total") == before + 1
+    finally:
+        await tunnel.close()
+    assert not breaker.status()["tripped"]
+
+
 def test_from_settings(sshd):
     settings = GatewaySettings(tunnel_host=sshd.host, tunnel_port=sshd.port, tunnel_user=sshd.user,
                                tunnel_key=sshd.client_key_path, tunnel_known_hosts=sshd.known_hosts_path,
