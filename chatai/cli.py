@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
 
 app = typer.Typer(
@@ -36,4 +39,27 @@ def _register() -> None:
     register_worker(app)
 
 
+@app.command()
+def dev(
+    port: Annotated[int, typer.Option(help="Gateway port.")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(help="API key to accept (created if new; generated if omitted).")] = None,
+    state_dir: Annotated[Path, typer.Option(help="Where logs, keys, the tiny model and stack.json go.")] = Path(".chatai-dev"),
+    model: Annotated[Optional[Path], typer.Option(help="Model directory (default: the tiny test model).")] = None,
+    served_model_name: Annotated[str, typer.Option(help="Name clients use for the model.")] = "tiny",
+    broker: Annotated[str, typer.Option(help="auto (a reachable local RabbitMQ, else a private node), system or private.")] = "auto",
+    demo: Annotated[bool, typer.Option(help="Stream one answer through the stack once it serves.")] = True,
+) -> None:
+    """Run the whole stack on this machine: broker, worker, gateway. Stops on Ctrl-C or SIGTERM."""
+    from chatai.dev import DevStack, run
+
+    if broker not in ("auto", "system", "private"):
+        raise typer.BadParameter("--broker must be auto, system or private")
+    stack = DevStack(state_dir=state_dir.resolve(), port=port, api_key=api_key, model=model,
+                     served_model_name=served_model_name, broker=broker)
+    raise typer.Exit(run(stack, demo=demo))
+
+
 _register()
+
+if __name__ == "__main__":
+    app()
