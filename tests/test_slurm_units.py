@@ -109,3 +109,42 @@ def test_parse_squeue_and_durations():
     assert job.job_id == "12" and job.array_task_id == "2" and job.display_id == "10_2" and job.running
     assert parse_duration("1-02:03:04") == 93784 and parse_duration("05:00") == 300
     assert parse_duration("UNLIMITED") is None
+
+
+class FakeSlurm:
+    """Records calls; serves a fixed squeue (no Slurm needed for the drain order)."""
+
+    def __init__(self, jobs):
+        self._jobs = jobs
+        self.cancelled: list[str] = []
+        self.signalled: list[tuple[str, list[str], bool]] = []
+
+    def squeue(self, name_prefix=None, **_):
+        return [j for j in self._jobs if name_prefix is None or j.name.startswith(name_prefix)]
+
+    def cancel(self, ids):
+        self.cancelled += list(ids)
+
+    def signal(self, ids, signal="TERM", batch_only=True):
+        self.signalled.append((signal, list(ids), batch_only))
+
+
+def _job(job_id, task, state):
+    line = SEP.join([job_id, "10", task, f"10_{task}", "chatai-worker-tiny", state, "None", "0:01", "30:00",
+                     "29:59", "vm", "root", "1", "N/A"])
+    return parse_squeue(line)[0]
+
+
+def test_scale_down_cancels_pending_first_then_terms_the_least_busy_and_never_kills():
+    from slurm_jobs.jobs import WorkerJobs
+
+    jobs = [_job("11", "1", "RUNNING"), _job("12", "2", "RUNNING"), _job("13", "3", "PENDING")]
+    fake = FakeSlurm(jobs)
+    gone = WorkerJobs(SlurmSettings(), fake).drain("tiny", 2, busy={"10_1": 3, "10_2": 0})
+    assert fake.cancelled == ["10_3"]  # pending: nothing to drain
+    assert fake.signalled == [("TERM", ["12"], True)]  # the idle one, by SIGTERM to the batch shell
+    assert gone == ["10_3", "10_2"]
+    fake = FakeSlurm(jobs)
+    WorkerJobs(SlurmSettings(cancel_mode="full"), fake).drain("tiny", None)
+    assert [(s, sorted(i), b) for s, i, b in fake.signalled] == [("TERM", ["11", "12"], False)]
+    assert all(sig == "TERM" for sig, _, _ in fake.signalled)
