@@ -21,7 +21,6 @@ import grp
 import json
 import os
 import pwd
-import shutil
 import subprocess
 import sys
 import time

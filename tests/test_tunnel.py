@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import aio_pika
-import asyncssh
 import httpx
 import openai
 import pytest
