@@ -279,8 +279,8 @@ async def test_scale_down_drains_in_flight_requests_without_losing_or_duplicatin
     finishes or goes back to the queue, the next worker answers the rest, each exactly once."""
     (task,) = [j for j in worker_jobs() if j.running]
     async with Client(broker.url("gateway")) as client:
-        plain = [await client.send(max_tokens=600) for _ in range(6)]
-        streams = [await client.send(stream=True, max_tokens=600) for _ in range(2)]
+        plain = [await client.send(max_tokens=300) for _ in range(6)]
+        streams = [await client.send(stream=True, max_tokens=300) for _ in range(2)]
         everything = plain + streams
         await wait_for(lambda: sum(1 for r in everything if client.frames[r]) >= 4, 60, "four requests to start")
         out = chatai(operator_env, "scale", "down", "--model", MODEL, "--all")
@@ -298,7 +298,7 @@ async def test_scale_down_drains_in_flight_requests_without_losing_or_duplicatin
         for rid in plain:
             terms = client.terminals(rid)
             assert len(terms) == 1 and isinstance(terms[0], Final), (rid, terms)
-            assert terms[0].usage.completion_tokens == 600
+            assert terms[0].usage.completion_tokens == 300
         for rid in streams:
             terms = client.terminals(rid)
             assert len(terms) == 1, (rid, terms)
@@ -329,7 +329,7 @@ async def test_autoscaler_takes_a_model_from_zero_to_n_and_back_to_zero(operator
             return seen_max
 
         async with Client(broker.url("gateway")) as client:
-            rids = [await client.send(max_tokens=200) for _ in range(8)]
+            rids = [await client.send(max_tokens=100) for _ in range(8)]
             await wait_for(lambda: count() >= 2, 30, "the autoscaler to submit two workers")
             try:
                 await client.wait_done(rids, 240)
