@@ -119,13 +119,20 @@ def status_rows(s: SlurmSettings, extra_models: list[str], listen: float) -> dic
     by_model = WorkerJobs(s, Slurm()).jobs_by_model()
     models = sorted(set(s.models) | set(by_model) | set(extra_models))
     any_running = any(j.running for js in by_model.values() for j in js)
-    view = asyncio.run(_collect(s, models, listen if any_running else 0.0))
-    hbs = view.book.live()
+    url = s.operator_url()
+    broker_error = None
+    try:
+        view = asyncio.run(_collect(s, models, listen if any_running else 0.0))
+        hbs, stats = view.book.live(), view.stats  # type: ignore[attr-defined]
+    except Exception as exc:  # noqa: BLE001 - Slurm's half of the picture is still worth showing
+        broker_error = f"{type(exc).__name__}: {exc}"
+        hbs, stats = [], {}
     models = sorted(set(models) | {hb.model for hb in hbs})
     by_job = {hb.slurm_job_id: hb for hb in hbs if hb.slurm_job_id}
-    out: dict[str, Any] = {"broker": redact(view.url), "models": [], "jobs": [], "workers": []}
+    out: dict[str, Any] = {"broker": redact(url), "broker_error": broker_error, "models": [], "jobs": [],
+                           "workers": []}
     for m in models:
-        st = view.stats.get(m)  # type: ignore[attr-defined]
+        st = stats.get(m)
         js = by_model.get(m, [])
         mh = [hb for hb in hbs if hb.model == m]
         out["models"].append({
@@ -163,6 +170,8 @@ def status(
         typer.echo(json.dumps(data, indent=2))
         return
     console = Console(width=max(Console().width, 120))
+    if data["broker_error"]:
+        console.print(f"[red]broker unreachable ({data['broker_error']}): queue and worker columns are empty[/red]")
     t = Table(title=f"models ({data['broker']})")
     for col in ("model", "queued", "consumers", "jobs run/pend", "workers ready/draining", "in-flight/capacity"):
         t.add_column(col)
