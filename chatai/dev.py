@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,11 +43,15 @@ class DevStack:
     model: Path | None = None
     served_model_name: str = "tiny"
     broker: str = "auto"  # auto | system | private
+    tunnel: bool | None = None  # None: through a local sshd with the real breaker when one can run
     worker_args: list[str] = field(default_factory=list)
     ready_timeout: float = 300.0
 
     processes: dict[str, subprocess.Popen] = field(default_factory=dict, init=False)
     node: LocalBrokerNode | None = field(default=None, init=False)
+    sshd: object | None = field(default=None, init=False)  # circuit_breaker.local_sshd.LocalSshd
+    _watch_stop: threading.Event = field(default_factory=threading.Event, init=False)
+    _admin: BrokerAdmin | None = field(default=None, init=False)
     broker_port: int = field(default=5672, init=False)
     extra: dict[str, object] = field(default_factory=dict, init=False)
 
@@ -92,6 +97,37 @@ class DevStack:
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return tiny
 
+    def _start_tunnel_end(self) -> dict[str, str]:
+        """The login node's side, here: a private sshd with the breaker; the gateway's tunnel settings."""
+        from circuit_breaker.local_sshd import sshd_available, start_local_sshd
+
+        if self.tunnel is None:
+            self.tunnel = sshd_available()
+        if not self.tunnel:
+            _say("no local sshd (needs root and openssh-server): the gateway connects to the broker directly")
+            return {}
+        sshd = start_local_sshd(self.state_dir / "tunnel", "127.0.0.1", self.broker_port,
+                                rabbit_node=self.node.node if self.node else None)
+        self.sshd = sshd
+        # The breaker's enforcer: on a trip it shuts the gateway's broker user out, on reset lets it in.
+        watcher = threading.Thread(target=sshd.breaker(self._admin).watch, kwargs={"stop": self._watch_stop},
+                                   name="breaker-watch", daemon=True)
+        watcher.start()
+        self.extra["tunnel"] = {"host": sshd.host, "port": sshd.port, "user": sshd.user,
+                                "key_path": str(sshd.client_key_path),
+                                "known_hosts": str(sshd.known_hosts_path),
+                                "breaker_config": str(sshd.config_path)}
+        _say(f"tunnel endpoint: {sshd.user}@{sshd.host}:{sshd.port} (circuit breaker armed)")
+        return {
+            "CHATAI_GATEWAY_TUNNEL_HOST": sshd.host,
+            "CHATAI_GATEWAY_TUNNEL_PORT": str(sshd.port),
+            "CHATAI_GATEWAY_TUNNEL_USER": sshd.user,
+            "CHATAI_GATEWAY_TUNNEL_KEY": str(sshd.client_key_path),
+            "CHATAI_GATEWAY_TUNNEL_KNOWN_HOSTS": str(sshd.known_hosts_path),
+            "CHATAI_GATEWAY_TUNNEL_REMOTE_HOST": "127.0.0.1",
+            "CHATAI_GATEWAY_TUNNEL_REMOTE_PORT": str(self.broker_port),
+        }
+
     def broker_url(self, role: str, passwords: dict[str, str]) -> str:
         return f"amqp://{role}:{passwords[role]}@127.0.0.1:{self.broker_port}/chatai"
 
@@ -100,7 +136,7 @@ class DevStack:
     def start(self) -> dict:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
-        admin = self._start_broker()
+        admin = self._admin = self._start_broker()
         passwords = load_or_create_passwords(self.state_dir / "broker-secrets.json")
         admin.import_definitions(Definitions(models=[self.served_model_name], passwords=passwords).render())
         _say(f"applied broker definitions for model '{self.served_model_name}'")
@@ -117,9 +153,10 @@ class DevStack:
         self._spawn("worker", [sys.executable, "-m", "chatai.cli", "worker", "--model", str(model_dir),
                                "--served-model-name", self.served_model_name, *self.worker_args],
                     {"CHATAI_WORKER_BROKER_URL": self.broker_url("worker", passwords)})
-        self._spawn("gateway", [sys.executable, "-m", "chatai.cli", "gateway", "--broker-direct",
-                                "--port", str(self.port), "--state-dir", str(gw_state)],
-                    {"CHATAI_GATEWAY_BROKER_URL": self.broker_url("gateway", passwords)})
+        tunnel_env = self._start_tunnel_end()
+        self._spawn("gateway", [sys.executable, "-m", "chatai.cli", "gateway", "--port", str(self.port),
+                                "--state-dir", str(gw_state), *([] if tunnel_env else ["--broker-direct"])],
+                    {"CHATAI_GATEWAY_BROKER_URL": self.broker_url("gateway", passwords), **tunnel_env})
         info = {
             "gateway_url": f"http://127.0.0.1:{self.port}/v1",
             "api_key": self.api_key,
@@ -184,6 +221,9 @@ class DevStack:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        self._watch_stop.set()
+        if self.sshd is not None:
+            self.sshd.stop()
         if self.node is not None:
             self.node.stop()
 

@@ -12,6 +12,7 @@ import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 from openai import OpenAI
 
@@ -57,6 +58,11 @@ def test_dev_stack_serves_streams_and_stops_cleanly(dev_stack):
     stack = json.loads(stack_file.read_text())
     assert stack["api_key"] == key and stack["model"] == "tiny"
     assert stack["broker_url"].startswith("amqp://gateway:")
+    # The gateway reaches the broker only through the SSH tunnel to a local sshd with the breaker.
+    tunnel = stack["tunnel"]
+    assert tunnel["user"] and tunnel["port"] and Path(tunnel["known_hosts"]).exists()
+    health = httpx.get(stack["gateway_url"].removesuffix("/v1") + "/health").json()
+    assert health["tunnel"]["state"] == "up" and health["broker"]["connected"]
     pids = list(stack["pids"].values())
     assert pids and all(_alive(pid) for pid in pids)
 
