@@ -196,14 +196,15 @@ class GatewayBroker:
             raise broker_unavailable() from None
 
     async def consume_batch_results(self, callback: Callable[[AbstractIncomingMessage], object],
-                                    prefetch: int, queue_name: str = t.BATCH_RESULTS_QUEUE) -> None:
+                                    prefetch: int, queue_name: str = t.BATCH_RESULTS_QUEUE) -> AbstractChannel:
         """Consume a durable batch results queue, manual ack, on a channel of its own.
 
         The definitions' shared queue (``chatai.batch-results``) is only looked up (passive: the
         gateway may not create it). A queue under the gateway's own prefix is declared durable
         and bound here, so that each gateway deployment (state directory) has its own and two
         gateways on one broker never take each other's results. The robust connection restores
-        the consumer after a reconnect; unacked results are redelivered.
+        the consumer after a reconnect; unacked results are redelivered. Returns the channel:
+        closing it stops the deliveries (and returns what was not acked).
         """
         await self.ready.wait()
         if self._connection is None:
@@ -216,6 +217,7 @@ class GatewayBroker:
         else:
             queue = await channel.get_queue(queue_name, ensure=True)
         await queue.consume(callback, no_ack=False)
+        return channel
 
     async def cancel(self, request_id: str, reason: str) -> None:
         """Tell every worker to abort this request (best effort: the client is already gone)."""

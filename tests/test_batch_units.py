@@ -158,12 +158,25 @@ def test_each_line_is_recorded_once_however_often_its_result_arrives(service: Ba
     assert errors[0]["response"]["body"]["error"]["code"] == "context_length_exceeded"
 
 
+def test_results_commit_as_a_group_and_a_failure_commits_none(service: BatchService):
+    bid = _started_batch(service, n=4)
+    d = service.dispatcher
+    d.handle_results([_final(bid, 1), _final(bid, 1), _final(bid, 2)])
+    assert service.store.get_batch(bid)["completed"] == 2 and d.duplicates == 1
+    with service.store.tx() as db:  # line 4 is broken: its result cannot be built
+        db.execute("UPDATE batch_lines SET request = NULL WHERE batch_id = ? AND line_no = 4", (bid,))
+    with pytest.raises(AssertionError):
+        d.handle_results([_final(bid, 3), _final(bid, 4)])
+    assert service.store.get_line(bid, 3).state == "pending"  # rolled back: redelivered later
+    assert service.store.get_batch(bid)["completed"] == 2
+
+
 def test_an_aborted_line_runs_again_unless_the_batch_is_cancelled(service: BatchService):
     bid = _started_batch(service)
     d = service.dispatcher
     service.store.mark_publishing(bid, [1, 2])
-    service.store.mark_queued(bid, 1)
-    service.store.mark_queued(bid, 2)
+    service.store.mark_queued(bid, [1])
+    service.store.mark_queued(bid, [2])
     d.handle_result(_final(bid, 1, reason="abort"))
     assert service.store.get_line(bid, 1).state == "pending"
     service.store.set_status(bid, "cancelling", only_from=("in_progress",))
@@ -197,7 +210,7 @@ async def test_finalize_writes_files_in_line_order_and_forgets_the_lines(service
 def test_restart_rule_resends_unconfirmed_lines_only(service: BatchService):
     bid = _started_batch(service, n=3)
     service.store.mark_publishing(bid, [1, 2])
-    service.store.mark_queued(bid, 1)  # confirmed: the broker owns it
+    service.store.mark_queued(bid, [1])  # confirmed: the broker owns it
     assert service.store.reset_publishing() == 1  # line 2's confirm was never seen
     states = [service.store.get_line(bid, n).state for n in (1, 2, 3)]
     assert states == ["queued", "pending", "pending"]

@@ -247,6 +247,20 @@ def test_bad_lines_land_in_the_error_file_and_the_rest_runs(bgw):
     assert by_id["too-long"]["response"]["body"]["error"]["code"] == "context_length_exceeded"
     print("\nerror reasons:\n" + "\n".join(f"  {e['custom_id']}: {reason(e)}" for e in errors))
 
+    # A file that cannot be a batch at all fails as a whole, with the reason in batch.errors.
+    failed = wait_done(client, submit(client, ["", "   "]).id, timeout=30)
+    assert failed.status == "failed" and failed.failed_at
+    assert failed.errors.data[0].code == "empty_file" and failed.errors.data[0].message
+    f = client.files.create(file=("in.jsonl", jsonl(good[:1])), purpose="batch")
+    with pytest.raises(openai.BadRequestError):
+        client.batches.create(input_file_id=f.id, endpoint="/v1/embeddings", completion_window="24h")
+    with pytest.raises(openai.BadRequestError):
+        client.batches.create(input_file_id=f.id, endpoint=CHAT, completion_window="1h")
+    with pytest.raises(openai.NotFoundError):
+        client.batches.create(input_file_id="file-doesnotexist", endpoint=CHAT, completion_window="24h")
+    with pytest.raises(openai.BadRequestError):
+        client.files.create(file=("x.jsonl", b"{}"), purpose="fine-tune")
+
 
 def test_worker_killed_mid_batch_loses_nothing_and_duplicates_nothing(bgw, workers):
     client = bgw.client()
@@ -341,29 +355,36 @@ async def _ttft(client: openai.AsyncOpenAI) -> float:
     return first
 
 
-async def test_interactive_requests_overtake_a_running_batch(own_gateway):
-    # Many lines in flight: were batch and interactive work served in arrival order, an
-    # interactive request would wait behind ~200 batch requests (many seconds).
-    gw = own_gateway(extra_env={"CHATAI_GATEWAY_BATCH_MAX_IN_FLIGHT": "200"})
+async def test_interactive_requests_overtake_a_running_batch(own_gateway, broker):
+    # Hundreds of batch lines queued ahead: served in arrival order, an interactive request would
+    # wait behind all of them (seconds); by priority it waits only for a free engine slot.
+    in_flight = 400
+    gw = own_gateway(extra_env={"CHATAI_GATEWAY_BATCH_MAX_IN_FLIGHT": str(in_flight)})
     aclient, client = gw.async_client(), gw.client()
     await _ttft(aclient)  # warm-up
     idle = [await _ttft(aclient) for _ in range(5)]
-    batch = submit(client, lines(600, prefix="load", max_tokens=16, ignore_eos=True))
+    batch = submit(client, lines(3000, prefix="load", max_tokens=16, ignore_eos=True))
     wait_until(client, batch.id, lambda b: b.request_counts and b.request_counts.completed >= 16, 120,
                "the batch to be running")
-    loaded = []
+    loaded, depths, statuses = [], [], []
     for _ in range(5):
+        deadline = time.monotonic() + 60
+        while (depth := model_queue(broker)["messages_ready"]) < in_flight // 4:  # a backlog ahead of it
+            assert time.monotonic() < deadline, f"the batch never queued {in_flight // 4} lines (only {depth})"
+            time.sleep(0.1)
+        depths.append(depth)
         loaded.append(await _ttft(aclient))
-        b = client.batches.retrieve(batch.id)
-        assert b.status == "in_progress", "the batch ended before the measurement did: make it larger"
+        statuses.append(client.batches.retrieve(batch.id).status)
     progress = client.batches.retrieve(batch.id).request_counts
     client.batches.cancel(batch.id)
     idle_med, loaded_med = statistics.median(idle), statistics.median(loaded)
     print(f"\nTTFT idle: median {idle_med * 1000:.0f} ms {[round(x * 1000) for x in idle]}; "
-          f"during the batch ({progress.completed}/{progress.total} done, 200 in flight): "
+          f"during the batch ({progress.completed}/{progress.total} done, {depths} batch lines "
+          f"queued ahead): "
           f"median {loaded_med * 1000:.0f} ms {[round(x * 1000) for x in loaded]}; "
           f"ratio {loaded_med / idle_med:.1f}x")
     assert loaded_med <= max(5 * idle_med, idle_med + 1.0), "interactive requests waited behind the batch"
+    assert set(statuses) == {"in_progress"}, f"the batch ended during the measurement: make it larger {statuses}"
     wait_until(client, batch.id, lambda b: b.status == "cancelled", 30, "the load batch to be cancelled")
 
 

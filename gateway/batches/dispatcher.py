@@ -77,6 +77,14 @@ def results_queue_name(deployment_id: str) -> str:
     return f"{t.GATEWAY_QUEUE_PREFIX}{deployment_id}.batch-results"
 
 
+async def _settle(ack) -> None:
+    """Ack or nack; a channel that closed meanwhile makes the broker redeliver, which is fine."""
+    try:
+        await ack
+    except Exception as exc:  # noqa: BLE001
+        log.debug("could not settle a result message: %s", type(exc).__name__)
+
+
 def output_file_ids(batch_id: str) -> tuple[str, str]:
     """Deterministic, so finalizing twice (a restart mid-finalize) rewrites the same files."""
     suffix = batch_id.removeprefix("batch_")
@@ -93,6 +101,9 @@ class Dispatcher:
         self._cancel_deadlines: dict[str, float] = {}
         self._backoff_until = 0.0
         self._tasks: list[asyncio.Task] = []
+        self._results_channel: Any = None
+        self._results: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._stopping = False
         self.duplicates = 0  # results dropped because their line already had one (tests, metrics)
         self.results_queue = settings.results_queue or results_queue_name(store.deployment_id())
 
@@ -105,9 +116,17 @@ class Dispatcher:
         self._tasks = [
             asyncio.create_task(self._run(), name="batch-dispatcher"),
             asyncio.create_task(self._consume(), name="batch-results"),
+            asyncio.create_task(self._write_results(), name="batch-results-writer"),
         ]
 
     async def stop(self) -> None:
+        """Stop taking results first (unacked ones go back to the queue), then the loop."""
+        self._stopping = True
+        if self._results_channel is not None:
+            try:
+                await self._results_channel.close()
+            except Exception:  # noqa: BLE001 - the connection may already be gone
+                pass
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -133,8 +152,8 @@ class Dispatcher:
     async def _consume(self) -> None:
         while True:
             try:
-                await self.broker.consume_batch_results(self._on_result, self.settings.results_prefetch,
-                                                       self.results_queue)
+                self._results_channel = await self.broker.consume_batch_results(
+                    self._on_result, self.settings.results_prefetch, self.results_queue)
                 return  # the robust connection restores the consumer after a reconnect
             except asyncio.CancelledError:
                 raise
@@ -152,13 +171,13 @@ class Dispatcher:
             elif status == "in_progress":
                 if batch["expires_at"] and now() >= batch["expires_at"]:
                     await self._send_cancels(batch["id"], "batch expired")
-                    self._finalize(batch["id"], "expired")
+                    await asyncio.to_thread(self._finalize, batch["id"], "expired")
                 else:
                     await self._feed(batch["id"])
             elif status == "cancelling":
                 await self._cancelling(batch["id"])
             elif status == "finalizing":
-                self._finalize(batch["id"], "completed")
+                await asyncio.to_thread(self._finalize, batch["id"], "completed")
 
     async def _validate(self, batch: Any) -> None:
         bid = batch["id"]
@@ -171,7 +190,7 @@ class Dispatcher:
             self.store.set_status(bid, "failed", only_from=("validating",), errors=json.dumps(errors))
             log.info("batch %s failed validation: %s", bid, exc.code)
             return
-        if self.store.start_batch(bid, parsed.lines, parsed.model):
+        if await asyncio.to_thread(self.store.start_batch, bid, parsed.lines, parsed.model):
             bad = sum(1 for line in parsed.lines if line[2] == "failed")
             log.info("batch %s in progress: %d requests, %d invalid", bid, len(parsed.lines), bad)
 
@@ -183,7 +202,7 @@ class Dispatcher:
             self.store.back_to_pending(bid, stale, ("queued",))
         if self.store.count_lines(bid, OPEN) == 0:
             self.store.set_status(bid, "finalizing", only_from=("in_progress",))
-            self._finalize(bid, "completed")
+            await asyncio.to_thread(self._finalize, bid, "completed")
             return
         if not self.broker.connected or time.monotonic() < self._backoff_until:
             return
@@ -191,7 +210,17 @@ class Dispatcher:
         if free <= 0:
             return
         lines = self.store.lines_in(bid, ("pending",), free)
-        self.store.mark_publishing(bid, [line.line_no for line in lines])
+        await asyncio.to_thread(self.store.mark_publishing, bid, [line.line_no for line in lines])
+        confirmed: list[int] = []
+        try:
+            await self._publish(bid, lines, confirmed)
+        finally:
+            # One transaction for the chunk; a crash before it leaves the lines 'publishing', and
+            # the restart rule sends them again (their duplicates are dropped).
+            if confirmed:
+                await asyncio.to_thread(self.store.mark_queued, bid, confirmed)
+
+    async def _publish(self, bid: str, lines: list, confirmed: list[int]) -> None:
         for i, line in enumerate(lines):
             assert line.request is not None
             rid = request_id(bid, line.line_no)
@@ -201,14 +230,15 @@ class Dispatcher:
                 await self.broker.publish_request(req, priority=t.BATCH_PRIORITY, ttl=None, persistent=True)
             except APIError as exc:
                 if exc.status == 404:  # no queue for this model: the line fails, the batch goes on
-                    self.store.record_result(bid, line.line_no, False, api_error_line(line.custom_id, rid, exc))
+                    await asyncio.to_thread(self.store.record_result, bid, line.line_no, False,
+                                            api_error_line(line.custom_id, rid, exc))
                     continue
                 # Queue full (429) or broker away (503): these lines wait and go out later.
                 self.store.back_to_pending(bid, [x.line_no for x in lines[i:]], ("publishing",))
                 self._backoff_until = time.monotonic() + 2.0
                 log.info("batch %s: publishing paused (%s)", bid, exc.code)
                 return
-            self.store.mark_queued(bid, line.line_no)
+            confirmed.append(line.line_no)
 
     async def _send_cancels(self, bid: str, reason: str) -> None:
         """Ask workers to drop or abort this batch's lines that are out (best effort)."""
@@ -223,7 +253,7 @@ class Dispatcher:
         # workers: wait for the first, give up on the rest after the grace period.
         if self.store.count_lines(bid, IN_FLIGHT) == 0 or time.monotonic() >= self._cancel_deadlines[bid]:
             self._cancel_deadlines.pop(bid, None)
-            self._finalize(bid, "cancelled")
+            await asyncio.to_thread(self._finalize, bid, "cancelled")
 
     def _finalize(self, bid: str, status: str) -> None:
         """Write the output and error files, end the batch, drop its lines: one transaction."""
@@ -269,16 +299,37 @@ class Dispatcher:
     # ------------------------------------------------------------------ results
 
     async def _on_result(self, message: AbstractIncomingMessage) -> None:
-        try:
-            self.handle_result(message.body)
-        except Exception:
-            # Not committed: leave it to the broker (redelivered later), never ack a lost result.
-            log.exception("could not record a batch result; it will be redelivered")
-            await asyncio.sleep(1.0)
-            await message.nack(requeue=True)
-            return
-        await message.ack()
-        self._wake.set()
+        if self._stopping:
+            return  # not acked: the broker hands it to the next gateway run
+        self._results.put_nowait(message)
+
+    async def _write_results(self) -> None:
+        """Group commit: whatever results arrived meanwhile go in one transaction, in a thread.
+
+        SQLite's fsync then never blocks the event loop that serves interactive streams, and a
+        busy batch costs one commit per group instead of one per line. Acks follow the commit.
+        """
+        while True:
+            messages = [await self._results.get()]
+            while not self._results.empty() and len(messages) < self.settings.results_prefetch:
+                messages.append(self._results.get_nowait())
+            try:
+                await asyncio.to_thread(self.handle_results, [m.body for m in messages])
+            except Exception:
+                # Not committed: leave them to the broker (redelivered), never ack a lost result.
+                log.exception("could not record %d batch results; they will be redelivered", len(messages))
+                await asyncio.sleep(1.0)
+                for m in messages:
+                    await _settle(m.nack(requeue=True))
+                continue
+            for m in messages:
+                await _settle(m.ack())
+            self._wake.set()
+
+    def handle_results(self, bodies: list[bytes]) -> None:
+        with self.store.tx():
+            for body in bodies:
+                self.handle_result(body)
 
     def handle_result(self, body: bytes) -> None:
         """Commit one reply frame from the results queue (a no-op for anything but a new result)."""

@@ -16,8 +16,9 @@ Line states:
 ``done`` / ``failed``  result written (output file / error file);
 ``cancelled``  never ran (batch cancelled or expired).
 
-One connection, guarded by a lock, shared by the event loop and the validation thread; every
-call is short, so the loop is never held up for long.
+One SQLite connection per thread (WAL): the event loop reads and makes small state changes,
+worker threads do the heavy writes (validation inserts, group commits of results, output
+files), so an fsync never stalls interactive traffic in the same process.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,22 +115,44 @@ def now() -> int:
 class BatchStore:
     def __init__(self, db_path: Path) -> None:
         db_path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.row_factory = sqlite3.Row
-        self._lock = threading.RLock()
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")  # a committed result survives a power cut
-            self._db.executescript(_SCHEMA)
+        self._path = db_path
+        self._local = threading.local()
+        self._conns: list[sqlite3.Connection] = []
+        self._conns_lock = threading.Lock()
+        self._lock = nullcontext()  # one connection per thread: nothing to share, nothing to lock
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        """This thread's connection. WAL lets the event loop read while a writer thread commits,
+        so a group commit's fsync in a worker thread never holds up the loop."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None, timeout=30)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA synchronous=FULL")  # a committed (then acked) result survives a power cut
+            self._local.conn = conn
+            with self._conns_lock:
+                self._conns.append(conn)
+        return conn
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        with self._conns_lock:
+            for conn in self._conns:
+                conn.close()
+            self._conns.clear()
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (BEGIN IMMEDIATE: no lock upgrade dead-ends between writers)."""
+        """One write transaction (BEGIN IMMEDIATE: no lock upgrade dead-ends between writers).
+
+        Nested use joins the outer transaction, so several results commit together (one fsync).
+        """
         with self._lock:
+            if self._db.in_transaction:
+                yield self._db
+                return
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -302,15 +325,15 @@ class BatchStore:
                        json.loads(r["request"]) if r["request"] else None, r["sent_at"])
 
     def mark_publishing(self, batch_id: str, line_nos: list[int]) -> None:
-        with self._lock:
-            self._db.executemany("UPDATE batch_lines SET state = 'publishing' WHERE batch_id = ? AND line_no = ? "
-                                 "AND state = 'pending'", [(batch_id, n) for n in line_nos])
+        with self.tx() as db:
+            db.executemany("UPDATE batch_lines SET state = 'publishing' WHERE batch_id = ? AND line_no = ? "
+                           "AND state = 'pending'", [(batch_id, n) for n in line_nos])
 
-    def mark_queued(self, batch_id: str, line_no: int) -> None:
-        """After the broker's confirm; a result that already arrived is left alone."""
-        with self._lock:
-            self._db.execute("UPDATE batch_lines SET state = 'queued', sent_at = ? WHERE batch_id = ? AND "
-                             "line_no = ? AND state = 'publishing'", (time.time(), batch_id, line_no))
+    def mark_queued(self, batch_id: str, line_nos: list[int]) -> None:
+        """After the broker's confirms; a result that already arrived is left alone."""
+        with self.tx() as db:
+            db.executemany("UPDATE batch_lines SET state = 'queued', sent_at = ? WHERE batch_id = ? AND "
+                           "line_no = ? AND state = 'publishing'", [(time.time(), batch_id, n) for n in line_nos])
 
     def back_to_pending(self, batch_id: str, line_nos: Iterable[int], from_states: Iterable[str] = IN_FLIGHT) -> int:
         s = tuple(from_states)
