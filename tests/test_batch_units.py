@@ -232,3 +232,19 @@ def test_expired_files_and_old_batches_are_swept(service: BatchService):
     assert not service.files.path("file-old").exists() and service.store.get_file("file-old") is None
     assert service.files.path("file-new").exists()
     assert service.store.get_batch(bid) is None
+
+
+async def test_a_batch_past_its_window_expires_with_its_results_kept(service: BatchService):
+    bid = "batch_" + "c" * 24
+    service.store.create_batch(bid, "key_1", CHAT, "file-x", "24h", expires_at=1, metadata=None, output_ttl=None)
+    lines = [(i, f"c{i}", "pending", {"model": "tiny", "kind": "chat", "messages": [], "sampling": {}}, None)
+             for i in (1, 2)]
+    assert service.store.start_batch(bid, lines, "tiny")
+    service.dispatcher.handle_result(_final(bid, 1))
+    await service.dispatcher.tick()
+    b = service.store.get_batch(bid)
+    assert b["status"] == "expired" and b["expired_at"]
+    out = [json.loads(x) for x in service.files.path(b["output_file_id"]).read_text().splitlines()]
+    errs = [json.loads(x) for x in service.files.path(b["error_file_id"]).read_text().splitlines()]
+    assert [o["custom_id"] for o in out] == ["c1"]
+    assert [(e["custom_id"], e["error"]["code"]) for e in errs] == [("c2", "batch_expired")]
