@@ -370,7 +370,8 @@ async def test_interactive_requests_overtake_a_running_batch(own_gateway, broker
     for _ in range(5):
         deadline = time.monotonic() + 60
         while (depth := model_queue(broker)["messages_ready"]) < in_flight // 4:  # a backlog ahead of it
-            assert time.monotonic() < deadline, f"the batch never queued {in_flight // 4} lines (only {depth})"
+            assert time.monotonic() < deadline, (f"the batch never queued {in_flight // 4} lines (only {depth}); "
+                                                 f"TTFT so far {[round(x * 1000) for x in loaded]} ms")
             time.sleep(0.1)
         depths.append(depth)
         loaded.append(await _ttft(aclient))
