@@ -84,7 +84,7 @@ def build_tokenizer(vocab_size: int = VOCAB_SIZE):
         eos_token=EOS,
         pad_token=PAD,
         additional_special_tokens=ROLE_TOKENS,
-        model_max_length=8192,
+        model_max_length=2048,
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast
@@ -107,7 +107,7 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
         num_attention_heads=2,
         num_key_value_heads=2,
         head_dim=64,
-        max_position_embeddings=8192,
+        max_position_embeddings=2048,
         rms_norm_eps=1e-5,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,

@@ -188,13 +188,11 @@ class Consumer:
         outcome = "final"
         try:
             try:
-                started = False
                 gen = self.engine.generate(req)
                 try:
                     async for step in gen:
-                        if not started:
+                        if not stream.started_sent:
                             await stream.started(step.prompt_tokens)
-                            started = True
                             if job.cancelled:  # cancelled between delivery and engine start
                                 await self._abort(job)
                         if first_token is None and any(c.tokens for c in step.choices):
@@ -209,8 +207,7 @@ class Consumer:
                     outcome = "requeued"
                     await job.message.reject(requeue=True)
                     return
-                if not started:  # the engine ended the request before any output
-                    await stream.started(0)
+                await stream.started(0)  # no-op unless the engine ended it before any output
                 await stream.final(req.sampling.n)
                 await job.message.ack()
             except RequestFailed as exc:

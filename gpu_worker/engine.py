@@ -93,6 +93,9 @@ class Engine:
             gpu_memory_utilization=settings.resolved_gpu_memory_utilization(),
             enforce_eager=settings.enforce_eager,
             tensor_parallel_size=settings.tensor_parallel_size,
+            # One GPU: run the model in the engine core process instead of one more spawned
+            # process (seconds less start-up, one interpreter less in memory).
+            distributed_executor_backend="uni" if settings.tensor_parallel_size == 1 else None,
             trust_remote_code=settings.trust_remote_code,
             disable_log_stats=True,
         )

@@ -58,6 +58,7 @@ async def run(settings: WorkerSettings) -> int:
     conn = await connect(url, name=f"chatai-worker {settings.worker_id}")
     consumer: Consumer | None = None
     engine: Engine | None = None
+    hb: Heartbeater | None = None
     try:
         beat_channel = await conn.channel()
         workers_exchange = await beat_channel.get_exchange(topology.WORKERS_EXCHANGE, ensure=False)
@@ -115,6 +116,13 @@ async def run(settings: WorkerSettings) -> int:
         await hb.send()
         log.info("stopped: served %d request(s)", consumer.completed if consumer else 0)
     finally:
+        if hb is not None and hb.state != "stopped":  # failed on the way: say so, do not linger
+            try:
+                await hb.stop()
+                hb.state = "stopped"
+                await hb.send()
+            except Exception:
+                pass
         try:
             await conn.close()
         except Exception:  # closing a dead connection must not hide the real error

@@ -89,6 +89,7 @@ class ReplyStream:
         self._sent_first = False
         self._timer: asyncio.Task | None = None
         self.prompt_tokens = 0
+        self.started_sent = False
         self.messages_sent = 0
         self.deltas_sent = 0
 
@@ -105,6 +106,10 @@ class ReplyStream:
         return {"request_id": self.req.request_id, "attempt": self.attempt}
 
     async def started(self, prompt_tokens: int) -> None:
+        """Once per attempt; later calls do nothing."""
+        if self.started_sent:
+            return
+        self.started_sent = True
         self.prompt_tokens = prompt_tokens
         async with self._lock:
             await self._send(Started(**self._frame_kw(), worker_id=self._worker_id, prompt_tokens=prompt_tokens))

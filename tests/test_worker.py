@@ -21,9 +21,11 @@ from support.worker_proc import start_worker
 
 KILL_MODEL = "tiny-kill"
 DRAIN_MODEL = "tiny-drain"
-KILL_TOKENS = 4000
-IDLE_TIMEOUT = 10  # long enough for the kill test to reach B first
-DRAIN_GRACE = 10  # shorts (1500 tokens) finish well within it, the long one (8100) cannot
+KILL_TOKENS = 3000
+IDLE_TIMEOUT = 15  # long enough for the kill test to reach B first
+# Shorts (800 tokens) finish within the grace down to ~70 tok/s; the long one (30,000) cannot
+# finish in it below ~2,500 tok/s: the engine's speed varies a lot with the machine's load.
+DRAIN_GRACE = 12
 
 
 @pytest_asyncio.fixture(scope="module")
@@ -79,7 +81,7 @@ async def test_stream_is_coalesced_and_usage_matches(gw, served_worker):
     assert final.usage.total_tokens == final.usage.prompt_tokens + 64
     assert final.choices[0].finish_reason == "length"
     assert final.choices[0].text is None  # streamed: the text went in the deltas
-    assert deltas[0].tokens >= 1 and all(d.text for d in deltas)
+    assert deltas[0].tokens >= 1 and "".join(d.text for d in deltas)  # a delta may hold an incomplete UTF-8 tail
     assert len(deltas) < 64, "deltas were not coalesced"
 
 
@@ -203,25 +205,6 @@ async def test_cancel_before_start_is_honoured(gw, served_worker):
     assert req.request_id not in gw.frames
 
 
-async def test_cancel_aborts_a_running_generation(gw, served_worker):
-    req = gw.request(SERVED_MODEL, stream=True, ignore_eos=True)  # up to the whole context
-    await gw.publish(req)
-    await gw.wait_for(lambda: any(isinstance(f, Delta) for f in gw.frames[req.request_id]))
-    t0 = time.monotonic()
-    await gw.cancel(req.request_id)
-    frames = await gw.result(req.request_id, timeout=10)
-    elapsed = time.monotonic() - t0
-    assert_well_formed(frames)
-    final = frames[-1]
-    assert isinstance(final, Final)
-    assert final.choices[0].finish_reason == "abort"
-    assert final.usage.completion_tokens < 512 - final.usage.prompt_tokens
-    assert elapsed < 2.0
-    hb = await gw.heartbeat_where(served_worker.worker_id, lambda h: h.in_flight == 0, since=time.time(),
-                                  timeout=5)
-    assert hb.state == "ready" and hb.capacity == 16 and hb.model == SERVED_MODEL
-
-
 async def test_heartbeat_reports_the_worker(gw, served_worker):
     hb = await gw.heartbeat_where(served_worker.worker_id, lambda h: True, since=time.time())
     assert hb.state == "ready"
@@ -242,13 +225,17 @@ def own_workers(broker, tiny_model_dir, tmp_path_factory):
     broker.apply([KILL_MODEL, DRAIN_MODEL])
     logs = tmp_path_factory.mktemp("own-workers")
     url, pid = broker.url("worker"), os.getpid()
+    # Longer contexts than the tiny model declares (RoPE does not mind): long generations that
+    # outlast a kill or a drain grace, whatever the machine's speed.
+    env = {"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}
     workers = {
         "a": start_worker(tiny_model_dir, KILL_MODEL, url, logs / "kill-a.log", worker_id=f"kill-a-{pid}",
-                          max_num_seqs=4, max_model_len=8192, extra_args=["--consumer-priority", "10"]),
+                          max_num_seqs=4, max_model_len=8192, extra_args=["--consumer-priority", "10"], env=env),
         "b": start_worker(tiny_model_dir, KILL_MODEL, url, logs / "kill-b.log", worker_id=f"kill-b-{pid}",
-                          max_num_seqs=4, max_model_len=8192, extra_args=["--idle-timeout", str(IDLE_TIMEOUT)]),
+                          max_num_seqs=4, max_model_len=8192, extra_args=["--idle-timeout", str(IDLE_TIMEOUT)], env=env),
         "drain": start_worker(tiny_model_dir, DRAIN_MODEL, url, logs / "drain.log", worker_id=f"drain-{pid}",
-                              max_num_seqs=3, max_model_len=8192, extra_args=["--drain-grace", str(DRAIN_GRACE)]),
+                              max_num_seqs=3, max_model_len=32768, extra_args=["--drain-grace", str(DRAIN_GRACE)],
+                              env=env),
     }
     try:
         for w in workers.values():
@@ -268,7 +255,7 @@ async def test_sigkill_mid_request_is_redelivered_and_idle_worker_exits(gw, brok
     a.kill()  # the worker and its engine, mid-generation, nothing acked
     assert [type(f) for f in gw.frames[req.request_id]] == [Started]
 
-    frames = await gw.result(req.request_id, timeout=60, attempt=2)
+    frames = await gw.result(req.request_id, timeout=120, attempt=2)
     second = [f for f in frames if f.attempt == 2]
     assert_well_formed(second, attempt=2)
     assert second[0].worker_id == b.worker_id
@@ -284,10 +271,31 @@ async def test_sigkill_mid_request_is_redelivered_and_idle_worker_exits(gw, brok
     assert counts["messages"] == 0  # acked once, after the final frame
 
 
+async def test_cancel_aborts_a_running_generation(gw, own_workers):
+    # On the drain worker (32k context): a generation of minutes, which a cancel must cut short.
+    w = own_workers["drain"]
+    req = gw.request(DRAIN_MODEL, stream=True, max_tokens=30_000, ignore_eos=True)
+    await gw.publish(req)
+    await gw.wait_for(lambda: any(isinstance(f, Delta) for f in gw.frames[req.request_id]))
+    t0 = time.monotonic()
+    await gw.cancel(req.request_id)
+    frames = await gw.result(req.request_id, timeout=10)
+    elapsed = time.monotonic() - t0
+    assert_well_formed(frames)
+    final = frames[-1]
+    assert isinstance(final, Final)
+    assert final.choices[0].finish_reason == "abort"
+    assert 0 < final.usage.completion_tokens < 30_000
+    assert elapsed < 3.0
+    hb = await gw.heartbeat_where(w.worker_id, lambda h: h.in_flight == 0, since=time.time(), timeout=5)
+    assert hb.state == "ready" and hb.capacity == 3 and hb.model == DRAIN_MODEL
+    assert f"cancel request_id={req.request_id}" in w.log_text()
+
+
 async def test_sigterm_drains_held_work_and_returns_the_rest(gw, broker, own_workers):
     w = own_workers["drain"]
-    shorts = [gw.request(DRAIN_MODEL, stream=True, max_tokens=1500, ignore_eos=True) for _ in range(2)]
-    long = gw.request(DRAIN_MODEL, stream=True, max_tokens=8100, ignore_eos=True)
+    shorts = [gw.request(DRAIN_MODEL, stream=True, max_tokens=800, ignore_eos=True) for _ in range(2)]
+    long = gw.request(DRAIN_MODEL, stream=True, max_tokens=30_000, ignore_eos=True)
     extra = gw.request(DRAIN_MODEL, stream=False, max_tokens=5)
     for r in [long, *shorts]:
         await gw.publish(r)
@@ -299,7 +307,7 @@ async def test_sigterm_drains_held_work_and_returns_the_rest(gw, broker, own_wor
     w.signal()  # SIGTERM to the worker process, as Slurm's --signal=B: does
     for r in shorts:
         frames = await gw.result(r.request_id, timeout=30)
-        assert isinstance(frames[-1], Final) and frames[-1].usage.completion_tokens == 1500
+        assert isinstance(frames[-1], Final) and frames[-1].usage.completion_tokens == 800
     rc = await asyncio.to_thread(w.wait, 60)
     assert rc == 0
     # The long one could not finish within the grace: no final frame, back in the queue.
@@ -312,3 +320,16 @@ async def test_sigterm_drains_held_work_and_returns_the_rest(gw, broker, own_wor
     assert "draining (signal SIGTERM): 3 in flight" in log, "the shorts ended before SIGTERM: nothing drained"
     assert "returned 1 request(s) to the queue" in log
     assert extra.request_id not in gw.frames  # never delivered to the full, then draining, worker
+
+
+async def test_logs_hold_ids_not_text_or_passwords(gw, broker, served_worker):
+    secret = "purple-elephant-7731"
+    frames = await gw.generate(gw.request(SERVED_MODEL, content=f"my secret is {secret}", stream=False,
+                                          max_tokens=8, ignore_eos=True))
+    await wait_log(served_worker, frames[0].request_id)
+    log = served_worker.log_text()
+    assert secret not in log
+    text = frames[-1].choices[0].text
+    if len(text.strip()) >= 6:  # 8 random tokens; a very short one could occur by chance
+        assert text not in log
+    assert broker.passwords["worker"] not in log
