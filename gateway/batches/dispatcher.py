@@ -201,8 +201,8 @@ class Dispatcher:
                         self.settings.republish_after)
             self.store.back_to_pending(bid, stale, ("queued",))
         if self.store.count_lines(bid, OPEN) == 0:
-            self.store.set_status(bid, "finalizing", only_from=("in_progress",))
-            await asyncio.to_thread(self._finalize, bid, "completed")
+            if self.store.set_status(bid, "finalizing", only_from=("in_progress",)):  # not if just cancelled
+                await asyncio.to_thread(self._finalize, bid, "completed")
             return
         if not self.broker.connected or time.monotonic() < self._backoff_until:
             return
