@@ -39,6 +39,32 @@ class Job:
     received_at: float = field(default_factory=time.monotonic)
 
 
+async def _settle(job: Job, requeue: bool | None = None) -> None:
+    """Ack (or reject with requeue). If the channel is gone the broker redelivers by itself,
+    so a failure here is only logged: never turn it into an error frame for the client."""
+    try:
+        if requeue:
+            await job.message.reject(requeue=True)
+        else:
+            await job.message.ack()
+    except Exception as exc:
+        log.warning("request_id=%s: could not %s (%s); the broker will redeliver it",
+                    job.request.request_id, "requeue" if requeue else "ack", type(exc).__name__)
+
+
+class DeliveryLost(Exception):
+    """The message's channel closed mid-request; the broker will redeliver it."""
+
+
+def _delivery_lost(job: Job) -> bool:
+    """The channel that delivered the message is closed: the broker redelivers it anyway."""
+    try:
+        job.message.channel
+    except Exception:
+        return True
+    return False
+
+
 class RecentlyCancelled:
     """Request ids cancelled lately, so a cancel that overtakes its request still counts."""
 
@@ -199,37 +225,51 @@ class Consumer:
                             first_token = time.monotonic()
                         if job.requeue:
                             continue
+                        if _delivery_lost(job):
+                            raise DeliveryLost()
                         await stream.add(step)
                 finally:
-                    await gen.aclose()
+                    await gen.aclose()  # on any early exit this aborts the engine request
                 if job.requeue:
                     stream.cancel_timer()
                     outcome = "requeued"
-                    await job.message.reject(requeue=True)
+                    await _settle(job, requeue=True)
                     return
                 await stream.started(0)  # no-op unless the engine ended it before any output
+                if _delivery_lost(job):
+                    raise DeliveryLost()
                 await stream.final(req.sampling.n)
-                await job.message.ack()
+                await _settle(job)
             except RequestFailed as exc:
                 outcome = f"error {exc.status} {exc.code}"
                 await stream.started(0)
                 await stream.error(exc.status, exc.code, exc.message)
-                await job.message.ack()
+                await _settle(job)
             except EngineDead as exc:
                 outcome = "engine dead"
                 stream.cancel_timer()
-                await job.message.reject(requeue=True)
+                await _settle(job, requeue=True)
                 self._on_fatal(exc)
             except asyncio.CancelledError:
                 outcome = "cancelled"
                 stream.cancel_timer()
                 raise
+            except DeliveryLost:
+                outcome = "delivery lost"
+                stream.cancel_timer()
             except Exception as exc:
+                if _delivery_lost(job):
+                    # Connection lost (broker restart, network): the engine request was aborted
+                    # when the generator closed; the message goes to a worker again. An error
+                    # frame now would contradict the redelivery, so send none.
+                    outcome = f"delivery lost ({type(exc).__name__})"
+                    stream.cancel_timer()
+                    return
                 outcome = f"error 500 {type(exc).__name__}"
                 log.exception("request_id=%s failed", req.request_id)
                 try:
                     await stream.error(500, "internal_error", "the worker failed on this request")
-                    await job.message.ack()
+                    await _settle(job)
                 except Exception:
                     log.warning("request_id=%s: could not report the failure", req.request_id)
         finally:

@@ -292,6 +292,27 @@ async def test_cancel_aborts_a_running_generation(gw, own_workers):
     assert f"cancel request_id={req.request_id}" in w.log_text()
 
 
+async def test_lost_broker_connection_redelivers_without_an_error_frame(gw, broker, own_workers, served_worker):
+    w = own_workers["drain"]
+    req = gw.request(DRAIN_MODEL, stream=True, max_tokens=30_000, ignore_eos=True)
+    await gw.publish(req)
+    await gw.wait_for(lambda: any(isinstance(f, Delta) for f in gw.frames[req.request_id]))
+    # Every worker connection is cut (as by a broker restart or a network blip); aio-pika reconnects.
+    await asyncio.to_thread(broker.admin.close_user_connections, "worker", "test: connection loss")
+    started2 = await gw.wait_for(
+        lambda: [f for f in gw.frames[req.request_id] if isinstance(f, Started) and f.attempt == 2], timeout=60)
+    assert started2[0].worker_id == w.worker_id  # the same worker, reconnected, consuming again
+    first = [f for f in gw.frames[req.request_id] if f.attempt == 1]
+    assert not any(isinstance(f, (Final, Error)) for f in first), "attempt 1 must end silently"
+    await gw.cancel(req.request_id)
+    frames = await gw.result(req.request_id, timeout=10, attempt=2)
+    assert frames[-1].choices[0].finish_reason == "abort"
+    await wait_log(w, f"request_id={req.request_id} attempt=1 delivery lost")
+    # The session worker reconnected as well and serves.
+    again = await gw.generate(gw.request(SERVED_MODEL, stream=False, max_tokens=3), timeout=60)
+    assert isinstance(again[-1], Final)
+
+
 async def test_sigterm_drains_held_work_and_returns_the_rest(gw, broker, own_workers):
     w = own_workers["drain"]
     shorts = [gw.request(DRAIN_MODEL, stream=True, max_tokens=800, ignore_eos=True) for _ in range(2)]
