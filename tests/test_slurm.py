@@ -26,9 +26,10 @@ from broker_config.messages import ChatMessage, Error, Final, GenerateRequest, S
 from slurm_jobs.broker_view import BrokerView
 from slurm_jobs.local_cluster import LocalSlurmCluster
 from slurm_jobs.slurm import Slurm
-from conftest import SERVED_MODEL, UNSERVED_MODEL
-
-MODEL = SERVED_MODEL
+# Models of their own, so that a session-wide worker of other suites (serving "tiny") never
+# takes these tests' requests; the broker fixture adds their queues.
+MODEL = "slurm-tiny"
+IDLE_MODEL = "slurm-idle"  # nobody serves it: requests wait in its queue
 
 
 # ---------------------------------------------------------------------------- fixtures
@@ -50,16 +51,10 @@ def slurm_cluster():
 
 
 @pytest.fixture(scope="session")
-def slurm_model_dir(tmp_path_factory) -> Path:
-    from chatai.tiny_model import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("slurm-model") / "tiny")
-
-
-@pytest.fixture(scope="session")
-def operator_env(slurm_cluster, broker, slurm_model_dir, tmp_path_factory) -> dict[str, str]:
+def operator_env(slurm_cluster, broker, tiny_model_dir, tmp_path_factory) -> dict[str, str]:
     """The operator's environment: CHATAI_SLURM_* settings, the worker's broker URL in a 0600
     file, small vLLM CPU settings for the worker (they travel with --export=ALL)."""
+    broker.apply([MODEL, IDLE_MODEL])
     d = tmp_path_factory.mktemp("operator")
     url_file = d / "worker-broker-url"
     url_file.touch(mode=0o600)
@@ -67,7 +62,7 @@ def operator_env(slurm_cluster, broker, slurm_model_dir, tmp_path_factory) -> di
     env = {
         **os.environ,
         **slurm_cluster.env,
-        "CHATAI_SLURM_MODELS": json.dumps({MODEL: str(slurm_model_dir)}),
+        "CHATAI_SLURM_MODELS": json.dumps({MODEL: str(tiny_model_dir)}),
         "CHATAI_SLURM_BROKER_URL_FILE": str(url_file),
         "CHATAI_SLURM_OPERATOR_BROKER_URL": broker.url("operator"),
         "CHATAI_SLURM_LOG_DIR": str(d / "logs"),
@@ -87,6 +82,16 @@ def operator_env(slurm_cluster, broker, slurm_model_dir, tmp_path_factory) -> di
     }
     env.pop("CHATAI_WORKER_BROKER_URL", None)
     return env
+
+
+@pytest.fixture(scope="module")
+def slurm_gateway(broker, tmp_path_factory):
+    """A real gateway process on the test broker (no worker of its own): what users see."""
+    from support.gateway import start_gateway
+
+    gw = start_gateway(tmp_path_factory.mktemp("slurm-gateway"), broker.url("gateway"))
+    yield gw
+    gw.stop()
 
 
 def chatai(env: dict[str, str], *args: str, timeout: float = 60) -> str:
@@ -260,53 +265,76 @@ async def test_status_shows_jobs_depth_consumers_and_heartbeats(operator_env, br
     (task,) = [j for j in worker_jobs() if j.running]
     async with Client(broker.url("gateway")) as client:
         for _ in range(2):
-            await client.send(model=UNSERVED_MODEL)  # nobody serves it: they wait in its queue
-    data = json.loads(chatai(operator_env, "scale", "status", "--json", "--model", UNSERVED_MODEL))
+            await client.send(model=IDLE_MODEL)  # nobody serves it: they wait in its queue
+    data = json.loads(chatai(operator_env, "scale", "status", "--json", "--model", IDLE_MODEL))
     models = {m["model"]: m for m in data["models"]}
     assert models[MODEL]["consumers"] == 1 and models[MODEL]["running"] == 1
     assert models[MODEL]["workers_ready"] == 1 and models[MODEL]["capacity"] == 4
-    assert models[UNSERVED_MODEL]["queue_ready"] >= 2 and models[UNSERVED_MODEL]["consumers"] == 0
+    assert models[IDLE_MODEL]["queue_ready"] >= 2 and models[IDLE_MODEL]["consumers"] == 0
     (job,) = [j for j in data["jobs"] if j["model"] == MODEL]
     assert job["job"] == task.display_id and job["state"] == "RUNNING"
     assert job["worker_state"] == "ready" and job["in_flight"] == 0
-    table = chatai(operator_env, "scale", "status", "--model", UNSERVED_MODEL)
-    for text in (MODEL, UNSERVED_MODEL, task.display_id, "RUNNING", "ready", "consumers"):
+    table = chatai(operator_env, "scale", "status", "--model", IDLE_MODEL)
+    for text in (MODEL, IDLE_MODEL, task.display_id, "RUNNING", "ready", "consumers"):
         assert text in table, table
 
 
-async def test_scale_down_drains_in_flight_requests_without_losing_or_duplicating(operator_env, broker):
-    """SIGTERM (scale down) while the worker holds 4 long requests and 4 more wait: what it holds
-    finishes or goes back to the queue, the next worker answers the rest, each exactly once."""
+async def test_scale_down_drains_in_flight_requests_without_losing_or_duplicating(operator_env, broker, slurm_gateway):
+    """SIGTERM (scale down) while the worker holds 4 long requests and 4 more wait. Non-streaming
+    ones are returned to the queue and answered in full by the next worker, each exactly once;
+    the two streams (through the real gateway and the OpenAI SDK) end with a clear error, since
+    tokens already sent cannot be taken back."""
     (task,) = [j for j in worker_jobs() if j.running]
+    sdk = slurm_gateway.async_client()
+    streamed: dict[int, dict] = {i: {"text": "", "finish": None, "error": None} for i in range(2)}
+
+    async def stream(i: int) -> None:
+        try:
+            chunks = await sdk.chat.completions.create(
+                model=MODEL, stream=True, max_tokens=800, extra_body={"ignore_eos": True},
+                messages=[{"role": "user", "content": "Tell me about Slurm."}])
+            async for chunk in chunks:
+                if chunk.choices:
+                    streamed[i]["text"] += chunk.choices[0].delta.content or ""
+                    streamed[i]["finish"] = chunk.choices[0].finish_reason or streamed[i]["finish"]
+        except Exception as exc:  # noqa: BLE001 - the outcome under test
+            streamed[i]["error"] = str(exc)
+
     async with Client(broker.url("gateway")) as client:
-        plain = [await client.send(max_tokens=300) for _ in range(6)]
-        streams = [await client.send(stream=True, max_tokens=300) for _ in range(2)]
-        everything = plain + streams
-        await wait_for(lambda: sum(1 for r in everything if client.frames[r]) >= 4, 60, "four requests to start")
+        # The worker takes the first four (prefetch = capacity = 4): long ones that cannot finish
+        # within the 5 s drain grace on this CPU. The four short ones then wait in the queue.
+        long_plain = [await client.send(max_tokens=800) for _ in range(2)]
+        streams = [asyncio.create_task(stream(i)) for i in range(2)]
+        await wait_for(lambda: all(client.frames[r] for r in long_plain) and all(v["text"] for v in streamed.values()),
+                       60, "the long requests to start")
+        short_plain = [await client.send(max_tokens=20) for _ in range(4)]
+        plain = long_plain + short_plain
         out = chatai(operator_env, "scale", "down", "--model", MODEL, "--all")
         assert task.display_id in out
         await wait_for(lambda: not worker_jobs(), 60, "the drained worker to exit")
-        first_round = {r for r in everything if client.terminals(r)}
+        assert not any(client.terminals(r) for r in long_plain), "800 tokens cannot be done in a 5 s grace"
         # the next worker (idle timeout short, so it leaves by itself afterwards) takes the rest
         env = {**operator_env, "CHATAI_SLURM_IDLE_TIMEOUT": "5"}
         chatai(env, "scale", "up", "--model", MODEL, "--workers", "1")
         try:
-            await client.wait_done(everything, 240)
-        except AssertionError:
+            await client.wait_done(plain, 240)
+            await asyncio.wait_for(asyncio.gather(*streams), 60)
+        except (AssertionError, asyncio.TimeoutError):
             raise AssertionError(job_log(operator_env))
         await no_worker_jobs_left(broker, 90)  # idle exit: scale to zero by itself
         for rid in plain:
             terms = client.terminals(rid)
             assert len(terms) == 1 and isinstance(terms[0], Final), (rid, terms)
-            assert terms[0].usage.completion_tokens == 300
-        for rid in streams:
-            terms = client.terminals(rid)
-            assert len(terms) == 1, (rid, terms)
-            if isinstance(terms[0], Error):
-                assert terms[0].message
-        assert len(first_round) < len(everything), "the drain should have left work for the next worker"
+            assert terms[0].usage.completion_tokens == (800 if rid in long_plain else 20)
+        for rid in long_plain:  # returned by the drain, answered in full by the next worker
+            assert client.terminals(rid)[0].attempt == 2
+    for outcome in streamed.values():
+        assert outcome["text"], outcome  # tokens were streamed before the drain
+        # either it finished within the grace, or it ended with an error that says what happened
+        assert (outcome["finish"] == "length" and outcome["error"] is None) or \
+            (outcome["error"] and "worker" in outcome["error"].lower()), outcome
     sacct_state = subprocess.run(["scontrol", "-o", "show", "job", task.job_id], capture_output=True, text=True).stdout
-    assert "ExitCode=0:0" in sacct_state or sacct_state == "", sacct_state
+    assert "ExitCode=0:0" in sacct_state, sacct_state
 
 
 async def test_autoscaler_takes_a_model_from_zero_to_n_and_back_to_zero(operator_env, broker):
