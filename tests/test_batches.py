@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -177,6 +178,9 @@ def test_500_line_batch_through_the_sdk(bgw, workers, broker):
     outputs = read(client, done.output_file_id)
     assert_exactly_once(outputs, {f"req-{i}" for i in range(500)})
     assert [o["custom_id"] for o in outputs] == [f"req-{i}" for i in range(500)]  # input order
+    metrics = httpx.get(bgw.base_url + "/metrics", timeout=10).text
+    completed = [line for line in metrics.splitlines() if line.startswith('chatai_batch_results_total{outcome="completed"}')]
+    assert completed and float(completed[0].split()[-1]) >= 500
 
     # Files: retrieve, list (the output file is listed too), delete.
     out_file = client.files.retrieve(done.output_file_id)

@@ -37,6 +37,7 @@ import time
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
+from prometheus_client import Counter
 
 from broker_config import topology as t
 from broker_config.messages import Delta, Error, Final, GenerateRequest, Started, decode_frame
@@ -55,6 +56,11 @@ from gateway.errors import APIError
 from gateway.formatting import ResponseBuilder
 
 log = logging.getLogger("chatai.gateway.batches")
+
+BATCH_LINES_SENT = Counter("chatai_batch_lines_published_total", "Batch lines put on a model queue (re-sends too)",
+                           ["model"])
+BATCH_RESULTS = Counter("chatai_batch_results_total",
+                        "Batch results received, by outcome (completed, failed, duplicate = dropped)", ["outcome"])
 
 _NOT_RUN = {
     "cancelled": ("batch_cancelled", "The batch was cancelled before this request ran."),
@@ -239,6 +245,7 @@ class Dispatcher:
                 log.info("batch %s: publishing paused (%s)", bid, exc.code)
                 return
             confirmed.append(line.line_no)
+            BATCH_LINES_SENT.labels(req.model).inc()
 
     async def _send_cancels(self, bid: str, reason: str) -> None:
         """Ask workers to drop or abort this batch's lines that are out (best effort)."""
@@ -346,7 +353,7 @@ class Dispatcher:
         bid, line_no = where
         line = self.store.get_line(bid, line_no)
         if line is None or line.state not in OPEN:
-            self.duplicates += 1
+            self._count(False, "duplicate")
             return
         rid = frame.request_id
         if isinstance(frame, Final):
@@ -363,9 +370,13 @@ class Dispatcher:
             builder = ResponseBuilder(line.request["kind"], secrets.token_hex(12), line.request["model"])
             result = response_line(line.custom_id, 200, rid, builder.completion(frame))
             usage = (frame.usage.prompt_tokens, frame.usage.completion_tokens)
-            if not self.store.record_result(bid, line_no, True, result, usage):
-                self.duplicates += 1
+            self._count(self.store.record_result(bid, line_no, True, result, usage), "completed")
         elif isinstance(frame, Error):
             exc = APIError(frame.status, frame.message, code=frame.code)
-            if not self.store.record_result(bid, line_no, False, api_error_line(line.custom_id, rid, exc)):
-                self.duplicates += 1
+            self._count(self.store.record_result(bid, line_no, False, api_error_line(line.custom_id, rid, exc)),
+                        "failed")
+
+    def _count(self, recorded: bool, outcome: str) -> None:
+        if not recorded:
+            self.duplicates += 1
+        BATCH_RESULTS.labels(outcome if recorded else "duplicate").inc()
