@@ -35,9 +35,10 @@ IDLE_MODEL = "slurm-idle"  # nobody serves it: requests wait in its queue
 # ---------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def slurm_cluster():
-    """A private two-node Slurm on this host, for the whole session (starts in about a second)."""
+    """A private two-node Slurm on this host, for this module (starts in about a second); its
+    SLURM_CONF is in os.environ only meanwhile, so other suites never see it."""
     cluster = LocalSlurmCluster.create(nodes=2, cpus_per_node=2, memory_mb_per_node=8192)
     cluster.start()
     old = os.environ.get("SLURM_CONF")
@@ -50,7 +51,7 @@ def slurm_cluster():
     cluster.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def operator_env(slurm_cluster, broker, tiny_model_dir, tmp_path_factory) -> dict[str, str]:
     """The operator's environment: CHATAI_SLURM_* settings, the worker's broker URL in a 0600
     file, small vLLM CPU settings for the worker (they travel with --export=ALL)."""
@@ -77,8 +78,6 @@ def operator_env(slurm_cluster, broker, tiny_model_dir, tmp_path_factory) -> dic
         "CHATAI_WORKER_KV_CACHE_SPACE_GB": "1",
         "CHATAI_WORKER_HEARTBEAT_INTERVAL": "1",
         "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-        # an integer: the worker's default str(1.0) is refused by vLLM's int() parsing
-        "VLLM_CPU_KVCACHE_SPACE": "1",
     }
     env.pop("CHATAI_WORKER_BROKER_URL", None)
     return env
