@@ -367,15 +367,18 @@ async def test_interactive_requests_overtake_a_running_batch(own_gateway, broker
     aclient, client = gw.async_client(), gw.client()
     await _ttft(aclient)  # warm-up
     idle = [await _ttft(aclient) for _ in range(5)]
-    batch = submit(client, lines(3000, prefix="load", max_tokens=16, ignore_eos=True))
+    # Large and slow enough to outlast the measurement on a fast machine; cancelled at the end.
+    batch = submit(client, lines(8000, prefix="load", max_tokens=32, ignore_eos=True))
     wait_until(client, batch.id, lambda b: b.request_counts and b.request_counts.completed >= 16, 120,
                "the batch to be running")
     loaded, depths, statuses = [], [], []
     for _ in range(5):
         deadline = time.monotonic() + 60
         while (depth := model_queue(broker)["messages_ready"]) < in_flight // 4:  # a backlog ahead of it
-            assert time.monotonic() < deadline, (f"the batch never queued {in_flight // 4} lines (only {depth}); "
-                                                 f"TTFT so far {[round(x * 1000) for x in loaded]} ms")
+            status = client.batches.retrieve(batch.id).status
+            assert status == "in_progress" and time.monotonic() < deadline, (
+                f"no backlog of {in_flight // 4} batch lines (only {depth}, batch {status}); "
+                f"TTFT so far {[round(x * 1000) for x in loaded]} ms")
             time.sleep(0.1)
         depths.append(depth)
         loaded.append(await _ttft(aclient))
