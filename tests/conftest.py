@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -32,6 +33,7 @@ class BrokerEnv:
     admin: BrokerAdmin
     passwords: dict[str, str] = field(default_factory=dict)
     models: list[str] = field(default_factory=list)
+    log_dir: Path | None = None  # the broker's own logs, when the tests started the node
 
     def url(self, role: str) -> str:
         return f"amqp://{role}:{self.passwords[role]}@{self.host}:{self.port}/{topology.VHOST}"
@@ -54,7 +56,8 @@ def broker() -> BrokerEnv:
     elif rabbitmq_installed():
         node = LocalBrokerNode.create(name="chatai-test")
         node.start()
-        env = BrokerEnv("127.0.0.1", node.port, BrokerAdmin(node=node.node), passwords)
+        env = BrokerEnv("127.0.0.1", node.port, BrokerAdmin(node=node.node), passwords,
+                        log_dir=node.base_dir / "log")
     else:  # pragma: no cover - only where Docker exists
         from testcontainers.rabbitmq import RabbitMqContainer
 

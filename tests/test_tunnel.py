@@ -261,7 +261,9 @@ def test_gateway_through_the_tunnel_pauses_on_trip_and_resumes_on_reset(sshd, br
         gw.stop()
     log = Path(gw.log_path).read_text()
     assert gw_user.password not in log  # credentials never reach the log
-    # No prompt text in any log on the path: gateway, sshd, breaker, worker.
+    # No prompt text in any log on the path: gateway, sshd, breaker, worker, broker.
+    broker_logs = sorted(broker.log_dir.glob("*.log")) if broker.log_dir else []
+    assert broker_logs or broker.log_dir is None
     for path in (gw.log_path, sshd.log_path, sshd.state_dir / hook.ATTEMPTS_LOG, sshd.state_dir / hook.EVENTS_LOG,
-                 served_worker.log_path):
+                 served_worker.log_path, *broker_logs):
         assert canary not in Path(path).read_text(errors="replace"), path
