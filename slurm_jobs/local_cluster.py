@@ -188,10 +188,16 @@ class LocalSlurmCluster:
         return self
 
     def stop(self) -> None:
-        """Cancel every job, stop the daemons (TERM, then KILL) and remove the directory."""
+        """Cancel every job, stop the daemons (TERM, then KILL), kill whatever a job left behind,
+        and remove the directory."""
         if self.processes.get("slurmctld") and self.processes["slurmctld"].poll() is None:
-            subprocess.run(["scancel", "--full", "--signal=KILL", "--user=root"], env=self.client_env(),
-                           capture_output=True, timeout=10)
+            try:
+                subprocess.run(["scancel", "--full", "--signal=KILL", "--user=root"], env=self.client_env(),
+                               capture_output=True, timeout=10)
+                self._await(lambda: not self._jobs_left(), 5, "jobs did not end")
+            except (LocalClusterError, subprocess.TimeoutExpired):
+                pass  # the sweep below takes care of them
+        self._kill_leftovers(spare={p.pid for p in self.processes.values()})
         for name in reversed(list(self.processes)):
             proc = self.processes[name]
             if proc.poll() is None:
@@ -203,6 +209,7 @@ class LocalSlurmCluster:
                 proc.kill()
                 proc.wait(timeout=5)
         self.processes.clear()
+        self._kill_leftovers()
         if self._owns_dir:
             shutil.rmtree(self.base_dir, ignore_errors=True)
 
@@ -241,6 +248,36 @@ class LocalSlurmCluster:
             if time.monotonic() > deadline:
                 raise LocalClusterError(f"{what} within {timeout:.0f} s (logs in {self.base_dir / 'log'})")
             time.sleep(0.2)
+
+    def _jobs_left(self) -> bool:
+        p = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, env=self.client_env(),
+                           timeout=10)
+        return p.returncode == 0 and bool(p.stdout.strip())
+
+    def _kill_leftovers(self, spare: set[int] = frozenset()) -> None:
+        """SIGKILL every process that still carries this cluster's SLURM_CONF (slurmstepd and job
+        processes outlive slurmd with proctrack/linuxproc), except this process and its parents."""
+        marker = f"SLURM_CONF={self.conf_path}".encode()
+        spared = set(spare)
+        pid = os.getpid()
+        while pid > 1:
+            spared.add(pid)
+            try:
+                pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                break
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) in spared:
+                continue
+            try:
+                env = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if marker in env:
+                try:
+                    os.kill(int(entry.name), 9)
+                except OSError:
+                    pass
 
     def _ctld_up(self) -> bool:
         p = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, env=self.client_env(), timeout=10)
