@@ -197,7 +197,6 @@ class LocalSlurmCluster:
                 self._await(lambda: not self._jobs_left(), 5, "jobs did not end")
             except (LocalClusterError, subprocess.TimeoutExpired):
                 pass  # the sweep below takes care of them
-        self._kill_leftovers(spare={p.pid for p in self.processes.values()})
         for name in reversed(list(self.processes)):
             proc = self.processes[name]
             if proc.poll() is None:

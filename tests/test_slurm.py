@@ -71,7 +71,7 @@ def operator_env(slurm_cluster, broker, tiny_model_dir, tmp_path_factory) -> dic
         "CHATAI_SLURM_TIME_MIN": "none",  # Slurm 22.05 starts a --time-min job with just that limit
         "CHATAI_SLURM_CPUS_PER_TASK": "1",
         "CHATAI_SLURM_SIGNAL_GRACE": "60",
-        "CHATAI_SLURM_DRAIN_GRACE": "5",
+        "CHATAI_SLURM_DRAIN_GRACE": "2",  # short: long requests must outlast it even on an idle CPU
         "CHATAI_SLURM_IDLE_TIMEOUT": "600",
         "CHATAI_WORKER_MAX_NUM_SEQS": "4",
         "CHATAI_WORKER_MAX_MODEL_LEN": "2048",
@@ -290,7 +290,7 @@ async def test_scale_down_drains_in_flight_requests_without_losing_or_duplicatin
     async def stream(i: int) -> None:
         try:
             chunks = await sdk.chat.completions.create(
-                model=MODEL, stream=True, max_tokens=800, extra_body={"ignore_eos": True},
+                model=MODEL, stream=True, max_tokens=2000, extra_body={"ignore_eos": True},
                 messages=[{"role": "user", "content": "Tell me about Slurm."}])
             async for chunk in chunks:
                 if chunk.choices:
@@ -300,9 +300,9 @@ async def test_scale_down_drains_in_flight_requests_without_losing_or_duplicatin
             streamed[i]["error"] = str(exc)
 
     async with Client(broker.url("gateway")) as client:
-        # The worker takes the first four (prefetch = capacity = 4): long ones that cannot finish
-        # within the 5 s drain grace on this CPU. The four short ones then wait in the queue.
-        long_plain = [await client.send(max_tokens=800) for _ in range(2)]
+        # The worker takes the first four (prefetch = capacity = 4): long ones (2000 tokens) that
+        # cannot finish within the 2 s drain grace on a CPU. The four short ones wait in the queue.
+        long_plain = [await client.send(max_tokens=2000) for _ in range(2)]
         streams = [asyncio.create_task(stream(i)) for i in range(2)]
         await wait_for(lambda: all(client.frames[r] for r in long_plain) and all(v["text"] for v in streamed.values()),
                        60, "the long requests to start")
@@ -311,7 +311,7 @@ async def test_scale_down_drains_in_flight_requests_without_losing_or_duplicatin
         out = chatai(operator_env, "scale", "down", "--model", MODEL, "--all")
         assert task.display_id in out
         await wait_for(lambda: not worker_jobs(), 60, "the drained worker to exit")
-        assert not any(client.terminals(r) for r in long_plain), "800 tokens cannot be done in a 5 s grace"
+        assert not any(client.terminals(r) for r in long_plain), "2000 tokens cannot be done in a 2 s grace"
         # the next worker (idle timeout short, so it leaves by itself afterwards) takes the rest
         env = {**operator_env, "CHATAI_SLURM_IDLE_TIMEOUT": "5"}
         chatai(env, "scale", "up", "--model", MODEL, "--workers", "1")
@@ -324,7 +324,7 @@ async def test_scale_down_drains_in_flight_requests_without_losing_or_duplicatin
         for rid in plain:
             terms = client.terminals(rid)
             assert len(terms) == 1 and isinstance(terms[0], Final), (rid, terms)
-            assert terms[0].usage.completion_tokens == (800 if rid in long_plain else 20)
+            assert terms[0].usage.completion_tokens == (2000 if rid in long_plain else 20)
         for rid in long_plain:  # returned by the drain, answered in full by the next worker
             assert client.terminals(rid)[0].attempt == 2
     for outcome in streamed.values():
