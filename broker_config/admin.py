@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 
 from broker_config import topology as t
@@ -19,20 +20,42 @@ class BrokerAdminError(RuntimeError):
     pass
 
 
+# What rabbitmqctl says when it could not talk to the node (as opposed to the node refusing).
+_UNREACHABLE = ("unable to perform an operation on node", "Erlang distribution failed", "nodedown",
+                "timed out")
+
+
 @dataclass
 class BrokerAdmin:
     node: str | None = None  # e.g. rabbit@localhost; None: rabbitmqctl's default
     rabbitmqctl: str = "rabbitmqctl"
     vhost: str = t.VHOST
-    timeout: float = 60.0
+    timeout: float = 30.0
+    attempts: int = 3
 
     def _run(self, *args: str, stdin: str | None = None) -> str:
+        """Run one rabbitmqctl command; every command used here is idempotent, so retry it.
+
+        The CLI is an Erlang node of its own: on a loaded host its distribution handshake with
+        the broker can fail or stall although the broker is fine. Such failures are retried;
+        an answer from the broker itself (an error about the command) is not.
+        """
         exe = shutil.which(self.rabbitmqctl) or self.rabbitmqctl
         cmd = [exe, "-q"] + (["-n", self.node] if self.node else []) + list(args)
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout, input=stdin)
-        if proc.returncode != 0:
-            raise BrokerAdminError(f"rabbitmqctl {args[0]} failed: {proc.stderr.strip() or proc.stdout.strip()}")
-        return proc.stdout
+        for attempt in range(1, self.attempts + 1):
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout, input=stdin)
+            except subprocess.TimeoutExpired:
+                if attempt == self.attempts:
+                    raise BrokerAdminError(f"rabbitmqctl {args[0]} timed out {self.attempts} times") from None
+                continue
+            if proc.returncode == 0:
+                return proc.stdout
+            message = proc.stderr.strip() or proc.stdout.strip()
+            if attempt == self.attempts or not any(m in message for m in _UNREACHABLE):
+                raise BrokerAdminError(f"rabbitmqctl {args[0]} failed: {message}")
+            time.sleep(1.0)
+        raise AssertionError("unreachable")
 
     def import_definitions(self, document: dict) -> None:
         # Through standard input: the document holds password hashes, and Debian's rabbitmqctl

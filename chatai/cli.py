@@ -48,6 +48,7 @@ def dev(
     served_model_name: Annotated[str, typer.Option(help="Name clients use for the model.")] = "tiny",
     broker: Annotated[str, typer.Option(help="auto (a reachable local RabbitMQ, else a private node), system or private.")] = "auto",
     demo: Annotated[bool, typer.Option(help="Stream one answer through the stack once it serves.")] = True,
+    slurm: Annotated[bool, typer.Option("--slurm", help="Start the worker through a private single-node Slurm (sbatch array).")] = False,
     tunnel: Annotated[Optional[bool], typer.Option("--tunnel/--no-tunnel", help="Reach the broker through a local sshd with the circuit breaker (default: when sshd can run here).")] = None,
 ) -> None:
     """Run the whole stack on this machine: broker, worker, gateway. Stops on Ctrl-C or SIGTERM."""
@@ -56,7 +57,7 @@ def dev(
     if broker not in ("auto", "system", "private"):
         raise typer.BadParameter("--broker must be auto, system or private")
     stack = DevStack(state_dir=state_dir.resolve(), port=port, api_key=api_key, model=model,
-                     served_model_name=served_model_name, broker=broker, tunnel=tunnel)
+                     served_model_name=served_model_name, broker=broker, tunnel=tunnel, slurm=slurm)
     raise typer.Exit(run(stack, demo=demo))
 
 

@@ -44,12 +44,14 @@ class DevStack:
     served_model_name: str = "tiny"
     broker: str = "auto"  # auto | system | private
     tunnel: bool | None = None  # None: through a local sshd with the real breaker when one can run
+    slurm: bool = False  # start the worker as a job array of a private single-node Slurm
     worker_args: list[str] = field(default_factory=list)
     ready_timeout: float = 300.0
 
     processes: dict[str, subprocess.Popen] = field(default_factory=dict, init=False)
     node: LocalBrokerNode | None = field(default=None, init=False)
     sshd: object | None = field(default=None, init=False)  # circuit_breaker.local_sshd.LocalSshd
+    dev_slurm: object | None = field(default=None, init=False)  # slurm_jobs.dev_slurm.DevSlurm
     _watch_stop: threading.Event = field(default_factory=threading.Event, init=False)
     _admin: BrokerAdmin | None = field(default=None, init=False)
     broker_port: int = field(default=5672, init=False)
@@ -70,7 +72,7 @@ class DevStack:
 
     def _start_broker(self) -> BrokerAdmin:
         if self.broker in ("auto", "system"):
-            admin = BrokerAdmin(timeout=15)
+            admin = BrokerAdmin(timeout=15, attempts=1)  # a probe: no retries
             try:
                 admin.list_user_connections("guest")  # can we administer the default node?
                 _say("using the local RabbitMQ on 127.0.0.1:5672")
@@ -128,6 +130,18 @@ class DevStack:
             "CHATAI_GATEWAY_TUNNEL_REMOTE_PORT": str(self.broker_port),
         }
 
+    def _submit_slurm_worker(self, model_dir: Path, worker_url: str) -> None:
+        """The worker as an operator runs it: ``chatai scale up`` against a private Slurm here."""
+        from slurm_jobs.dev_slurm import start_dev_slurm
+
+        self.dev_slurm = start_dev_slurm(self.state_dir)
+        job_id = self.dev_slurm.scale_up(self.served_model_name, model_dir, worker_url, workers=1,
+                                         worker_args=self.worker_args)
+        self.extra["slurm"] = {"job_id": job_id, **self.dev_slurm.env,
+                               "worker_logs": str(self.dev_slurm.state_dir / "logs")}
+        _say(f"submitted worker array job {job_id} to a private Slurm "
+             f"(SLURM_CONF={self.dev_slurm.env.get('SLURM_CONF')})")
+
     def broker_url(self, role: str, passwords: dict[str, str]) -> str:
         return f"amqp://{role}:{passwords[role]}@127.0.0.1:{self.broker_port}/chatai"
 
@@ -150,9 +164,12 @@ class DevStack:
         keys.close()
 
         model_dir = self._model_dir()
-        self._spawn("worker", [sys.executable, "-m", "chatai.cli", "worker", "--model", str(model_dir),
-                               "--served-model-name", self.served_model_name, *self.worker_args],
-                    {"CHATAI_WORKER_BROKER_URL": self.broker_url("worker", passwords)})
+        if self.slurm:
+            self._submit_slurm_worker(model_dir, self.broker_url("worker", passwords))
+        else:
+            self._spawn("worker", [sys.executable, "-m", "chatai.cli", "worker", "--model", str(model_dir),
+                                   "--served-model-name", self.served_model_name, *self.worker_args],
+                        {"CHATAI_WORKER_BROKER_URL": self.broker_url("worker", passwords)})
         tunnel_env = self._start_tunnel_end()
         self._spawn("gateway", [sys.executable, "-m", "chatai.cli", "gateway", "--port", str(self.port),
                                 "--state-dir", str(gw_state), *([] if tunnel_env else ["--broker-direct"])],
@@ -209,6 +226,8 @@ class DevStack:
 
     def stop(self) -> None:
         # Workers first (SIGTERM: they drain and give requests back), then the rest.
+        if self.dev_slurm is not None:
+            self.dev_slurm.stop()
         order = sorted(self.processes, key=lambda n: 0 if n.startswith("worker") else 1)
         for name in order:
             proc = self.processes[name]

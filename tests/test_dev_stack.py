@@ -27,14 +27,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
-@pytest.fixture(scope="module")
-def dev_stack(tmp_path_factory: pytest.TempPathFactory):
+@pytest.fixture(scope="module", params=[[], ["--slurm"]], ids=["processes", "slurm"])
+def dev_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     state = tmp_path_factory.mktemp("dev-state")
     key = "sk-chatai-test-" + uuid.uuid4().hex
     port = free_port()
     out = state.parent / "dev.out"
     proc = subprocess.Popen([sys.executable, "-m", "chatai.cli", "dev", "--state-dir", str(state),
-                             "--api-key", key, "--port", str(port)],
+                             "--api-key", key, "--port", str(port), *request.param],
                             stdout=open(out, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while "ready" not in out.read_text(errors="replace"):
@@ -42,14 +42,14 @@ def dev_stack(tmp_path_factory: pytest.TempPathFactory):
             proc.kill()
             pytest.fail(f"chatai dev did not get ready:\n{out.read_text(errors='replace')[-3000:]}")
         time.sleep(0.5)
-    yield proc, state, key, out
+    yield proc, state, key, out, request.param
     if proc.poll() is None:
         proc.kill()
         proc.wait()
 
 
 def test_dev_stack_serves_streams_and_stops_cleanly(dev_stack):
-    proc, state, key, out = dev_stack
+    proc, state, key, out, args = dev_stack
     printed = out.read_text(errors="replace")
     assert "streamed answer:" in printed and "ready" in printed
 
@@ -65,6 +65,13 @@ def test_dev_stack_serves_streams_and_stops_cleanly(dev_stack):
     assert health["tunnel"]["state"] == "up" and health["broker"]["connected"]
     pids = list(stack["pids"].values())
     assert pids and all(_alive(pid) for pid in pids)
+    if "--slurm" in args:
+        # The worker is an array job of the stack's private Slurm, not a child process.
+        assert "worker" not in stack["pids"]
+        env = {**os.environ, "SLURM_CONF": stack["slurm"]["SLURM_CONF"]}
+        squeue = subprocess.run(["squeue", "-h", "-o", "%i %j %T"], env=env, capture_output=True, text=True,
+                                check=True).stdout
+        assert stack["slurm"]["job_id"] in squeue and "chatai-worker-tiny" in squeue and "RUNNING" in squeue
 
     canary = "CANARY-" + uuid.uuid4().hex
     client = OpenAI(base_url=stack["gateway_url"], api_key=key, max_retries=0)
@@ -78,7 +85,8 @@ def test_dev_stack_serves_streams_and_stops_cleanly(dev_stack):
     assert not [pid for pid in pids if _alive(pid)], "a child of chatai dev outlived it"
 
     # Privacy: the prompt appears in none of the stack's logs.
-    logs = [p for p in Path(stack["logs"]).rglob("*") if p.is_file()] + [out]
+    log_dirs = [Path(stack["logs"])] + ([Path(stack["slurm"]["worker_logs"])] if "slurm" in stack else [])
+    logs = [p for d in log_dirs for p in d.rglob("*") if p.is_file()] + [out]
     assert logs
     for path in logs:
         assert canary not in path.read_text(errors="replace"), f"prompt text leaked into {path}"
