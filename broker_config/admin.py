@@ -32,6 +32,7 @@ class BrokerAdmin:
     vhost: str = t.VHOST
     timeout: float = 30.0
     attempts: int = 3
+    prefix: tuple[str, ...] = ()  # e.g. ("docker", "exec", "-i", CONTAINER) for a broker in a container
 
     def _run(self, *args: str, stdin: str | None = None) -> str:
         """Run one rabbitmqctl command; every command used here is idempotent, so retry it.
@@ -40,8 +41,8 @@ class BrokerAdmin:
         the broker can fail or stall although the broker is fine. Such failures are retried;
         an answer from the broker itself (an error about the command) is not.
         """
-        exe = shutil.which(self.rabbitmqctl) or self.rabbitmqctl
-        cmd = [exe, "-q"] + (["-n", self.node] if self.node else []) + list(args)
+        exe = self.rabbitmqctl if self.prefix else shutil.which(self.rabbitmqctl) or self.rabbitmqctl
+        cmd = [*self.prefix, exe, "-q"] + (["-n", self.node] if self.node else []) + list(args)
         for attempt in range(1, self.attempts + 1):
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout, input=stdin)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import subprocess
+import sys
 import time
 
 import httpx
@@ -270,3 +272,21 @@ def test_health_reports_broker_and_workers(gateway):
     assert health["status"] == "ok" and health["broker"]["connected"] is True
     assert health["models"][SERVED_MODEL]["ready"] >= 1
     assert json.dumps(health).count("amqp://") == 0  # no broker URL, let alone its password
+
+
+def test_keys_cli_create_list_revoke(gateway):
+    def cli(*args: str) -> str:
+        return subprocess.run([sys.executable, "-m", "chatai.cli", "keys", *args, "--state-dir",
+                               str(gateway.state_dir)], capture_output=True, text=True, check=True).stdout
+
+    key_id, key = cli("create", "--name", "alice").split()
+    assert key.startswith("sk-chatai-")
+    client = openai.OpenAI(base_url=gateway.base_url + "/v1", api_key=key, max_retries=0)
+    assert SERVED_MODEL in [m.id for m in client.models.list().data]
+    listing = cli("list")
+    assert key_id in listing and "alice" in listing and key not in listing  # only a hint is shown
+    db = (gateway.state_dir / "gateway.db").read_bytes()
+    assert key.encode() not in db  # stored hashed
+    cli("revoke", key_id)
+    with pytest.raises(openai.AuthenticationError):
+        client.models.list()
