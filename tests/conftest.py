@@ -128,3 +128,35 @@ def gateway(broker: BrokerEnv, served_worker, tmp_path_factory: pytest.TempPathF
         raise
     yield gw
     gw.stop()
+
+
+# ---------------------------------------------------------------- the login node (real sshd + breaker)
+
+
+@pytest.fixture(scope="module")
+def gw_user(broker: BrokerEnv):
+    """A broker user with the gateway's permissions, for a module's breaker to shut out.
+
+    The session's own ``gateway`` user stays untouched, so other suites are not disturbed.
+    """
+    from support.breaker_env import add_gateway_like_user
+
+    user = add_gateway_like_user(broker)
+    yield user
+    user.delete()
+
+
+@pytest.fixture(scope="module")
+def sshd(broker: BrokerEnv, gw_user, tmp_path_factory: pytest.TempPathFactory):
+    """A private OpenSSH sshd with the real breaker configuration; the tunnel may reach only the broker."""
+    import pwd
+
+    from circuit_breaker.local_sshd import start_local_sshd
+
+    s = start_local_sshd(tmp_path_factory.mktemp("sshd"), broker.host, broker.port, rabbit_node=broker.admin.node,
+                         broker_user=gw_user.name)
+    yield s
+    s.stop()
+    assert not Path(s.base_dir).exists()
+    with pytest.raises(KeyError):
+        pwd.getpwnam(s.user)  # the throw-away tunnel account is gone

@@ -24,30 +24,10 @@ import pytest
 from broker_config import topology
 from circuit_breaker import hook
 from circuit_breaker.breaker import Breaker
-from circuit_breaker.local_sshd import LocalSshd, start_local_sshd
-from support.breaker_env import GatewayLikeUser, add_gateway_like_user
+from circuit_breaker.local_sshd import LocalSshd
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-
-
-@pytest.fixture(scope="module")
-def gw_user(broker) -> GatewayLikeUser:
-    """The broker user this module's breaker shuts out (the session's ``gateway`` stays untouched)."""
-    user = add_gateway_like_user(broker)
-    yield user
-    user.delete()
-
-
-@pytest.fixture(scope="module")
-def sshd(broker, gw_user, tmp_path_factory) -> LocalSshd:
-    s = start_local_sshd(tmp_path_factory.mktemp("sshd"), broker.host, broker.port, rabbit_node=broker.admin.node,
-                         broker_user=gw_user.name)
-    yield s
-    s.stop()
-    assert not Path(s.base_dir).exists()
-    with pytest.raises(KeyError):
-        pwd.getpwnam(s.user)
 
 
 @pytest.fixture

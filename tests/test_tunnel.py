@@ -21,25 +21,9 @@ from prometheus_client import REGISTRY
 
 from broker_config import topology
 from circuit_breaker import hook
-from circuit_breaker.local_sshd import LocalSshd, start_local_sshd
+from circuit_breaker.local_sshd import LocalSshd
 from gateway.settings import GatewaySettings
 from gateway.tunnel import BrokerTunnel
-from support.breaker_env import GatewayLikeUser, add_gateway_like_user
-
-
-@pytest.fixture(scope="module")
-def gw_user(broker) -> GatewayLikeUser:
-    user = add_gateway_like_user(broker)
-    yield user
-    user.delete()
-
-
-@pytest.fixture(scope="module")
-def sshd(broker, gw_user, tmp_path_factory) -> LocalSshd:
-    s = start_local_sshd(tmp_path_factory.mktemp("sshd"), broker.host, broker.port, rabbit_node=broker.admin.node,
-                         broker_user=gw_user.name)
-    yield s
-    s.stop()
 
 
 @pytest.fixture
