@@ -25,6 +25,7 @@ from broker_config import topology
 from circuit_breaker import hook
 from circuit_breaker.breaker import Breaker
 from circuit_breaker.local_sshd import LocalSshd
+from support.waiting import wait_until
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -43,17 +44,6 @@ async def ssh_connect(sshd: LocalSshd, **kw) -> asyncssh.SSHClientConnection:
                 config=[], agent_path=None, connect_timeout=10)
     opts.update(kw)
     return await asyncssh.connect(sshd.host, sshd.port, **opts)
-
-
-async def wait_until(pred, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 def attempts_with(b: Breaker, command: str) -> list[dict]:

@@ -24,6 +24,7 @@ from circuit_breaker import hook
 from circuit_breaker.local_sshd import LocalSshd
 from gateway.settings import GatewaySettings
 from gateway.tunnel import BrokerTunnel
+from support import waiting
 
 
 @pytest.fixture
@@ -34,23 +35,16 @@ def breaker(sshd, broker):
     b.reset(by="test")
 
 
+async def wait_until(pred, timeout: float = 15.0, what: str = "condition"):
+    return await waiting.wait_until(pred, timeout, what)
+
+
 def make_tunnel(sshd: LocalSshd, **kw) -> BrokerTunnel:
     opts = dict(host=sshd.host, port=sshd.port, user=sshd.user, key_path=sshd.client_key_path,
                 known_hosts_path=sshd.known_hosts_path, remote_host=sshd.broker_host,
                 remote_port=sshd.broker_port, keepalive=2.0)
     opts.update(kw)
     return BrokerTunnel(**opts)
-
-
-async def wait_until(pred, timeout: float = 15.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 def sample(name: str, **labels) -> float | None:
