@@ -74,7 +74,10 @@ def operator_env(slurm_cluster, broker, tiny_model_dir, tmp_path_factory) -> dic
         "CHATAI_SLURM_DRAIN_GRACE": "2",  # short: long requests must outlast it even on an idle CPU
         "CHATAI_SLURM_IDLE_TIMEOUT": "600",
         "CHATAI_WORKER_MAX_NUM_SEQS": "4",
-        "CHATAI_WORKER_MAX_MODEL_LEN": "2048",
+        # Long enough that the drain test's long requests outlast the grace even on an idle CPU
+        # (the tiny model decodes ~500 tokens/s per stream here).
+        "CHATAI_WORKER_MAX_MODEL_LEN": "8192",
+        "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1",
         "CHATAI_WORKER_KV_CACHE_SPACE_GB": "1",
         "CHATAI_WORKER_HEARTBEAT_INTERVAL": "1",
         "VLLM_CPU_OMP_THREADS_BIND": "nobind",
@@ -278,6 +281,9 @@ async def test_status_shows_jobs_depth_consumers_and_heartbeats(operator_env, br
         assert text in table, table
 
 
+LONG_TOKENS = 6000  # ~12 s of decoding per request at 4 concurrent streams
+
+
 async def test_scale_down_drains_in_flight_requests_without_losing_or_duplicating(operator_env, broker, slurm_gateway):
     """SIGTERM (scale down) while the worker holds 4 long requests and 4 more wait. Non-streaming
     ones are returned to the queue and answered in full by the next worker, each exactly once;
@@ -290,7 +296,7 @@ async def test_scale_down_drains_in_flight_requests_without_losing_or_duplicatin
     async def stream(i: int) -> None:
         try:
             chunks = await sdk.chat.completions.create(
-                model=MODEL, stream=True, max_tokens=2000, extra_body={"ignore_eos": True},
+                model=MODEL, stream=True, max_tokens=LONG_TOKENS, extra_body={"ignore_eos": True},
                 messages=[{"role": "user", "content": "Tell me about Slurm."}])
             async for chunk in chunks:
                 if chunk.choices:
@@ -300,9 +306,9 @@ async def test_scale_down_drains_in_flight_requests_without_losing_or_duplicatin
             streamed[i]["error"] = str(exc)
 
     async with Client(broker.url("gateway")) as client:
-        # The worker takes the first four (prefetch = capacity = 4): long ones (2000 tokens) that
-        # cannot finish within the 2 s drain grace on a CPU. The four short ones wait in the queue.
-        long_plain = [await client.send(max_tokens=2000) for _ in range(2)]
+        # The worker takes the first four (prefetch = capacity = 4): long ones that cannot finish
+        # within the 2 s drain grace on a CPU. The four short ones wait in the queue.
+        long_plain = [await client.send(max_tokens=LONG_TOKENS) for _ in range(2)]
         streams = [asyncio.create_task(stream(i)) for i in range(2)]
         await wait_for(lambda: all(client.frames[r] for r in long_plain) and all(v["text"] for v in streamed.values()),
                        60, "the long requests to start")
@@ -311,7 +317,7 @@ async def test_scale_down_drains_in_flight_requests_without_losing_or_duplicatin
         out = chatai(operator_env, "scale", "down", "--model", MODEL, "--all")
         assert task.display_id in out
         await wait_for(lambda: not worker_jobs(), 60, "the drained worker to exit")
-        assert not any(client.terminals(r) for r in long_plain), "2000 tokens cannot be done in a 2 s grace"
+        assert not any(client.terminals(r) for r in long_plain), f"{LONG_TOKENS} tokens cannot be done in a 2 s grace"
         # the next worker (idle timeout short, so it leaves by itself afterwards) takes the rest
         env = {**operator_env, "CHATAI_SLURM_IDLE_TIMEOUT": "5"}
         chatai(env, "scale", "up", "--model", MODEL, "--workers", "1")
@@ -324,7 +330,7 @@ async def test_scale_down_drains_in_flight_requests_without_losing_or_duplicatin
         for rid in plain:
             terms = client.terminals(rid)
             assert len(terms) == 1 and isinstance(terms[0], Final), (rid, terms)
-            assert terms[0].usage.completion_tokens == (2000 if rid in long_plain else 20)
+            assert terms[0].usage.completion_tokens == (LONG_TOKENS if rid in long_plain else 20)
         for rid in long_plain:  # returned by the drain, answered in full by the next worker
             assert client.terminals(rid)[0].attempt == 2
     for outcome in streamed.values():
