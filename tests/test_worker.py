@@ -21,8 +21,8 @@ from support.worker_proc import start_worker
 
 KILL_MODEL = "tiny-kill"
 DRAIN_MODEL = "tiny-drain"
-KILL_TOKENS = 3000
-IDLE_TIMEOUT = 15  # long enough for the kill test to reach B first
+KILL_TOKENS = 8000  # ~16 s on an idle CPU: A must still hold it when the test kills it
+IDLE_TIMEOUT = 25  # long enough for the kill test to reach B first, even on a loaded CPU
 # Shorts (800 tokens) finish within the grace down to ~70 tok/s; the long one (30,000) cannot
 # finish in it below ~2,500 tok/s: the engine's speed varies a lot with the machine's load.
 DRAIN_GRACE = 12

@@ -119,6 +119,9 @@ def start_worker(
     full_env.update(
         CHATAI_WORKER_BROKER_URL=broker_url,
         VLLM_CPU_KVCACHE_SPACE=full_env.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        # vLLM's CPU backend pins its threads to core 0 by default ("auto"); several test workers
+        # would then share one core while the other idles. Let the OS spread them.
+        VLLM_CPU_OMP_THREADS_BIND=full_env.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"),
         VLLM_NO_USAGE_STATS="1",
         DO_NOT_TRACK="1",
         PYTHONUNBUFFERED="1",
