@@ -23,7 +23,7 @@ import httpx
 from broker_config.admin import BrokerAdmin, BrokerAdminError
 from broker_config.cli import load_or_create_passwords
 from broker_config.definitions import Definitions
-from broker_config.local_node import LocalBrokerNode, free_port, rabbitmq_installed
+from broker_config.local_node import LocalBrokerNode, rabbitmq_installed
 from gateway.keys import KeyStore
 
 
@@ -275,7 +275,3 @@ def run(stack: DevStack, demo: bool = True) -> int:
         stack.stop()
         _say("stopped")
     return code
-
-
-def default_port() -> int:
-    return free_port()

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from broker_config.local_node import free_port
 from circuit_breaker import hook
 from circuit_breaker.install import BreakerSpec, Layout, install
 
@@ -32,12 +33,6 @@ SSHD = "/usr/sbin/sshd"
 
 def sshd_available() -> bool:
     return os.path.exists(SSHD) and shutil.which("ssh-keygen") is not None and os.geteuid() == 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # Global part of the private sshd's config, like Debian's: the Include comes first, and the
@@ -150,7 +145,7 @@ def start_local_sshd(state_dir: Path, broker_host: str, broker_port: int, *, fro
     base.mkdir(mode=0o755)
     os.chmod(base, 0o755)
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     host_key = base / "ssh_host_ed25519_key"
     host_pub = _keygen(host_key, f"chatai-test-host-{ident}")
     client_key = state_dir / "tunnel_ed25519"

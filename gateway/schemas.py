@@ -6,7 +6,7 @@ one completion request) are refused with a 400 that names them, never silently i
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -165,7 +165,3 @@ class CompletionRequest(_Sampling):
 
     def sampling(self) -> SamplingParams:
         return self._sampling(self.max_tokens, self.logprobs, self.echo)
-
-
-def dump(obj: Any) -> dict[str, Any]:
-    return obj.model_dump(exclude_none=True) if isinstance(obj, BaseModel) else obj

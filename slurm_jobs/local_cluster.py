@@ -25,15 +25,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from broker_config.local_node import free_port
+
 
 class LocalClusterError(RuntimeError):
     pass
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def slurm_installed() -> bool:
@@ -88,10 +84,10 @@ class LocalSlurmCluster:
         host = socket.gethostname().split(".")[0]
         cpus = cpus_per_node or os.cpu_count() or 1
         if nodes == 1:
-            node_list = [LocalNode(host, cpus, memory_mb_per_node, _free_port())]
+            node_list = [LocalNode(host, cpus, memory_mb_per_node, free_port())]
         else:
-            node_list = [LocalNode(f"{host}-n{i}", cpus, memory_mb_per_node, _free_port()) for i in range(nodes)]
-        return cls(base_dir=base, nodes=node_list, partition=partition, ctld_port=_free_port(), _owns_dir=owns)
+            node_list = [LocalNode(f"{host}-n{i}", cpus, memory_mb_per_node, free_port()) for i in range(nodes)]
+        return cls(base_dir=base, nodes=node_list, partition=partition, ctld_port=free_port(), _owns_dir=owns)
 
     @property
     def conf_path(self) -> Path:
