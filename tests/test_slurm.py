@@ -26,6 +26,7 @@ from broker_config.messages import ChatMessage, Error, Final, GenerateRequest, S
 from slurm_jobs.broker_view import BrokerView
 from slurm_jobs.local_cluster import LocalSlurmCluster
 from slurm_jobs.slurm import Slurm
+from support.waiting import wait_until
 # Models of their own, so that a session-wide worker of other suites (serving "tiny") never
 # takes these tests' requests; the broker fixture adds their queues.
 MODEL = "slurm-tiny"
@@ -104,20 +105,6 @@ def chatai(env: dict[str, str], *args: str, timeout: float = 60) -> str:
 
 def worker_jobs(model: str = MODEL):
     return [j for j in Slurm().squeue(name_prefix=f"chatai-worker-{model}") if j.name == f"chatai-worker-{model}"]
-
-
-async def wait_for(cond, timeout: float, what: str, every: float = 0.25):
-    """Poll ``cond`` (sync or async) until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await asyncio.sleep(every)
 
 
 def job_log(env: dict[str, str]) -> str:
@@ -199,7 +186,7 @@ async def queue_stats(broker, model: str = MODEL):
 
 
 async def no_worker_jobs_left(broker, timeout: float) -> None:
-    await wait_for(lambda: not worker_jobs(), timeout, "every worker job to leave the queue")
+    await wait_until(lambda: not worker_jobs(), timeout, "every worker job to leave the queue")
     stats = await queue_stats(broker)
     assert stats.consumers == 0
 
@@ -214,14 +201,14 @@ async def test_backfill_starts_a_time_min_worker_in_a_gap_ahead_of_a_waiting_big
     slurm = Slurm()
     n0, n1 = (n.name for n in slurm_cluster.nodes)
     blocker = slurm.sbatch("#!/bin/bash\nsleep 600\n", ["--time=10", f"--nodelist={n0}", "--exclusive", "--job-name=blocker", "--output=/dev/null"])
-    await wait_for(lambda: any(j.running for j in slurm.squeue(job_ids=[blocker])), 20, "the blocker to run")
+    await wait_until(lambda: any(j.running for j in slurm.squeue(job_ids=[blocker])), 20, "the blocker to run")
     big = slurm.sbatch("#!/bin/bash\nsleep 1\n", ["--time=10", "--nodes=2", "--exclusive", "--job-name=big", "--output=/dev/null"])
     rigid = slurm.sbatch("#!/bin/bash\nsleep 1\n", ["--time=60", "--nodes=1", "--ntasks=1", "--job-name=rigid", "--output=/dev/null"])
     try:
         out = chatai(operator_env, "scale", "up", "--model", MODEL, "--workers", "1", "--time", "01:00:00",
                      "--time-min", "00:05:00")
         worker = re.search(r"array job (\d+)", out).group(1)
-        (task,) = await wait_for(lambda: [j for j in worker_jobs() if j.running], 30, "backfill to start the worker")
+        (task,) = await wait_until(lambda: [j for j in worker_jobs() if j.running], 30, "backfill to start the worker")
         info = slurm.show_job(task.job_id)
         states = {j.name: j for j in slurm.squeue(job_ids=[big, rigid])}
         assert states["big"].pending and states["rigid"].pending, states
@@ -310,13 +297,13 @@ async def test_scale_down_drains_in_flight_requests_without_losing_or_duplicatin
         # within the 2 s drain grace on a CPU. The four short ones wait in the queue.
         long_plain = [await client.send(max_tokens=LONG_TOKENS) for _ in range(2)]
         streams = [asyncio.create_task(stream(i)) for i in range(2)]
-        await wait_for(lambda: all(client.frames[r] for r in long_plain) and all(v["text"] for v in streamed.values()),
+        await wait_until(lambda: all(client.frames[r] for r in long_plain) and all(v["text"] for v in streamed.values()),
                        60, "the long requests to start")
         short_plain = [await client.send(max_tokens=20) for _ in range(4)]
         plain = long_plain + short_plain
         out = chatai(operator_env, "scale", "down", "--model", MODEL, "--all")
         assert task.display_id in out
-        await wait_for(lambda: not worker_jobs(), 60, "the drained worker to exit")
+        await wait_until(lambda: not worker_jobs(), 60, "the drained worker to exit")
         assert not any(client.terminals(r) for r in long_plain), f"{LONG_TOKENS} tokens cannot be done in a 2 s grace"
         # the next worker (idle timeout short, so it leaves by itself afterwards) takes the rest
         env = {**operator_env, "CHATAI_SLURM_IDLE_TIMEOUT": "5"}
@@ -363,13 +350,13 @@ async def test_autoscaler_takes_a_model_from_zero_to_n_and_back_to_zero(operator
 
         async with Client(broker.url("gateway")) as client:
             rids = [await client.send(max_tokens=100) for _ in range(8)]
-            await wait_for(lambda: count() >= 2, 30, "the autoscaler to submit two workers")
+            await wait_until(lambda: count() >= 2, 30, "the autoscaler to submit two workers")
             try:
                 await client.wait_done(rids, 240)
             except AssertionError:
                 raise AssertionError(log_path.read_text() + job_log(operator_env))
             assert all(isinstance(client.terminals(r)[0], Final) and len(client.terminals(r)) == 1 for r in rids)
-            await wait_for(lambda: (count(), not worker_jobs())[1], 90, "idle workers to leave (scale to zero)")
+            await wait_until(lambda: (count(), not worker_jobs())[1], 90, "idle workers to leave (scale to zero)")
             assert (await queue_stats(broker)).consumers == 0
             assert seen_max == 2
         await no_worker_jobs_left(broker, 90)
@@ -400,11 +387,11 @@ async def test_dev_slurm_handle_submits_through_the_template_and_drains_on_stop(
         job = slurm.scale_up("tiny", "/models/tiny", "amqp://worker:pw@127.0.0.1:1/chatai", workers=2,
                              template=template)
         assert (slurm.state_dir / "worker-broker-url").stat().st_mode & 0o077 == 0
-        running = await wait_for(lambda: [j for j in slurm.worker_jobs("tiny") if j.running and j.array_job_id == job],
+        running = await wait_until(lambda: [j for j in slurm.worker_jobs("tiny") if j.running and j.array_job_id == job],
                                  30, "both dev workers to run")
         assert len(running) >= 1
         logs = slurm.state_dir / "logs"
-        await wait_for(lambda: len(list(logs.glob("*.out"))) == 2 and all("url=amqp://" in p.read_text()
+        await wait_until(lambda: len(list(logs.glob("*.out"))) == 2 and all("url=amqp://" in p.read_text()
                                                                           for p in logs.glob("*.out")),
                        30, "the probes to print what they read")
     finally:

@@ -10,12 +10,16 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-async def wait_until(pred: Callable[[], T], timeout: float = 10.0, what: str = "condition") -> T:
+async def wait_until(pred: Callable[[], T], timeout: float = 10.0, what: str = "condition",
+                     every: float = 0.1) -> T:
+    """Poll ``pred`` (plain or async) until it returns something truthy; fail after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
         value = pred()
+        if asyncio.iscoroutine(value):
+            value = await value
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await asyncio.sleep(every)
