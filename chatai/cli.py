@@ -34,6 +34,9 @@ def _register() -> None:
     app.add_typer(scale_app, name="scale")
     app.command("autoscale")(autoscale)
 
+    from chatai.bench.cli import app as bench_app
+
+    app.add_typer(bench_app, name="bench")
     from gpu_worker.cli import register as register_worker
 
     register_worker(app)

@@ -46,6 +46,7 @@ class DevStack:
     tunnel: bool | None = None  # None: through a local sshd with the real breaker when one can run
     slurm: bool = False  # start the worker as a job array of a private single-node Slurm
     worker_args: list[str] = field(default_factory=list)
+    worker_env: dict[str, str] = field(default_factory=dict)  # extra CHATAI_WORKER_* settings
     ready_timeout: float = 300.0
 
     processes: dict[str, subprocess.Popen] = field(default_factory=dict, init=False)
@@ -169,7 +170,7 @@ class DevStack:
         else:
             self._spawn("worker", [sys.executable, "-m", "chatai.cli", "worker", "--model", str(model_dir),
                                    "--served-model-name", self.served_model_name, *self.worker_args],
-                        {"CHATAI_WORKER_BROKER_URL": self.broker_url("worker", passwords)})
+                        {**self.worker_env, "CHATAI_WORKER_BROKER_URL": self.broker_url("worker", passwords)})
         tunnel_env = self._start_tunnel_end()
         self._spawn("gateway", [sys.executable, "-m", "chatai.cli", "gateway", "--port", str(self.port),
                                 "--state-dir", str(gw_state), *([] if tunnel_env else ["--broker-direct"])],

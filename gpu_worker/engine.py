@@ -78,27 +78,13 @@ class Engine:
     @classmethod
     def start(cls, settings: WorkerSettings) -> "Engine":
         """Build the engine (blocking, seconds to minutes: call it in a thread)."""
-        if settings.model is None:
-            raise ValueError("no model: give --model PATH or CHATAI_WORKER_MODEL")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{settings.kv_cache_space_gb:g}")  # vLLM wants an integer here
+        kwargs = settings.engine_kwargs()
+        for name, value in settings.engine_env().items():
+            os.environ.setdefault(name, value)
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = AsyncEngineArgs(
-            model=str(settings.model),
-            served_model_name=[settings.served_model_name] if settings.served_model_name else None,
-            dtype=settings.resolved_dtype(),
-            max_model_len=settings.max_model_len,
-            max_num_seqs=settings.max_num_seqs,
-            gpu_memory_utilization=settings.resolved_gpu_memory_utilization(),
-            enforce_eager=settings.enforce_eager,
-            tensor_parallel_size=settings.tensor_parallel_size,
-            # One GPU: run the model in the engine core process instead of one more spawned
-            # process (seconds less start-up, one interpreter less in memory).
-            distributed_executor_backend="uni" if settings.tensor_parallel_size == 1 else None,
-            trust_remote_code=settings.trust_remote_code,
-            disable_log_stats=True,
-        )
+        args = AsyncEngineArgs(**kwargs)
         llm = AsyncLLM.from_engine_args(args)
         return cls(llm, llm.get_tokenizer(), llm.model_config.max_model_len)
 

@@ -83,3 +83,28 @@ class WorkerSettings(BaseSettings):
         if self.gpu_memory_utilization is not None:
             return self.gpu_memory_utilization
         return 0.9 if _on_gpu() else 0.1
+
+    def engine_kwargs(self) -> dict[str, object]:
+        """vLLM engine arguments, the one place they are derived: the worker, ``chatai bench``'s
+        vLLM server and its in-process ceiling all run the engine with exactly these."""
+        if self.model is None:
+            raise ValueError("no model: give --model PATH or CHATAI_WORKER_MODEL")
+        return {
+            "model": str(self.model),
+            "served_model_name": [self.served_model_name] if self.served_model_name else None,
+            "dtype": self.resolved_dtype(),
+            "max_model_len": self.max_model_len,
+            "max_num_seqs": self.max_num_seqs,
+            "gpu_memory_utilization": self.resolved_gpu_memory_utilization(),
+            "enforce_eager": self.enforce_eager,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            # One GPU: run the model in the engine core process instead of one more spawned
+            # process (seconds less start-up, one interpreter less in memory).
+            "distributed_executor_backend": "uni" if self.tensor_parallel_size == 1 else None,
+            "trust_remote_code": self.trust_remote_code,
+            "disable_log_stats": True,
+        }
+
+    def engine_env(self) -> dict[str, str]:
+        """Environment the engine reads at start-up (the CPU backend's KV cache size, in GiB)."""
+        return {"VLLM_CPU_KVCACHE_SPACE": f"{self.kv_cache_space_gb:g}"}

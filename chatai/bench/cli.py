@@ -1,0 +1,108 @@
+"""``chatai bench``: the side-by-side benchmark (and ``chatai bench relay``, the relay ceiling)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(help="Benchmarks that print figures (no pass/fail): see docs/performance.md.",
+                  invoke_without_command=True, no_args_is_help=False)
+
+ALL_PATHS = ("vllm", "chatai", "ceiling")
+
+
+def _levels(text: str) -> list[int]:
+    try:
+        levels = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter("give concurrency levels as numbers, e.g. 1,16,64") from None
+    if not levels or min(levels) < 1:
+        raise typer.BadParameter("concurrency levels must be 1 or more")
+    return levels
+
+
+def requests_for(concurrency: int, requests: int | None) -> int:
+    """Enough requests that every client runs several in a row (a closed loop reaches its steady state)."""
+    return requests or max(32, 4 * concurrency)
+
+
+@app.callback()
+def compare(
+    ctx: typer.Context,
+    model: Annotated[Optional[Path], typer.Option(help="Model folder (default: the tiny test model, built here).")] = None,
+    served_model_name: Annotated[str, typer.Option(help="Model name on both servers.")] = "tiny",
+    levels: Annotated[str, typer.Option(help="Concurrency levels, comma-separated.")] = "1,16,64",
+    requests: Annotated[Optional[int], typer.Option(help="Requests per level (default: max(32, 4 x concurrency)).")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Output tokens per request (ignore_eos).")] = 64,
+    max_num_seqs: Annotated[Optional[int], typer.Option(help="Engine concurrency (default: the worker's).")] = None,
+    max_model_len: Annotated[int, typer.Option(help="Context length for both engines.")] = 512,
+    paths: Annotated[str, typer.Option(help="Which paths to run: vllm, chatai, ceiling.")] = ",".join(ALL_PATHS),
+    tunnel: Annotated[bool, typer.Option("--tunnel/--no-tunnel", help="chatai through the SSH tunnel and breaker.")] = True,
+    out: Annotated[Path, typer.Option(help="Folder for bench.json, bench.png and bench.md.")] = Path("bench-results"),
+) -> None:
+    """Compare vLLM's own server, chatai's whole path and the in-process engine under one load."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from chatai.bench import report
+    from chatai.bench.load import StreamLoad
+    from chatai.bench.targets import ceiling, chatai_stack, scratch_dir, vllm_server
+    from gpu_worker.settings import WorkerSettings
+
+    chosen = [p.strip() for p in paths.split(",") if p.strip()]
+    if unknown := set(chosen) - set(ALL_PATHS):
+        raise typer.BadParameter(f"unknown path(s) {sorted(unknown)}; choose from {', '.join(ALL_PATHS)}")
+    level_list = _levels(levels)
+    work = scratch_dir("chatai-bench-")
+    try:
+        if model is None:
+            from chatai.tiny_model import make_tiny_model
+
+            model = make_tiny_model(work / "tiny-model", seed=0)
+        overrides = {"max_num_seqs": max_num_seqs} if max_num_seqs else {}
+        settings = WorkerSettings(model=model.resolve(), served_model_name=served_model_name,
+                                  max_model_len=max_model_len, **overrides)
+        plan = [{"concurrency": c, "requests": requests_for(c, requests), "max_tokens": max_tokens,
+                 "warmup": min(c, 8)} for c in level_list]
+        result: dict = {
+            "machine": report.machine(),
+            "settings": {k: v for k, v in settings.engine_kwargs().items()} | {"kv_cache_space_gb": settings.kv_cache_space_gb},
+            "settings_summary": (f"{settings.served_model_name}, {settings.resolved_dtype()}, max_num_seqs "
+                                 f"{settings.max_num_seqs}, {max_tokens} output tokens"),
+            "load": {"levels": plan, "stream": True, "ignore_eos": True},
+            "paths": {},
+        }
+
+        def drive(endpoint) -> list[dict]:
+            load = StreamLoad(endpoint.base_url, endpoint.api_key, endpoint.model, max_tokens=max_tokens)
+            results = []
+            for lv in plan:
+                r = asyncio.run(load.level(lv["concurrency"], lv["requests"], warmup=lv["warmup"]))
+                typer.echo(f"  c={r.concurrency:<4} {r.output_tok_s:>9,.0f} tok/s  TTFT p50 {r.ttft_p50_ms:7.1f} ms "
+                           f"p99 {r.ttft_p99_ms:7.1f} ms  ITL p50 {r.itl_p50_ms:6.2f} ms  ok {r.ok} failed {r.failed}")
+                results.append(r.as_dict())
+            return results
+
+        for name in chosen:
+            typer.echo(f"{report.PATH_LABELS[name]}:")
+            if name == "vllm":
+                with vllm_server(settings, work) as endpoint:
+                    result["paths"]["vllm"] = drive(endpoint)
+            elif name == "chatai":
+                with chatai_stack(settings, work / "stack", tunnel=tunnel) as endpoint:
+                    result["paths"]["chatai"] = drive(endpoint)
+            else:
+                result["paths"]["ceiling"] = ceiling(settings, plan, work)
+                for r in result["paths"]["ceiling"]:
+                    typer.echo(f"  c={r['concurrency']:<4} {r['output_tok_s']:>9,.0f} tok/s  TTFT p50 "
+                               f"{r['ttft_p50_ms']:7.1f} ms")
+        result["ratios"] = report.ratios(result["paths"])
+        files = report.write(result, out)
+        typer.echo("")
+        typer.echo(files["md"].read_text())
+        typer.echo(f"wrote {files['json']}, {files['png']}, {files['md']}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

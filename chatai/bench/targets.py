@@ -1,0 +1,146 @@
+"""The paths ``chatai bench`` compares, each started with exactly the worker's engine settings.
+
+- ``vllm_server``: vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server``;
+  the ``vllm serve`` command does not start with the CPU package);
+- ``chatai_stack``: this project's whole path through ``chatai dev``'s harness: gateway, SSH
+  tunnel into a local sshd with the circuit breaker armed, RabbitMQ, one worker;
+- ``ceiling``: the worker's engine adapter in-process (see ``chatai.bench.ceiling``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from broker_config.local_node import free_port
+from gpu_worker.settings import WorkerSettings
+
+# Worker options that shape the engine, passed to the worker as flags (same names as its CLI).
+ENGINE_FLAGS = ("max_num_seqs", "max_model_len", "dtype", "gpu_memory_utilization", "kv_cache_space_gb")
+
+
+@dataclass
+class Endpoint:
+    base_url: str  # ends in /v1
+    api_key: str
+    model: str
+    pid: int  # the process that relays the tokens (vLLM's server, or the gateway)
+
+
+def _wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[2]} exited with {proc.returncode}; log {log}:\n"
+                               f"{log.read_text(errors='replace')[-2000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s; log {log}")
+
+
+def _stop(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGTERM the process group (vLLM's engine core is a child), then SIGKILL what is left."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def vllm_server_argv(settings: WorkerSettings, port: int) -> list[str]:
+    """vLLM's server command line for the worker's engine arguments."""
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
+            "--port", str(port), "--disable-uvicorn-access-log"]
+    for name, value in settings.engine_kwargs().items():
+        flag = "--" + name.replace("_", "-")
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            if value:
+                argv.append(flag)
+        elif isinstance(value, list):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+@contextmanager
+def vllm_server(settings: WorkerSettings, log_dir: Path, timeout: float = 600.0) -> Iterator[Endpoint]:
+    port = free_port()
+    log = log_dir / "vllm-server.log"
+    proc = subprocess.Popen(vllm_server_argv(settings, port), env={**os.environ, **settings.engine_env()},
+                            stdout=open(log, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/v1/models", proc, timeout, log)
+        yield Endpoint(f"http://127.0.0.1:{port}/v1", "none", settings.served_model_name or "", proc.pid)
+    finally:
+        _stop(proc)
+
+
+def worker_flags(settings: WorkerSettings, names: tuple[str, ...] = ENGINE_FLAGS) -> list[str]:
+    flags: list[str] = []
+    for name in names:
+        value = getattr(settings, name)
+        if value is not None:
+            flags += ["--" + name.replace("_", "-"), str(value)]
+    return flags
+
+
+@contextmanager
+def chatai_stack(settings: WorkerSettings, state_dir: Path, tunnel: bool = True,
+                 worker_env: dict[str, str] | None = None, timeout: float = 600.0) -> Iterator[Endpoint]:
+    """The whole path as ``chatai dev`` runs it (tunnel and breaker on unless ``tunnel`` is False)."""
+    from chatai.dev import DevStack
+
+    stack = DevStack(state_dir=state_dir, port=free_port(), model=settings.model,
+                     served_model_name=settings.served_model_name or "tiny", tunnel=tunnel,
+                     worker_args=worker_flags(settings), worker_env=worker_env or {},
+                     ready_timeout=timeout)
+    try:
+        info = stack.start()
+        stack.wait_until_serving()
+        yield Endpoint(info["gateway_url"], stack.api_key or "", stack.served_model_name,
+                       stack.processes["gateway"].pid)
+    finally:
+        stack.stop()
+
+
+def ceiling(settings: WorkerSettings, levels: list[dict], log_dir: Path, timeout: float = 1800.0) -> list[dict]:
+    """Run the in-process ceiling in a child process; its level results as dicts."""
+    log = log_dir / "ceiling.log"
+    with open(log, "ab") as err:
+        out = subprocess.run([sys.executable, "-m", "chatai.bench.ceiling", settings.model_dump_json(),
+                              json.dumps(levels)],
+                             env={**os.environ, **settings.engine_env()}, stdout=subprocess.PIPE, stderr=err,
+                             stdin=subprocess.DEVNULL, timeout=timeout, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"the ceiling run failed ({out.returncode}); log {log}")
+    return json.loads(out.stdout.decode().strip().splitlines()[-1])
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A private scratch folder (sshd insists its key folders are not world-writable)."""
+    return Path(tempfile.mkdtemp(prefix=prefix))
