@@ -4,6 +4,12 @@ Messages are JSON bodies (``application/json``). Reply frames form one stream pe
 ``started`` (once per delivery attempt), any number of ``delta``, then ``final`` or ``error``.
 Every frame carries the request id, the attempt it belongs to and a sequence number that
 restarts at 0 with each attempt, so a gateway can tell a redelivery from a duplicate.
+
+A reply message to a gateway's own reply queue may carry several consecutive frames of one
+request as a JSON array (``started`` with the first delta, the last delta with ``final``): one
+message instead of two halves the broker's work and, behind an SSH tunnel, keeps the second
+frame from waiting for a TCP acknowledgement (sshd does not disable Nagle's algorithm on a
+connection without a terminal). Batch results stay one frame per message: each is acked alone.
 """
 
 from __future__ import annotations
@@ -135,8 +141,25 @@ Frame = Annotated[Union[Started, Delta, Final, Error], Field(discriminator="type
 _frame_adapter: TypeAdapter[Frame] = TypeAdapter(Frame)
 
 
+_frames_adapter: TypeAdapter[list[Frame]] = TypeAdapter(list[Frame])
+
+
 def decode_frame(body: bytes) -> Started | Delta | Final | Error:
     return _frame_adapter.validate_json(body)
+
+
+def decode_frames(body: bytes) -> list[Started | Delta | Final | Error]:
+    """One frame, or a JSON array of frames (see the module's docstring); raises ValueError."""
+    if body[:1] == b"[":
+        return _frames_adapter.validate_json(body)
+    return [_frame_adapter.validate_json(body)]
+
+
+def encode_frames(frames: list[_Frame]) -> bytes:
+    """One frame as itself, several as a JSON array, in order."""
+    if len(frames) == 1:
+        return frames[0].encode()
+    return b"[" + b",".join(f.encode() for f in frames) + b"]"
 
 
 # ---------------------------------------------------------------- control and heartbeats

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -70,6 +71,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         app.state.ctx = ctx
         for hook in app.state.startup_hooks:
             await hook(ctx)
+        # Start-up objects are permanent: keep full collections from walking them on the
+        # request path (the same reason vLLM's server freezes its heap after start-up).
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:

@@ -23,7 +23,7 @@ from pamqp.commands import Basic
 
 from broker_config import topology as t
 from broker_config.connection import connect, redact
-from broker_config.messages import CONTENT_TYPE, Cancel, GenerateRequest, Heartbeat, decode_frame
+from broker_config.messages import CONTENT_TYPE, Cancel, GenerateRequest, Heartbeat, decode_frames
 from gateway.errors import APIError, model_not_found
 from gateway.metrics import BROKER_CONNECTED
 from gateway.registry import WorkerRegistry
@@ -148,13 +148,14 @@ class GatewayBroker:
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         try:
-            frame = decode_frame(message.body)
+            frames = decode_frames(message.body)
         except ValueError:
             log.warning("dropped a malformed reply frame")
             return
-        sub = self._subscriptions.get(frame.request_id)
-        if sub is not None:
-            sub.frames.put_nowait(frame)
+        for frame in frames:
+            sub = self._subscriptions.get(frame.request_id)
+            if sub is not None:
+                sub.frames.put_nowait(frame)
 
     async def _on_heartbeat(self, message: AbstractIncomingMessage) -> None:
         try:

@@ -127,6 +127,8 @@ class Generation:
 
     async def _next(self, frames: asyncio.Queue, attempt: int, waiting_for_start: bool):
         """The next frame, or an APIError when the queue timeout or the worker's silence runs out."""
+        if not frames.empty():  # the common case mid-stream: no timer, no task
+            return frames.get_nowait()
         limit = self.timeouts.queue if waiting_for_start else self.timeouts.idle
         deadline = time.monotonic() + limit
         while True:

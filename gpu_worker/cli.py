@@ -29,6 +29,9 @@ def worker(
     coalesce_tokens: Optional[int] = typer.Option(None, help="Most tokens in one delta message."),
     consumer_priority: Optional[int] = typer.Option(None, help="Higher-priority workers get requests first."),
     worker_id: Optional[str] = typer.Option(None, help="Default: node-slurmjob-pid or node-pid."),
+    engine: Optional[str] = typer.Option(None, help="vllm (default), or synthetic: a load-test token source, no model."),
+    synthetic_step_ms: Optional[float] = typer.Option(None, help="Synthetic engine: ms between steps."),
+    synthetic_tokens_per_step: Optional[int] = typer.Option(None, help="Synthetic engine: tokens per request per step."),
     broker_url: Optional[str] = typer.Option(None, help="Prefer CHATAI_WORKER_BROKER_URL: argv shows in ps."),
 ) -> None:
     """Serve one model from its RabbitMQ queue with vLLM until stopped, drained or idle."""
@@ -37,7 +40,7 @@ def worker(
 
     overrides = {k: v for k, v in locals().items() if v is not None and k not in {"main", "WorkerSettings"}}
     settings = WorkerSettings(**overrides)
-    if settings.model is None:
+    if settings.model is None and settings.engine == "vllm":
         raise typer.BadParameter("give --model PATH or CHATAI_WORKER_MODEL", param_hint="--model")
     raise typer.Exit(main(settings))
 

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from broker_config import topology
 from broker_config.messages import Cancel, GenerateRequest
-from gpu_worker.engine import Engine, EngineDead, RequestFailed
+from gpu_worker.engine import EngineDead, RequestFailed, TokenEngine
 from gpu_worker.replies import ReplyPublisher, ReplyStream
 from gpu_worker.settings import WorkerSettings
 
@@ -98,7 +98,7 @@ class Consumer:
     def __init__(
         self,
         settings: WorkerSettings,
-        engine: Engine,
+        engine: TokenEngine,
         publisher: ReplyPublisher,
         on_change: Callable[[], None] = lambda: None,
         on_fatal: Callable[[BaseException], None] = lambda exc: None,
@@ -134,7 +134,7 @@ class Consumer:
 
     async def start(self, channel: AbstractChannel) -> None:
         """Consume the model queue that the broker's definitions declared (never declare it here)."""
-        await channel.set_qos(prefetch_count=self.settings.max_num_seqs)
+        await channel.set_qos(prefetch_count=self.engine.max_num_seqs)
         name = topology.model_queue(self.settings.served_model_name or "")
         self._queue = await channel.get_queue(name, ensure=True)  # passive: fails if not defined
         self.accepting = True

@@ -13,11 +13,24 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from broker_config.messages import GenerateRequest, TokenLogprob, TopLogprob
 from gpu_worker.settings import WorkerSettings
 
 log = logging.getLogger("chatai.worker.engine")
+
+
+# Prompts up to this size are tokenized on the event loop (well under a millisecond); a thread hop
+# costs more than that under load, as the GIL passes back and forth. Longer ones go to a thread
+# so a huge prompt never stalls the other streams.
+INLINE_TOKENIZE_CHARS = 8192
+
+
+def _prompt_chars(req: GenerateRequest) -> int:
+    if req.kind == "chat":
+        return sum(len(m.content) for m in req.messages or [])
+    return len(req.prompt or "")
 
 
 class RequestFailed(Exception):
@@ -67,13 +80,28 @@ def _token_logprobs(token_ids, logprobs, top_n: int) -> list[TokenLogprob]:
     return out
 
 
+class TokenEngine(Protocol):
+    """What the consumer needs of an engine: vLLM's (``Engine``) or the load-test source
+    (``gpu_worker.synthetic.SyntheticEngine``)."""
+
+    max_num_seqs: int
+    max_model_len: int
+
+    def generate(self, req: GenerateRequest) -> AsyncIterator[Step]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
 class Engine:
     """Owns the AsyncLLM and its tokenizer; maps wire requests to vLLM and back."""
 
-    def __init__(self, llm, tokenizer, max_model_len: int) -> None:
+    def __init__(self, llm, tokenizer, max_model_len: int, max_num_seqs: int) -> None:
         self._llm = llm
         self._tok = tokenizer
         self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs  # what the engine's scheduler runs at once: the capacity
 
     @classmethod
     def start(cls, settings: WorkerSettings) -> "Engine":
@@ -84,9 +112,13 @@ class Engine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from vllm.usage.usage_lib import UsageContext
+
         args = AsyncEngineArgs(**kwargs)
-        llm = AsyncLLM.from_engine_args(args)
-        return cls(llm, llm.get_tokenizer(), llm.model_config.max_model_len)
+        # As an OpenAI server: vLLM then picks the same batch defaults as its own server does.
+        llm = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
+        return cls(llm, llm.get_tokenizer(), llm.model_config.max_model_len,
+                   llm.vllm_config.scheduler_config.max_num_seqs)
 
     def shutdown(self) -> None:
         """Stop the engine core now, while the interpreter is whole (vLLM's __del__ fails late)."""
@@ -156,7 +188,10 @@ class Engine:
         from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        ids = await asyncio.to_thread(self.prompt_ids, req)
+        if _prompt_chars(req) <= INLINE_TOKENIZE_CHARS:
+            ids = self.prompt_ids(req)
+        else:
+            ids = await asyncio.to_thread(self.prompt_ids, req)
         params = self.sampling_params(req, len(ids))
         top_n = req.sampling.logprobs
         echo = req.sampling.echo and req.kind == "completion"

@@ -9,6 +9,7 @@ for Slurm and the autoscaler a drained worker is a normal end, not a failure.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 
@@ -16,7 +17,7 @@ from broker_config import topology
 from broker_config.connection import connect, redact
 from gpu_worker import slurm
 from gpu_worker.consumer import Consumer
-from gpu_worker.engine import Engine
+from gpu_worker.engine import Engine, TokenEngine
 from gpu_worker.heartbeat import Heartbeater
 from gpu_worker.lifecycle import StopSignal, watch_idle, watch_job_end
 from gpu_worker.replies import ReplyPublisher
@@ -52,12 +53,12 @@ async def run(settings: WorkerSettings) -> int:
     fatal: list[BaseException] = []
     url = settings.broker_url.get_secret_value()
     model = settings.served_model_name or ""
-    log.info("worker_id=%s model=%s capacity=%d broker=%s", settings.worker_id, model,
-             settings.max_num_seqs, redact(url))
+    log.info("worker_id=%s model=%s capacity=%s broker=%s", settings.worker_id, model,
+             settings.max_num_seqs or "engine default", redact(url))
 
     conn = await connect(url, name=f"chatai-worker {settings.worker_id}")
     consumer: Consumer | None = None
-    engine: Engine | None = None
+    engine: TokenEngine | None = None
     hb: Heartbeater | None = None
     try:
         beat_channel = await conn.channel()
@@ -66,7 +67,7 @@ async def run(settings: WorkerSettings) -> int:
             workers_exchange,
             worker_id=settings.worker_id,
             model=model,
-            capacity=settings.max_num_seqs,
+            capacity=settings.max_num_seqs or 0,  # known once the engine has started
             interval=settings.heartbeat_interval,
             in_flight=lambda: consumer.in_flight if consumer else 0,
             slurm_job_id=slurm.job_id(),
@@ -76,13 +77,20 @@ async def run(settings: WorkerSettings) -> int:
         hb.start()
 
         # The engine loads in a thread so heartbeats and AMQP keep flowing meanwhile.
-        engine_task = asyncio.ensure_future(asyncio.to_thread(Engine.start, settings))
+        engine_cls: type = Engine
+        if settings.engine == "synthetic":  # a load-test tool: filler tokens, no model
+            from gpu_worker.synthetic import SyntheticEngine as engine_cls
+
+            log.warning("engine=synthetic: serving filler tokens for load tests, not a model")
+        engine_task = asyncio.ensure_future(asyncio.to_thread(engine_cls.start, settings))
         stop_task = asyncio.ensure_future(stop.event.wait())
         await asyncio.wait({engine_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
         engine = await engine_task  # even when stopping: the engine's processes must be shut down
         stop_task.cancel()
         hb.max_model_len = engine.max_model_len
+        hb.capacity = engine.max_num_seqs
         log.info("engine started in %.1fs, max_model_len=%d", time.monotonic() - t0, engine.max_model_len)
+        freeze_heap()
 
         if not stop.event.is_set():
             reply_channel = await conn.channel(publisher_confirms=True)
@@ -96,7 +104,7 @@ async def run(settings: WorkerSettings) -> int:
             await consumer.start(await conn.channel())
             await hb.set_state("ready")
             log.info("%s: worker_id=%s model=%s capacity=%d startup=%.1fs", READY_LINE, settings.worker_id,
-                     model, settings.max_num_seqs, time.monotonic() - t0)
+                     model, engine.max_num_seqs, time.monotonic() - t0)
 
             watchers = [
                 asyncio.create_task(watch_idle(stop, settings.idle_timeout, lambda: consumer.in_flight,
@@ -132,6 +140,24 @@ async def run(settings: WorkerSettings) -> int:
     return 1 if fatal else 0
 
 
+def freeze_heap() -> None:
+    """Move everything start-up allocated (torch, transformers, vLLM: millions of objects) out of
+    the garbage collector's reach, as vLLM's own server does: a full collection over that heap
+    stalls the event loop for 50-300 ms, which streams feel as a frozen first token."""
+    gc.collect()
+    gc.freeze()
+
+
+def event_loop_factory():
+    """uvloop where it is installed (it comes with ``uvicorn[standard]``): cheaper socket writes
+    and callbacks on the per-token path; asyncio's own loop otherwise."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop ships with the gateway's dependencies
+        return asyncio.new_event_loop
+    return uvloop.new_event_loop
+
+
 def _set_job_end(hb: Heartbeater):
     def set_end(end: float | None) -> None:
         hb.job_end_at = end
@@ -142,4 +168,5 @@ def _set_job_end(hb: Heartbeater):
 
 def main(settings: WorkerSettings) -> int:
     setup_logging()
-    return asyncio.run(run(settings))
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        return runner.run(run(settings))

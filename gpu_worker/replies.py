@@ -1,11 +1,17 @@
 """Reply frames for one request attempt: started, coalesced deltas, final or error.
 
 Frames go to the ``chatai.replies`` exchange with the gateway's reply queue as routing key, on a
-channel with publisher confirms: the consumer acks the request only once the final frame is
-confirmed, so a worker that dies before that loses nothing. Deltas are coalesced: the first one
-of a request leaves at once (time to first token), later ones at most every ``coalesce_ms`` or
-``coalesce_tokens``, so a loaded worker sends a few messages per second per stream, not one per
-token. Non-streamed requests get no deltas: their text travels in the final frame.
+channel with publisher confirms. Only the last frame (final or error) is awaited until the broker
+confirms it: the consumer acks the request after that, so a worker that dies before loses
+nothing, and since confirms follow publish order, the frames before it are settled too. Started
+and delta frames are published without waiting for their confirms, so a slow broker round trip
+never holds back the next token.
+
+Deltas are coalesced: the first one of a request leaves at once (time to first token), later ones
+at most every ``coalesce_ms`` or ``coalesce_tokens``, so a loaded worker sends a few messages per
+second per stream, not one per token. Frames that are ready together travel as one message
+(``started`` with the first delta, the last delta with ``final``; see ``broker_config.messages``).
+Non-streamed requests get no deltas: their text travels in the final frame.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aio_pika
@@ -28,6 +35,7 @@ from broker_config.messages import (
     Started,
     TokenLogprob,
     Usage,
+    encode_frames,
 )
 from gpu_worker.engine import Step
 
@@ -35,12 +43,18 @@ log = logging.getLogger("chatai.worker.replies")
 
 
 class ReplyPublisher:
-    """Publishes frames on a confirming channel; one per worker."""
+    """Publishes reply messages on one confirming channel, in the order they are handed over.
+
+    Every publish runs as a task created at hand-over: tasks start in creation order and
+    aio-pika/aiormq write a channel's frames under a FIFO lock before their first real wait, so
+    the broker receives messages in hand-over order whether or not the caller awaits the confirm.
+    """
 
     def __init__(self, exchange: AbstractExchange) -> None:
         self._exchange = exchange
+        self._unconfirmed: set[asyncio.Task] = set()
 
-    async def publish(self, req: GenerateRequest, body: bytes) -> None:
+    def send(self, req: GenerateRequest, body: bytes) -> asyncio.Task:
         msg = aio_pika.Message(
             body,
             content_type=CONTENT_TYPE,
@@ -49,7 +63,20 @@ class ReplyPublisher:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT if req.batch_id else aio_pika.DeliveryMode.NOT_PERSISTENT,
         )
         # mandatory=False: a gateway that went away leaves its frames unroutable; that is no error.
-        await self._exchange.publish(msg, routing_key=req.reply_to, mandatory=False)
+        task = asyncio.ensure_future(self._exchange.publish(msg, routing_key=req.reply_to, mandatory=False))
+        self._unconfirmed.add(task)
+        task.add_done_callback(self._settled)
+        return task
+
+    async def publish(self, req: GenerateRequest, body: bytes) -> None:
+        """Publish and wait for the broker's confirm."""
+        await self.send(req, body)
+
+    def _settled(self, task: asyncio.Task) -> None:
+        self._unconfirmed.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # The last frame of the request is awaited and fails there too; this only says why.
+            log.debug("a reply publish failed: %s", type(exc).__name__)
 
 
 @dataclass
@@ -74,6 +101,7 @@ class ReplyStream:
         worker_id: str,
         coalesce_ms: float = 20.0,
         coalesce_tokens: int = 16,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._pub = publisher
         self.req = req
@@ -81,13 +109,16 @@ class ReplyStream:
         self._worker_id = worker_id
         self._interval = coalesce_ms / 1000.0
         self._max_tokens = max(1, coalesce_tokens)
+        self._clock = clock
         self._seq = 0
-        self._lock = asyncio.Lock()
+        self._outbox: list[Started | Delta | Final | Error] = []
         self._choices: dict[int, _Choice] = {}
         self._pending_tokens = 0
         self._last_flush = 0.0
         self._sent_first = False
-        self._timer: asyncio.Task | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        # Interactive replies may bundle frames; batch results go one frame per message.
+        self._bundle = req.batch_id is None
         self.prompt_tokens = 0
         self.started_sent = False
         self.messages_sent = 0
@@ -96,23 +127,32 @@ class ReplyStream:
     def _choice(self, index: int) -> _Choice:
         return self._choices.setdefault(index, _Choice())
 
-    async def _send(self, frame) -> None:
-        frame.seq = self._seq
-        self._seq += 1
-        await self._pub.publish(self.req, frame.encode())
-        self.messages_sent += 1
-
     def _frame_kw(self) -> dict:
-        return {"request_id": self.req.request_id, "attempt": self.attempt}
+        self._seq += 1
+        return {"request_id": self.req.request_id, "attempt": self.attempt, "seq": self._seq - 1}
+
+    def _ship(self) -> asyncio.Task | None:
+        """Hand the outbox to the publisher (one message, or one per frame for batch results)."""
+        frames, self._outbox = self._outbox, []
+        if not frames:
+            return None
+        groups = [frames] if self._bundle else [[f] for f in frames]
+        task = None
+        for group in groups:
+            task = self._pub.send(self.req, encode_frames(group))
+            self.messages_sent += 1
+        return task
 
     async def started(self, prompt_tokens: int) -> None:
-        """Once per attempt; later calls do nothing."""
+        """Once per attempt; later calls do nothing. A stream's ``started`` waits for its first
+        delta (same engine step) so both travel in one message."""
         if self.started_sent:
             return
         self.started_sent = True
         self.prompt_tokens = prompt_tokens
-        async with self._lock:
-            await self._send(Started(**self._frame_kw(), worker_id=self._worker_id, prompt_tokens=prompt_tokens))
+        self._outbox.append(Started(**self._frame_kw(), worker_id=self._worker_id, prompt_tokens=prompt_tokens))
+        if not self.req.stream:
+            self._ship()
 
     async def add(self, step: Step) -> None:
         """Take one engine step; publishes when the coalescing rule says so."""
@@ -128,56 +168,48 @@ class ReplyStream:
                 ch.logprobs.extend(c.logprobs)
             if c.finish_reason is not None:
                 ch.finish_reason, ch.stop_reason = c.finish_reason, c.stop_reason
-        if not self.req.stream or self._pending_tokens == 0 or step.finished:
-            return  # the final frame flushes what is left
-        now = time.monotonic()
-        if (
-            not self._sent_first
-            or self._pending_tokens >= self._max_tokens
-            or now - self._last_flush >= self._interval
-        ):
-            await self._flush()
-        elif self._timer is None:
-            self._timer = asyncio.create_task(self._flush_later(self._interval - (now - self._last_flush)))
+        if self.req.stream and self._pending_tokens and not step.finished:
+            now = self._clock()
+            if (not self._sent_first or self._pending_tokens >= self._max_tokens
+                    or now - self._last_flush >= self._interval):
+                self._flush()
+            elif self._timer is None:
+                delay = self._interval - (now - self._last_flush)
+                self._timer = asyncio.get_running_loop().call_later(delay, self._flush)
+        # The final frame carries whatever is left; anything else waiting (a started) goes now.
+        if not step.finished:
+            self._ship()
 
-    async def _flush_later(self, delay: float) -> None:
-        await asyncio.sleep(delay)
-        self._timer = None
-        await self._flush()
+    def _take_deltas(self) -> None:
+        """Move each choice's pending output into the outbox as one Delta."""
+        for index in sorted(self._choices):
+            ch = self._choices[index]
+            if not ch.tokens and not ch.text:
+                continue
+            self._outbox.append(Delta(**self._frame_kw(), index=index, text="".join(ch.text), tokens=ch.tokens,
+                                      logprobs=list(ch.logprobs) if ch.has_logprobs else None))
+            ch.text.clear()
+            ch.logprobs.clear()
+            ch.tokens = 0
+            self.deltas_sent += 1
+        self._pending_tokens = 0
 
-    async def _flush(self) -> None:
-        """One Delta per choice with pending output."""
-        async with self._lock:
-            if self._timer is not None and self._timer is not asyncio.current_task():
-                self._timer.cancel()
-                self._timer = None
-            for index in sorted(self._choices):
-                ch = self._choices[index]
-                if not ch.tokens and not ch.text:
-                    continue
-                frame = Delta(
-                    **self._frame_kw(),
-                    index=index,
-                    text="".join(ch.text),
-                    tokens=ch.tokens,
-                    logprobs=list(ch.logprobs) if ch.has_logprobs else None,
-                )
-                ch.text.clear()
-                ch.logprobs.clear()
-                ch.tokens = 0
-                await self._send(frame)
-                self.deltas_sent += 1
-            self._pending_tokens = 0
-            self._sent_first = True
-            self._last_flush = time.monotonic()
+    def _flush(self) -> None:
+        """Pending deltas (and a waiting started), shipped as one message."""
+        self.cancel_timer()
+        self._take_deltas()
+        self._sent_first = True
+        self._last_flush = self._clock()
+        self._ship()
 
     def completion_tokens(self) -> int:
         return sum(ch.total_tokens for ch in self._choices.values())
 
     async def final(self, n: int) -> None:
-        """Flush the stream's tail, then the final frame (awaited: the caller acks after it)."""
+        """The stream's tail and the final frame, in one message (awaited: the caller acks after it)."""
+        self.cancel_timer()
         if self.req.stream:
-            await self._flush()
+            self._take_deltas()
         choices = []
         for index in range(n):
             ch = self._choice(index)
@@ -189,13 +221,13 @@ class ReplyStream:
         completion = self.completion_tokens()
         usage = Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion,
                       total_tokens=self.prompt_tokens + completion)
-        async with self._lock:
-            await self._send(Final(**self._frame_kw(), choices=choices, usage=usage))
+        self._outbox.append(Final(**self._frame_kw(), choices=choices, usage=usage))
+        await self._ship()
 
     async def error(self, status: int, code: str, message: str) -> None:
         self.cancel_timer()
-        async with self._lock:
-            await self._send(Error(**self._frame_kw(), status=status, code=code, message=message))
+        self._outbox.append(Error(**self._frame_kw(), status=status, code=code, message=message))
+        await self._ship()
 
     def cancel_timer(self) -> None:
         if self._timer is not None:

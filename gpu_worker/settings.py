@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Literal
 
 from pydantic import SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -42,7 +43,9 @@ class WorkerSettings(BaseSettings):
     # The engine.
     model: Path | None = None  # a Hugging Face model folder
     served_model_name: str | None = None  # the queue to consume; default: the folder's name
-    max_num_seqs: int = 16  # engine concurrency = AMQP prefetch = advertised capacity
+    # Engine concurrency = AMQP prefetch = advertised capacity. None: vLLM's own default for this
+    # hardware, the one its OpenAI server uses (256 on most GPUs, 1024 on 70+ GB ones, 128 on CPU).
+    max_num_seqs: int | None = None
     max_model_len: int | None = None  # None: the model's own context length
     dtype: str | None = None  # None: float32 on CPU (bf16 crashes there), auto on GPU
     gpu_memory_utilization: float | None = None  # None: 0.9 on GPU, 0.1 on CPU (means CPU RAM)
@@ -62,6 +65,12 @@ class WorkerSettings(BaseSettings):
     consumer_priority: int = 0
     cancel_memory: float = 300.0  # seconds a cancelled id is remembered, for cancels that overtake
 
+    # "vllm" serves the model. "synthetic" is a load-test tool (gpu_worker/synthetic.py): filler
+    # tokens on a fixed step clock, no model, for measuring the relay path alone.
+    engine: Literal["vllm", "synthetic"] = "vllm"
+    synthetic_step_ms: float = 20.0
+    synthetic_tokens_per_step: int = 1
+
     # Reply coalescing: the first delta at once, then at most every ms / tokens.
     coalesce_ms: float = 20.0
     coalesce_tokens: int = 16
@@ -72,6 +81,8 @@ class WorkerSettings(BaseSettings):
     def _defaults(self) -> "WorkerSettings":
         if not self.worker_id:
             self.worker_id = default_worker_id()
+        if self.engine == "synthetic" and not self.served_model_name:
+            self.served_model_name = "synthetic"
         if self.model is not None and not self.served_model_name:
             self.served_model_name = Path(self.model).name
         return self

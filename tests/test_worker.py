@@ -82,18 +82,19 @@ async def test_stream_is_coalesced_and_usage_matches(gw, served_worker):
     assert final.choices[0].finish_reason == "length"
     assert final.choices[0].text is None  # streamed: the text went in the deltas
     assert deltas[0].tokens >= 1 and "".join(d.text for d in deltas)  # a delta may hold an incomplete UTF-8 tail
-    assert len(deltas) < 64, "deltas were not coalesced"
+    # How many deltas 64 tokens become depends on the machine's speed: the coalescing rule itself
+    # is pinned in test_reply_frames.py, and `chatai bench` prints messages per token.
 
 
-async def test_concurrent_streams_are_coalesced(gw):
+async def test_concurrent_streams_arrive_whole_and_in_order(gw):
     reqs = [gw.request(SERVED_MODEL, stream=True, max_tokens=48, ignore_eos=True) for _ in range(8)]
     for r in reqs:
         await gw.publish(r)
     results = [await gw.result(r.request_id) for r in reqs]
-    deltas = sum(len(split(f)[1]) for f in results)
-    tokens = sum(split(f)[2][0].usage.completion_tokens for f in results)
-    assert tokens == 8 * 48
-    assert deltas < tokens / 2, f"{deltas} delta messages for {tokens} tokens"
+    for frames in results:
+        assert_well_formed(frames)
+        _, deltas, (final,) = split(frames)
+        assert sum(d.tokens for d in deltas) == final.usage.completion_tokens == 48
 
 
 async def test_non_streamed_gives_started_then_one_final_with_text(gw):

@@ -112,11 +112,15 @@ def worker_flags(settings: WorkerSettings, names: tuple[str, ...] = ENGINE_FLAGS
 @contextmanager
 def chatai_stack(settings: WorkerSettings, state_dir: Path, tunnel: bool = True,
                  worker_env: dict[str, str] | None = None, timeout: float = 600.0) -> Iterator[Endpoint]:
-    """The whole path as ``chatai dev`` runs it (tunnel and breaker on unless ``tunnel`` is False)."""
+    """The whole path as ``chatai dev`` runs it (tunnel and breaker on unless ``tunnel`` is False).
+
+    Always on a private broker node: a shared local RabbitMQ may carry another stack's workers
+    for the same model, whose tokens would then be counted as this one's.
+    """
     from chatai.dev import DevStack
 
     stack = DevStack(state_dir=state_dir, port=free_port(), model=settings.model,
-                     served_model_name=settings.served_model_name or "tiny", tunnel=tunnel,
+                     served_model_name=settings.served_model_name or "tiny", tunnel=tunnel, broker="private",
                      worker_args=worker_flags(settings), worker_env=worker_env or {},
                      ready_timeout=timeout)
     try:

@@ -26,7 +26,7 @@ from broker_config.messages import (
     GenerateRequest,
     Heartbeat,
     Started,
-    decode_frame,
+    decode_frames,
 )
 
 AnyFrame = Started | Delta | Final | Error
@@ -68,8 +68,8 @@ class TestGatewayClient:
             self._cond.notify_all()
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        frame = decode_frame(message.body)
-        self.frames[frame.request_id].append(frame)
+        for frame in decode_frames(message.body):
+            self.frames[frame.request_id].append(frame)
         await self._notify()
 
     async def _on_heartbeat(self, message: AbstractIncomingMessage) -> None:

@@ -1,0 +1,62 @@
+"""The relay ceiling: how many tokens per second and concurrent streams one gateway process carries.
+
+The worker runs the synthetic token source (``gpu_worker/synthetic.py``, a load-test tool), so
+no model limits the rate: whatever saturates first is the path itself. While the streams run,
+the gateway process's resident memory and CPU time are sampled from ``/proc``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from chatai.bench.load import StreamLoad
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class ProcSample:
+    rss_mb: float
+    cpu_s: float
+
+
+def sample(pid: int) -> ProcSample:
+    rss_kb = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss_kb = int(line.split()[1])
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+    return ProcSample(rss_kb / 1024, cpu)
+
+
+async def relay_level(load: StreamLoad, gateway_pid: int, streams: int) -> dict:
+    """All ``streams`` at once, each one request; the gateway watched every 0.2 s meanwhile."""
+    before = sample(gateway_pid)
+    peak = before.rss_mb
+    stop = asyncio.Event()
+
+    async def watch() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, sample(gateway_pid).rss_mb)
+            try:
+                await asyncio.wait_for(stop.wait(), 0.2)
+            except asyncio.TimeoutError:
+                pass
+
+    watcher = asyncio.create_task(watch())
+    t0 = time.perf_counter()
+    result = await load.level(streams, streams)
+    wall = time.perf_counter() - t0
+    stop.set()
+    await watcher
+    after = sample(gateway_pid)
+    row = result.as_dict()
+    row.update(gateway_rss_before_mb=round(before.rss_mb, 1), gateway_rss_peak_mb=round(peak, 1),
+               gateway_cpu_percent=round(100 * (after.cpu_s - before.cpu_s) / wall, 1))
+    return row

@@ -1,0 +1,69 @@
+"""`chatai bench`'s own logic: one set of engine arguments for every path, honest figures."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import typer
+
+from chatai.bench.cli import _levels, _relay_levels, requests_for
+from chatai.bench.load import RequestRecord, percentile, summarize
+from chatai.bench.report import markdown, ratios
+from chatai.bench.targets import vllm_server_argv, worker_flags
+from gpu_worker.settings import WorkerSettings
+
+
+def test_vllm_server_gets_exactly_the_workers_engine_arguments(tmp_path):
+    s = WorkerSettings(model=tmp_path / "m", served_model_name="tiny", max_num_seqs=16, max_model_len=512)
+    argv = vllm_server_argv(s, 8123)
+    flags = " ".join(argv)
+    for expected in ("--model " + str(tmp_path / "m"), "--served-model-name tiny", "--max-num-seqs 16",
+                     "--max-model-len 512", "--dtype float32", "--enforce-eager",
+                     "--distributed-executor-backend uni", "--disable-log-stats", "--port 8123"):
+        assert expected in flags
+    assert "--trust-remote-code" not in flags  # False flags are left out, not passed as "False"
+    assert worker_flags(s) == ["--max-num-seqs", "16", "--max-model-len", "512", "--kv-cache-space-gb", "1.0"]
+
+
+def test_engine_default_capacity_is_left_to_vllm(tmp_path):
+    argv = vllm_server_argv(WorkerSettings(model=tmp_path / "m"), 1)
+    assert "--max-num-seqs" not in argv
+
+
+def test_itl_and_throughput_come_from_usage_not_chunks():
+    records = [RequestRecord(ttft=0.010, latency=0.010 + 63 * 0.002, completion_tokens=64),
+               RequestRecord(ttft=0.020, latency=0.020 + 63 * 0.004, completion_tokens=64),
+               RequestRecord(error="HTTP 503")]
+    r = summarize(16, records, wall_s=2.0)
+    assert (r.ok, r.failed, r.output_tokens, r.output_tok_s) == (2, 1, 128, 64.0)
+    assert r.itl_p50_ms == pytest.approx(2.0) and r.itl_p99_ms == pytest.approx(4.0)
+    assert r.ttft_p50_ms == pytest.approx(10.0) and r.errors == ["HTTP 503"]
+    assert math.isnan(percentile([], 50))
+
+
+def test_ratios_compare_level_by_level():
+    level = lambda c, tps, ttft: {"concurrency": c, "output_tok_s": tps, "ttft_p50_ms": ttft}  # noqa: E731
+    out = ratios({"vllm": [level(1, 400, 9.0), level(16, 3000, 40.0)],
+                  "chatai": [level(1, 380, 12.0), level(16, 3300, 45.0)],
+                  "ceiling": [level(16, 5000, 5.0)]})
+    assert out[0] == {"concurrency": 1, "throughput_ratio_vs_vllm": 0.95, "ttft_p50_added_ms": 3.0}
+    assert out[1]["throughput_ratio_vs_vllm"] == 1.1 and out[1]["throughput_ratio_vs_ceiling"] == 0.66
+
+
+def test_markdown_names_the_machine():
+    result = {"paths": {}, "ratios": [], "machine": {"cpus": 2, "cpu": "X", "memory_gib": 23.5, "python": "3.11",
+                                                     "vllm": "0.32", "torch": "2", "load_average_at_start": [0.1],
+                                                     "date": "today"}}
+    assert "2 CPUs (X)" in markdown(result)
+
+
+def test_bad_levels_are_refused_with_a_clear_message():
+    assert _levels("1,16,64") == [1, 16, 64]
+    assert _relay_levels("64x50,1000x1") == [(64, 50), (1000, 1)]
+    for bad in ("", "a,b", "0"):
+        with pytest.raises(typer.BadParameter):
+            _levels(bad)
+    with pytest.raises(typer.BadParameter, match="STREAMSxTOKENS"):
+        _relay_levels("64-50")
+    assert requests_for(1, None) == 32 and requests_for(64, None) == 256 and requests_for(64, 10) == 10
