@@ -60,10 +60,11 @@ def test_markdown_names_the_machine():
 
 def test_bad_levels_are_refused_with_a_clear_message():
     assert _levels("1,16,64") == [1, 16, 64]
-    assert _relay_levels("64x50,1000x1") == [(64, 50), (1000, 1)]
+    assert _relay_levels("64x20@20,1000x1@200") == [(64, 20, 20.0), (1000, 1, 200.0)]
     for bad in ("", "a,b", "0"):
         with pytest.raises(typer.BadParameter):
             _levels(bad)
-    with pytest.raises(typer.BadParameter, match="STREAMSxTOKENS"):
-        _relay_levels("64-50")
+    for bad in ("64-50", "64x50", "64x0@20"):
+        with pytest.raises(typer.BadParameter, match="64"):
+            _relay_levels(bad)
     assert requests_for(1, None) == 32 and requests_for(64, None) == 256 and requests_for(64, 10) == 10

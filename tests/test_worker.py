@@ -216,8 +216,8 @@ async def test_heartbeat_reports_the_worker(gw, served_worker):
 # ------------------------------------------------------------------ workers of their own: kill, drain, idle
 
 
-@pytest.fixture(scope="module")
-def own_workers(broker, tiny_model_dir, tmp_path_factory):
+@pytest_asyncio.fixture(scope="module")
+async def own_workers(broker, tiny_model_dir, tmp_path_factory):
     """Three extra workers started together (start-up is the slow part), on queues of their own.
 
     On the kill queue, A has a higher consumer priority than B: requests go to A while it lives,
@@ -240,7 +240,9 @@ def own_workers(broker, tiny_model_dir, tmp_path_factory):
     }
     try:
         for w in workers.values():
-            w.wait_ready()
+            # In a thread: the event loop keeps answering the broker's heartbeats for the
+            # session's AMQP client meanwhile (a loaded machine takes minutes for three engines).
+            await asyncio.to_thread(w.wait_ready)
         yield workers
     finally:
         for w in workers.values():

@@ -108,24 +108,25 @@ def compare(
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _relay_levels(text: str) -> list[tuple[int, int]]:
-    """``64x50,1000x1``: (streams, tokens per step) pairs."""
-    pairs = []
+def _relay_levels(text: str) -> list[tuple[int, int, float]]:
+    """``64x20@20,1000x1@200``: (streams, tokens per step, step ms) triples."""
+    triples = []
     for part in text.split(","):
         try:
-            streams, tokens = (int(x) for x in part.lower().split("x"))
+            head, _, step = part.partition("@")
+            streams, tokens = (int(x) for x in head.lower().split("x"))
+            step_ms = float(step)
         except ValueError:
-            raise typer.BadParameter(f"'{part}': give levels as STREAMSxTOKENS_PER_STEP, e.g. 64x50,1000x1") from None
-        if streams < 1 or tokens < 1:
-            raise typer.BadParameter(f"'{part}': streams and tokens per step must be 1 or more")
-        pairs.append((streams, tokens))
-    return pairs
+            raise typer.BadParameter(f"'{part}': give levels as STREAMSxTOKENS@STEP_MS, e.g. 64x20@20,1000x1@200") from None
+        if streams < 1 or tokens < 1 or step_ms <= 0:
+            raise typer.BadParameter(f"'{part}': streams, tokens per step and the step must be positive")
+        triples.append((streams, tokens, step_ms))
+    return triples
 
 
 @app.command()
 def relay(
-    levels: Annotated[str, typer.Option(help="STREAMSxTOKENS_PER_STEP pairs: concurrent streams, tokens per engine step.")] = "64x50,1000x1",
-    step_ms: Annotated[float, typer.Option(help="Synthetic engine step, ms (every stream gets its tokens each step).")] = 20.0,
+    levels: Annotated[str, typer.Option(help="STREAMSxTOKENS@STEP_MS: concurrent streams, tokens each gets per synthetic engine step, the step in ms.")] = "64x20@20,1000x1@200",
     seconds: Annotated[float, typer.Option(help="How long each stream lasts at full speed.")] = 10.0,
     tunnel: Annotated[bool, typer.Option("--tunnel/--no-tunnel", help="Through the SSH tunnel and breaker.")] = True,
     out: Annotated[Path, typer.Option(help="Folder for relay.json and relay.md.")] = Path("bench-results"),
@@ -139,36 +140,35 @@ def relay(
     from chatai.bench.targets import chatai_stack, scratch_dir
     from gpu_worker.settings import WorkerSettings
 
-    pairs = _relay_levels(levels)
+    triples = _relay_levels(levels)
     work = scratch_dir("chatai-relay-")
     rows: list[dict] = []
     try:
-        for tokens_per_step in sorted({t for _, t in pairs}):
-            max_streams = max(s for s, t in pairs if t == tokens_per_step)
-            settings = WorkerSettings(engine="synthetic", served_model_name="synthetic", max_num_seqs=max_streams)
+        for i, (streams, tokens_per_step, step_ms) in enumerate(triples):
+            settings = WorkerSettings(engine="synthetic", served_model_name="synthetic", max_num_seqs=streams)
             env = {"CHATAI_WORKER_ENGINE": "synthetic", "CHATAI_WORKER_SYNTHETIC_STEP_MS": f"{step_ms:g}",
                    "CHATAI_WORKER_SYNTHETIC_TOKENS_PER_STEP": str(tokens_per_step)}
-            with chatai_stack(settings, work / f"stack-{tokens_per_step}", tunnel=tunnel, worker_env=env) as ep:
+            with chatai_stack(settings, work / f"stack-{i}", tunnel=tunnel, worker_env=env) as ep:
                 max_tokens = max(1, int(seconds * 1000 / step_ms) * tokens_per_step)
                 load = StreamLoad(ep.base_url, ep.api_key, ep.model, max_tokens=max_tokens, timeout=seconds * 20 + 60)
-                for streams in sorted(s for s, t in pairs if t == tokens_per_step):
-                    offered = streams * tokens_per_step * 1000 / step_ms
-                    row = asyncio.run(relay_level(load, ep.pid, streams))
-                    row.update(tokens_per_step=tokens_per_step, step_ms=step_ms, offered_tok_s=offered)
-                    rows.append(row)
-                    typer.echo(f"  {streams:>5} streams x {tokens_per_step} tok/step: offered {offered:>9,.0f} tok/s, "
-                               f"relayed {row['output_tok_s']:>9,.0f} tok/s; TTFT p50 {row['ttft_p50_ms']:.0f} ms; "
-                               f"gateway RSS peak {row['gateway_rss_peak_mb']:.0f} MB, CPU {row['gateway_cpu_percent']:.0f}%; "
-                               f"ok {row['ok']} failed {row['failed']}")
+                offered = streams * tokens_per_step * 1000 / step_ms
+                row = asyncio.run(relay_level(load, ep.pid, streams, ep.worker_pid))
+                row.update(tokens_per_step=tokens_per_step, step_ms=step_ms, offered_tok_s=offered)
+                rows.append(row)
+                typer.echo(f"  {streams:>5} streams x {tokens_per_step} tok / {step_ms:g} ms: offered {offered:>9,.0f} tok/s, "
+                           f"relayed {row['output_tok_s']:>9,.0f} tok/s; TTFT p50 {row['ttft_p50_ms']:.0f} ms; "
+                           f"gateway RSS peak {row['gateway_rss_peak_mb']:.0f} MB, CPU {row['gateway_cpu_percent']:.0f}%; "
+                           f"worker CPU {row.get('worker_cpu_percent', float('nan')):.0f}%; ok {row['ok']} failed {row['failed']}")
         out.mkdir(parents=True, exist_ok=True)
         result = {"machine": report.machine(), "tunnel": tunnel, "levels": rows}
         (out / "relay.json").write_text(json.dumps(result, indent=2) + "\n")
-        md = ["| streams | tokens/step | offered tok/s | relayed tok/s | TTFT p50 / p99 (ms) | gateway RSS before / peak (MB) | gateway CPU | ok / failed |",
-              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        md = ["| streams | tokens / step | offered tok/s | relayed tok/s | TTFT p50 / p99 (ms) | gateway RSS before / peak (MB) | gateway CPU | worker CPU | ok / failed |",
+              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in rows:
-            md.append(f"| {r['concurrency']} | {r['tokens_per_step']} | {r['offered_tok_s']:,.0f} | {r['output_tok_s']:,.0f} | "
-                      f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | {r['gateway_rss_before_mb']:.0f} / "
-                      f"{r['gateway_rss_peak_mb']:.0f} | {r['gateway_cpu_percent']:.0f}% | {r['ok']} / {r['failed']} |")
+            md.append(f"| {r['concurrency']} | {r['tokens_per_step']} / {r['step_ms']:g} ms | {r['offered_tok_s']:,.0f} | "
+                      f"{r['output_tok_s']:,.0f} | {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
+                      f"{r['gateway_rss_before_mb']:.0f} / {r['gateway_rss_peak_mb']:.0f} | {r['gateway_cpu_percent']:.0f}% | "
+                      f"{r.get('worker_cpu_percent', float('nan')):.0f}% | {r['ok']} / {r['failed']} |")
         (out / "relay.md").write_text("\n".join(md) + "\n")
         typer.echo("\n".join(md))
         typer.echo(f"wrote {out / 'relay.json'}, {out / 'relay.md'}")

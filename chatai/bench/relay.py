@@ -34,9 +34,10 @@ def sample(pid: int) -> ProcSample:
     return ProcSample(rss_kb / 1024, cpu)
 
 
-async def relay_level(load: StreamLoad, gateway_pid: int, streams: int) -> dict:
+async def relay_level(load: StreamLoad, gateway_pid: int, streams: int, worker_pid: int | None = None) -> dict:
     """All ``streams`` at once, each one request; the gateway watched every 0.2 s meanwhile."""
     before = sample(gateway_pid)
+    worker_before = sample(worker_pid) if worker_pid else None
     peak = before.rss_mb
     stop = asyncio.Event()
 
@@ -59,4 +60,6 @@ async def relay_level(load: StreamLoad, gateway_pid: int, streams: int) -> dict:
     row = result.as_dict()
     row.update(gateway_rss_before_mb=round(before.rss_mb, 1), gateway_rss_peak_mb=round(peak, 1),
                gateway_cpu_percent=round(100 * (after.cpu_s - before.cpu_s) / wall, 1))
+    if worker_pid and worker_before:  # which side saturated first: the relay or the token source
+        row["worker_cpu_percent"] = round(100 * (sample(worker_pid).cpu_s - worker_before.cpu_s) / wall, 1)
     return row

@@ -36,6 +36,7 @@ class Endpoint:
     api_key: str
     model: str
     pid: int  # the process that relays the tokens (vLLM's server, or the gateway)
+    worker_pid: int | None = None  # chatai's worker, when it runs as a child here
 
 
 def _wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:
@@ -126,8 +127,9 @@ def chatai_stack(settings: WorkerSettings, state_dir: Path, tunnel: bool = True,
     try:
         info = stack.start()
         stack.wait_until_serving()
+        worker = stack.processes.get("worker")
         yield Endpoint(info["gateway_url"], stack.api_key or "", stack.served_model_name,
-                       stack.processes["gateway"].pid)
+                       stack.processes["gateway"].pid, worker.pid if worker else None)
     finally:
         stack.stop()
 
