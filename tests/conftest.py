@@ -19,6 +19,17 @@ from broker_config.admin import BrokerAdmin
 from broker_config.definitions import ROLES, Definitions, new_password
 from broker_config.local_node import LocalBrokerNode, rabbitmq_installed
 
+# The fast tier (`pytest -m "not slow"`, no root, well under a minute) is every test that needs
+# none of these: a real broker, sshd, Slurm or vLLM engine (each reached through one of them).
+SLOW_FIXTURES = {"broker", "tiny_model_dir", "sshd", "gw_user"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
+
+
 # Models the test broker knows: one served by the test worker, one that no worker ever serves.
 SERVED_MODEL = "tiny"
 UNSERVED_MODEL = "unserved"

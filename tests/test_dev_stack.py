@@ -14,6 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+pytestmark = pytest.mark.slow  # runs the whole `chatai dev` stack
 from openai import OpenAI
 
 from broker_config.local_node import free_port
