@@ -349,7 +349,10 @@ def test_cancel_a_running_batch(bgw, workers, broker):
 
 async def _ttft(client: openai.AsyncOpenAI) -> float:
     t0 = time.monotonic()
-    stream = await client.chat.completions.create(model=BATCH_MODEL, stream=True, max_tokens=4,
+    # 16 tokens and no early end: 4 random tokens of the tiny model may be an end of text or an
+    # unfinished UTF-8 sequence, and then no chunk carries text at all.
+    stream = await client.chat.completions.create(model=BATCH_MODEL, stream=True, max_tokens=16,
+                                                  extra_body={"ignore_eos": True},
                                                   messages=[{"role": "user", "content": "Hello?"}])
     first = None
     async for chunk in stream:
