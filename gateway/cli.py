@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from gateway.keys import KeyStore
 from gateway.settings import GatewaySettings
@@ -75,13 +75,13 @@ def keys_set_limits(key_id: str, state_dir: StateDir = None, rpm: Rpm = None, tp
 
 @keys_app.command("list")
 def keys_list(state_dir: StateDir = None) -> None:
-    """Keys with their hints and limits ('default': the gateway's CHATAI_GATEWAY_LIMIT_* setting, 0: unlimited)."""
-    table = Table("id", "name", "key", "created", "revoked", "rpm", "tpm", "max-concurrent", "upload-bytes",
-                  "open-batches")
+    """Keys with their hints and own limits (others follow the CHATAI_GATEWAY_LIMIT_* defaults; 0: unlimited)."""
+    table = Table(Column("id", no_wrap=True), "name", Column("key", no_wrap=True), "created", "revoked",
+                  Column("limits", overflow="fold"))
     fmt = lambda ts: datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M") if ts else ""  # noqa: E731
     for k in _store(state_dir).list():
-        table.add_row(k.id, k.name, k.hint, fmt(k.created_at), fmt(k.revoked_at),
-                      *("default" if v is None else str(v) for v in k.limits.values()))
+        own = " ".join(f"{name.replace('_', '-')}={v}" for name, v in k.limits.items() if v is not None)
+        table.add_row(k.id, k.name, k.hint, fmt(k.created_at), fmt(k.revoked_at), own or "default")
     Console().print(table)
 
 

@@ -153,6 +153,11 @@ class Lease:
         self._released = True
         self._limiter._release(self._key_id, tokens)
 
+    def __del__(self) -> None:
+        # A backstop: a lease dropped on a path nobody foresaw must not hold a slot forever.
+        if not self._released:
+            self.release()
+
 
 class RateLimiter:
     """The per-key request, token and concurrency limits of one gateway process."""

@@ -71,7 +71,8 @@ def test_keys_create_and_set_limits_store_per_key_limits(tmp_path):
                                     "open_batches": 0}
     store.close()
     listing = keys_cli(tmp_path, "list")
-    assert "1000" in listing and "default" in listing
+    assert "tpm=1000" in listing and "max-concurrent=2" in listing and "open-batches=0" in listing
+    assert "rpm=" not in listing  # back to the default
     bad = subprocess.run([sys.executable, "-m", "chatai.cli", "keys", "set-limits", key_id, "--rpm", "-1"],
                          env={**os.environ, "CHATAI_GATEWAY_STATE_DIR": str(tmp_path)}, capture_output=True,
                          text=True, timeout=60)
