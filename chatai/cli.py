@@ -45,7 +45,8 @@ def _register() -> None:
 @app.command()
 def dev(
     port: Annotated[int, typer.Option(help="Gateway port.")] = 8000,
-    api_key: Annotated[Optional[str], typer.Option(help="API key to accept (created if new; generated if omitted).")] = None,
+    api_key: Annotated[Optional[str], typer.Option(help="Deprecated: a key on the command line is visible to every local user (ps). Use CHATAI_DEV_API_KEY or --api-key-file.")] = None,
+    api_key_file: Annotated[Optional[Path], typer.Option(help="File whose first line is the API key to accept (created if new). Default: env CHATAI_DEV_API_KEY, else a generated key.")] = None,
     state_dir: Annotated[Path, typer.Option(help="Where logs, keys, the tiny model and stack.json go.")] = Path(".chatai-dev"),
     model: Annotated[Optional[Path], typer.Option(help="Model directory (default: the tiny test model).")] = None,
     served_model_name: Annotated[str, typer.Option(help="Name clients use for the model.")] = "tiny",
@@ -54,11 +55,19 @@ def dev(
     slurm: Annotated[bool, typer.Option("--slurm", help="Start the worker through a private single-node Slurm (sbatch array).")] = False,
     tunnel: Annotated[Optional[bool], typer.Option("--tunnel/--no-tunnel", help="Reach the broker through a local sshd with the circuit breaker (default: when sshd can run here).")] = None,
 ) -> None:
-    """Run the whole stack on this machine: broker, worker, gateway. Stops on Ctrl-C or SIGTERM."""
-    from chatai.dev import DevStack, run
+    """Run the whole stack on this machine: broker, worker, gateway. Stops on Ctrl-C or SIGTERM.
+
+    The API key to accept comes from CHATAI_DEV_API_KEY or --api-key-file (never the command line,
+    which every local user can read); without one, a key is generated and written to stack.json.
+    """
+    from chatai.dev import DevError, DevStack, resolve_api_key, run
 
     if broker not in ("auto", "system", "private"):
         raise typer.BadParameter("--broker must be auto, system or private")
+    try:
+        api_key = resolve_api_key(flag=api_key, file=api_key_file)
+    except DevError as exc:
+        raise typer.BadParameter(str(exc)) from None
     stack = DevStack(state_dir=state_dir.resolve(), port=port, api_key=api_key, model=model,
                      served_model_name=served_model_name, broker=broker, tunnel=tunnel, slurm=slurm)
     raise typer.Exit(run(stack, demo=demo))

@@ -4,6 +4,10 @@ Broker (a reachable local RabbitMQ, or a private node started from ``broker_conf
 definitions, a worker on the tiny model (or ``--model``), and the gateway, each a child
 process with its log under ``STATE_DIR/logs``. ``STATE_DIR/stack.json`` tells tests and tools
 where everything is. Ctrl-C or SIGTERM stops all of it, workers first so they drain.
+
+The API key comes from ``CHATAI_DEV_API_KEY`` or a file, not from the command line: a process's
+arguments are readable by every local user (``ps``, ``/proc/<pid>/cmdline``), its environment
+only by its owner. The variable is removed from the environment the children inherit.
 """
 
 from __future__ import annotations
@@ -27,8 +31,38 @@ from broker_config.local_node import LocalBrokerNode, rabbitmq_installed
 from gateway.keys import KeyStore
 
 
+API_KEY_ENV = "CHATAI_DEV_API_KEY"
+MIN_KEY_LENGTH = 16  # gateway.keys.KeyStore refuses shorter keys
+
+
 class DevError(RuntimeError):
     pass
+
+
+def resolve_api_key(flag: str | None = None, file: Path | None = None) -> str | None:
+    """The key to accept: ``file``, else ``$CHATAI_DEV_API_KEY``, else the deprecated ``--api-key``
+    (with a warning), else None (a key is generated). Checked before anything starts."""
+    env_key = os.environ.pop(API_KEY_ENV, None)  # children never inherit it
+    if flag is not None:
+        print("chatai dev: warning: --api-key is deprecated: the key is visible to every local user in ps "
+              f"and /proc/<pid>/cmdline. Set {API_KEY_ENV} or use --api-key-file instead.",
+              file=sys.stderr, flush=True)
+    if file is not None:
+        try:
+            lines = file.read_text().splitlines()
+        except OSError as exc:
+            raise DevError(f"cannot read the API key file {file}: {exc.strerror}") from None
+        key = lines[0].strip() if lines else ""
+        source = str(file)
+    elif env_key:
+        key, source = env_key.strip(), API_KEY_ENV
+    elif flag is not None:
+        key, source = flag.strip(), "--api-key"
+    else:
+        return None
+    if len(key) < MIN_KEY_LENGTH:
+        raise DevError(f"the API key from {source} must be at least {MIN_KEY_LENGTH} characters long")
+    return key
 
 
 def _say(msg: str) -> None:

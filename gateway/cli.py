@@ -10,13 +10,19 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from gateway.keys import KeyStore
 from gateway.settings import GatewaySettings
 
 keys_app = typer.Typer(help="API keys of the gateway (stored hashed).", no_args_is_help=True)
 StateDir = Annotated[Optional[Path], typer.Option(help="Gateway state directory (env CHATAI_GATEWAY_STATE_DIR).")]
+_LIMIT_HELP = "N (0: unlimited) or 'default' (the gateway's CHATAI_GATEWAY_LIMIT_* setting)."
+Rpm = Annotated[Optional[str], typer.Option("--rpm", help="Requests per minute: " + _LIMIT_HELP)]
+Tpm = Annotated[Optional[str], typer.Option("--tpm", help="Prompt + completion tokens per minute: " + _LIMIT_HELP)]
+Concurrent = Annotated[Optional[str], typer.Option("--max-concurrent", help="Requests in flight at once: " + _LIMIT_HELP)]
+UploadBytes = Annotated[Optional[str], typer.Option("--upload-bytes", help="Bytes of uploaded files kept: " + _LIMIT_HELP)]
+OpenBatches = Annotated[Optional[str], typer.Option("--open-batches", help="Batches not yet finished: " + _LIMIT_HELP)]
 
 
 def _store(state_dir: Path | None) -> KeyStore:
@@ -26,19 +32,56 @@ def _store(state_dir: Path | None) -> KeyStore:
     return KeyStore(state_dir / "gateway.db")
 
 
+def _limits(**given: str | None) -> dict[str, int | None]:
+    """The limit options that were given: an integer >= 0, or None for 'default'."""
+    out: dict[str, int | None] = {}
+    for name, text in given.items():
+        if text is None:
+            continue
+        if text.strip().lower() == "default":
+            out[name] = None
+        elif text.strip().isdigit():
+            out[name] = int(text)
+        else:
+            raise typer.BadParameter(f"--{name.replace('_', '-')} takes a whole number >= 0 or 'default', not {text!r}")
+    return out
+
+
 @keys_app.command("create")
-def keys_create(name: Annotated[str, typer.Option(help="Who the key is for.")], state_dir: StateDir = None) -> None:
-    """Create a key and print it once; only its hash is kept."""
-    info, key = _store(state_dir).create(name)
+def keys_create(name: Annotated[str, typer.Option(help="Who the key is for.")], state_dir: StateDir = None,
+                rpm: Rpm = None, tpm: Tpm = None, max_concurrent: Concurrent = None,
+                upload_bytes: UploadBytes = None, open_batches: OpenBatches = None) -> None:
+    """Create a key and print it once; only its hash is kept. Limits not given follow the gateway's defaults."""
+    limits = _limits(rpm=rpm, tpm=tpm, max_concurrent=max_concurrent, upload_bytes=upload_bytes,
+                     open_batches=open_batches)
+    info, key = _store(state_dir).create(name, limits=limits)
     typer.echo(f"{info.id}\t{key}")
+
+
+@keys_app.command("set-limits")
+def keys_set_limits(key_id: str, state_dir: StateDir = None, rpm: Rpm = None, tpm: Tpm = None,
+                    max_concurrent: Concurrent = None, upload_bytes: UploadBytes = None,
+                    open_batches: OpenBatches = None) -> None:
+    """Change an existing key's limits; running gateways apply them to its next request."""
+    limits = _limits(rpm=rpm, tpm=tpm, max_concurrent=max_concurrent, upload_bytes=upload_bytes,
+                     open_batches=open_batches)
+    if not limits:
+        raise typer.BadParameter("give at least one of --rpm, --tpm, --max-concurrent, --upload-bytes, --open-batches")
+    if not _store(state_dir).set_limits(key_id, limits):
+        typer.echo(f"no key with id {key_id}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{key_id}\t" + " ".join(f"{k}={'default' if v is None else v}" for k, v in limits.items()))
 
 
 @keys_app.command("list")
 def keys_list(state_dir: StateDir = None) -> None:
-    table = Table("id", "name", "key", "created", "revoked")
+    """Keys with their hints and own limits (others follow the CHATAI_GATEWAY_LIMIT_* defaults; 0: unlimited)."""
+    table = Table(Column("id", no_wrap=True), "name", Column("key", no_wrap=True), "created", "revoked",
+                  Column("limits", overflow="fold"))
     fmt = lambda ts: datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M") if ts else ""  # noqa: E731
     for k in _store(state_dir).list():
-        table.add_row(k.id, k.name, k.hint, fmt(k.created_at), fmt(k.revoked_at))
+        own = " ".join(f"{name.replace('_', '-')}={v}" for name, v in k.limits.items() if v is not None)
+        table.add_row(k.id, k.name, k.hint, fmt(k.created_at), fmt(k.revoked_at), own or "default")
     Console().print(table)
 
 

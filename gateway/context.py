@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Depends, Header, Request
@@ -11,6 +11,7 @@ from gateway.broker import GatewayBroker
 from gateway.errors import invalid_api_key
 from gateway.generation import Timeouts
 from gateway.keys import KeyStore
+from gateway.limits import Lease, Limits, RateLimiter
 from gateway.registry import WorkerRegistry
 from gateway.settings import GatewaySettings
 
@@ -22,6 +23,16 @@ class GatewayContext:
     registry: WorkerRegistry
     broker: GatewayBroker
     tunnel: Any = None  # gateway.tunnel.BrokerTunnel when the cluster is reached through SSH
+    limiter: RateLimiter = field(default_factory=RateLimiter)  # this process's per-key counters
+
+    def limits(self, key_id: str) -> Limits:
+        """A key's effective limits: its own where set, else the gateway's defaults (read each
+        request, so ``chatai keys set-limits`` applies at once)."""
+        return self.settings.default_limits.merged(self.keys.limits(key_id))
+
+    def admit(self, key_id: str) -> Lease:
+        """Count one generation request of an authenticated key; 429 (RateLimited) over its limits."""
+        return self.limiter.admit(key_id, self.limits(key_id))
 
     @property
     def timeouts(self) -> Timeouts:

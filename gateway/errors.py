@@ -38,13 +38,14 @@ class APIError(Exception):
         self.code = code
         self.param = param
         self.type = type or _TYPES.get(status, "server_error")
+        self.headers: dict[str, str] = {}  # extra response headers (e.g. retry-after on a 429)
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else {}
+        return JSONResponse(self.body(), status_code=self.status, headers={**headers, **self.headers})
 
 
 def invalid_api_key() -> APIError:

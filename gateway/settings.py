@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import SecretStr, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from gateway.limits import Limits
 
 
 class GatewaySettings(BaseSettings):
@@ -35,6 +37,14 @@ class GatewaySettings(BaseSettings):
     max_request_bytes: int = 4 * 1024 * 1024
     worker_expiry_intervals: float = 3.0  # forget a worker after this many missed heartbeats
 
+    # Per-API-key limits: the default for keys without their own (``chatai keys create/set-limits``).
+    # 0 means unlimited. See gateway/limits.py and docs/security.md ("Per-key limits").
+    limit_rpm: int = Field(600, ge=0)  # chat + completion requests per minute
+    limit_tpm: int = Field(0, ge=0)  # prompt + completion tokens per minute (what a GPU can give depends on the model)
+    limit_concurrent: int = Field(64, ge=0)  # requests in flight at once
+    limit_upload_bytes: int = Field(2 * 1024**3, ge=0)  # bytes of uploaded batch files kept at once
+    limit_open_batches: int = Field(20, ge=0)  # batches not yet completed, failed, expired or cancelled
+
     @model_validator(mode="after")
     def _one_way_in(self) -> "GatewaySettings":
         if self.tunnel_host is None and not self.broker_direct:
@@ -43,6 +53,11 @@ class GatewaySettings(BaseSettings):
                 "or ask for a direct broker connection with --broker-direct"
             )
         return self
+
+    @property
+    def default_limits(self) -> Limits:
+        return Limits(rpm=self.limit_rpm, tpm=self.limit_tpm, max_concurrent=self.limit_concurrent,
+                      upload_bytes=self.limit_upload_bytes, open_batches=self.limit_open_batches)
 
     @property
     def db_path(self) -> Path:

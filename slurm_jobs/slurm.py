@@ -19,8 +19,23 @@ SEP = "\x1f"  # unit separator: never appears in a job name or a reason
 _SQUEUE_FIELDS = ("%A", "%F", "%K", "%i", "%j", "%T", "%r", "%M", "%l", "%L", "%N", "%u", "%Q", "%S")
 
 # Variables never handed to sbatch: with --export=ALL Slurm stores the submit environment in
-# its state, so secrets must not travel that way (the job reads them from a private file).
-_SECRET_ENV = re.compile(r"(PASSWORD|SECRET|TOKEN|BROKER_URL|API_KEY)", re.I)
+# its state (readable by Slurm admins, shown by `scontrol show job -d`, kept in accounting), so
+# secrets must not travel that way (the job reads them from a private file). By name: anything
+# that names a password, secret, token, key, credential or auth, and the cloud providers' whole
+# prefixes (settings such as CHATAI_WORKER_COALESCE_TOKENS or TOKENIZERS_PARALLELISM stay);
+# by value: URLs with a password in them and PEM private keys, whatever their name.
+_SECRET_NAME = re.compile(
+    r"PASSW|_PWD$|PASSPHRASE|SECRET|(^|_)TOKEN(_|$)|TOKEN$|CREDENTIAL|AUTH|COOKIE|SESSION_?KEY|PRIVATE|SIGNING"
+    r"|API_?KEY|ACCESS_?KEY|(^|_)KEY(_ID)?$|_KEYS?_|BROKER_URL|DATABASE_URL|_DSN$|^DSN$"
+    r"|^AWS_|^AZURE_|^ARM_CLIENT|^GOOGLE_|^GCP_|^GCLOUD_|^VAULT_|^SSH_AUTH_SOCK$",
+    re.I)
+_SECRET_VALUE = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#@\s]*:[^/?#@\s]*@|-----BEGIN [A-Z ]*PRIVATE KEY", re.I)
+
+
+def scrub_secrets(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` without the variables that look like secrets (by name or by value)."""
+    return {k: v for k, v in env.items() if not _SECRET_NAME.search(k) and not _SECRET_VALUE.search(v)}
+
 
 RUNNING_STATES = frozenset({"RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "STOPPED"})
 PENDING_STATES = frozenset({"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING"})
@@ -117,7 +132,7 @@ class Slurm:
     def _environ(self, scrub: bool = False) -> dict[str, str]:
         env = {**os.environ, **(self.env or {})}
         if scrub:
-            env = {k: v for k, v in env.items() if not _SECRET_ENV.search(k)}
+            env = scrub_secrets(env)
         return env
 
     def _run(self, cmd: Sequence[str], stdin: str | None = None, scrub: bool = False) -> str:

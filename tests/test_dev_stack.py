@@ -29,14 +29,37 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _cmdlines_holding(secret: str) -> list[str]:
+    """Every process on the machine whose arguments (what ``ps`` shows anyone) contain ``secret``."""
+    hits = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if secret.encode() in (entry / "cmdline").read_bytes():
+                    hits.append(entry.name)
+            except OSError:
+                pass  # the process ended meanwhile
+    return hits
+
+
+# The key reaches `chatai dev` as the README passes it (environment), or from a file.
 @pytest.fixture(scope="module", params=[[], ["--slurm"]], ids=["processes", "slurm"])
 def dev_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     state = tmp_path_factory.mktemp("dev-state")
     key = "sk-chatai-test-" + uuid.uuid4().hex
     port = free_port()
     out = state.parent / "dev.out"
+    env = dict(os.environ)
+    key_args = []
+    if "--slurm" in request.param:
+        key_file = state.parent / "dev-key"
+        key_file.write_text(key + "\n")
+        key_file.chmod(0o600)
+        key_args = ["--api-key-file", str(key_file)]
+    else:
+        env["CHATAI_DEV_API_KEY"] = key
     proc = subprocess.Popen([sys.executable, "-m", "chatai.cli", "dev", "--state-dir", str(state),
-                             "--api-key", key, "--port", str(port), *request.param],
+                             *key_args, "--port", str(port), *request.param], env=env,
                             stdout=open(out, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while "ready" not in out.read_text(errors="replace"):
@@ -67,6 +90,10 @@ def test_dev_stack_serves_streams_and_stops_cleanly(dev_stack):
     assert health["tunnel"]["state"] == "up" and health["broker"]["connected"]
     pids = list(stack["pids"].values())
     assert pids and all(_alive(pid) for pid in pids)
+    # Attack 9: the key is in no process's arguments (ps), and the children do not inherit it.
+    assert not _cmdlines_holding(key), "the API key is visible in ps"
+    for pid in pids:
+        assert key.encode() not in Path(f"/proc/{pid}/environ").read_bytes()
     if "--slurm" in args:
         # The worker is an array job of the stack's private Slurm, not a child process.
         assert "worker" not in stack["pids"]
@@ -92,3 +119,14 @@ def test_dev_stack_serves_streams_and_stops_cleanly(dev_stack):
     assert logs
     for path in logs:
         assert canary not in path.read_text(errors="replace"), f"prompt text leaked into {path}"
+
+
+def test_api_key_flag_is_deprecated_with_a_warning_and_checked_before_anything_starts(tmp_path):
+    """The old ``--api-key`` still works but says why not to use it; a bad key stops at once."""
+    state = tmp_path / "state"
+    proc = subprocess.run([sys.executable, "-m", "chatai.cli", "dev", "--state-dir", str(state),
+                           "--api-key", "too-short"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "--api-key is deprecated" in proc.stderr and "CHATAI_DEV_API_KEY" in proc.stderr
+    assert "at least 16 characters" in proc.stderr
+    assert not state.exists()  # nothing was started

@@ -399,3 +399,36 @@ async def test_dev_slurm_handle_submits_through_the_template_and_drains_on_stop(
     texts = [p.read_text() for p in sorted((slurm.state_dir / "logs").glob("*.out"))]
     assert all("model=tiny path=/models/tiny" in t and "got TERM" in t for t in texts), texts
     assert not slurm.cluster.processes
+
+
+# Attack 9: secrets in the operator's environment must not reach sbatch (--export=ALL would copy
+# them into slurmctld's state, the job's environment and the accounting records).
+SECRET_VARS = ["DB_PASSWORD", "MYSQL_PWD", "GPG_PASSPHRASE", "APP_SECRET", "GITHUB_TOKEN", "HF_TOKEN",
+               "OPENAI_API_KEY", "STRIPE_APIKEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+               "AWS_PROFILE", "AZURE_CLIENT_SECRET", "AZURE_STORAGE_CONNECTION_STRING",
+               "GOOGLE_APPLICATION_CREDENTIALS", "DOCKER_AUTH_CONFIG", "SSH_PRIVATE_KEY_PATH", "SIGNING_KEY",
+               "SSH_AUTH_SOCK", "CHATAI_WORKER_BROKER_URL", "DATABASE_URL", "SENTRY_DSN", "VAULT_ADDR"]
+SECRET_VALUES = {"MIRROR_URL": "https://user:{canary}@mirror.example/simple",
+                 "SOME_SETTING": "-----BEGIN OPENSSH PRIVATE KEY-----{canary}"}
+KEPT_VARS = ["CHATAI_WORKER_COALESCE_TOKENS", "TOKENIZERS_PARALLELISM", "HF_HOME", "CHATAI_PROBE_PLAIN"]
+
+
+async def test_sbatch_never_receives_secret_environment_variables(slurm_cluster, tmp_path, monkeypatch):
+    canary = "canary" + uuid.uuid4().hex
+    for name in SECRET_VARS:
+        monkeypatch.setenv(name, f"{canary}-{name}")
+    for name, value in SECRET_VALUES.items():
+        monkeypatch.setenv(name, value.format(canary=canary))
+    for name in KEPT_VARS:
+        monkeypatch.setenv(name, f"kept-{name}")
+    out = tmp_path / "job-env.out"
+    script = "#!/bin/bash\nenv\necho END-OF-ENV\n"
+    job = Slurm().sbatch(script, ["--export=ALL", f"--output={out}", "--time=1", "--job-name=chatai-env-probe"])
+    await wait_until(lambda: out.exists() and "END-OF-ENV" in out.read_text(), 30, f"job {job} to print its env")
+    job_env = out.read_text()
+    assert canary not in job_env, [line.split("=")[0] for line in job_env.splitlines() if canary in line]
+    for name in KEPT_VARS:  # ordinary settings still travel with the job
+        assert f"{name}=kept-{name}" in job_env
+    # Nor in what slurmctld keeps of the job.
+    stored = subprocess.run(["scontrol", "show", "job", "-d", job], capture_output=True, text=True).stdout
+    assert canary not in stored

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from slurm_jobs.autoscale import Decision, Observation, Policy, decide
 from slurm_jobs.jobs import TemplateError, render_script, sbatch_directives
 from slurm_jobs.settings import SlurmSettings
-from slurm_jobs.slurm import SEP, parse_duration, parse_squeue
+from slurm_jobs.slurm import SEP, Slurm, parse_duration, parse_squeue
 
 P = Policy(min_workers=0, max_workers=3, backlog_per_worker=4, cooldown=60, release_pending_after=30)
 
@@ -148,3 +149,20 @@ def test_scale_down_cancels_pending_first_then_terms_the_least_busy_and_never_ki
     WorkerJobs(SlurmSettings(cancel_mode="full"), fake).drain("tiny", None)
     assert [(s, sorted(i), b) for s, i, b in fake.signalled] == [("TERM", ["11", "12"], False)]
     assert all(sig == "TERM" for sig, _, _ in fake.signalled)
+
+
+def test_scrub_removes_secret_names_and_values_from_the_real_environment(monkeypatch):
+    """Attack 9: what sbatch gets of the operator's environment (``Slurm._environ(scrub=True)``)."""
+    secrets = ["DB_PASSWORD", "PGPASSWORD", "MYSQL_PWD", "APP_SECRET", "GH_TOKEN", "HF_TOKEN", "OPENAI_API_KEY",
+               "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+               "AZURE_CLIENT_SECRET", "GOOGLE_APPLICATION_CREDENTIALS", "NPM_AUTH", "SSH_AUTH_SOCK",
+               "CHATAI_WORKER_BROKER_URL", "DATABASE_URL", "SIGNING_KEY", "SLACK_WEBHOOK_PRIVATE_URL"]
+    for name in secrets:
+        monkeypatch.setenv(name, "s3cr3t")
+    monkeypatch.setenv("PIP_INDEX_URL", "https://user:s3cr3t@pypi.example/simple")
+    monkeypatch.setenv("CHATAI_WORKER_COALESCE_TOKENS", "16")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    env = Slurm(env={"SLURM_CONF": "/etc/slurm/slurm.conf"})._environ(scrub=True)
+    assert not [k for k in env if k in secrets or "s3cr3t" in env[k]]
+    for kept in ("PATH", "HOME", "SLURM_CONF", "CHATAI_WORKER_COALESCE_TOKENS", "TOKENIZERS_PARALLELISM"):
+        assert kept in env or kept not in {**os.environ, "SLURM_CONF": ""}

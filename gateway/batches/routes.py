@@ -19,12 +19,13 @@ from gateway.batches.files import FileTooLarge, new_file_id
 from gateway.batches.service import BatchService
 from gateway.batches.store import ACTIVE, now
 from gateway.batches.validation import ENDPOINTS
-from gateway.context import require_api_key
+from gateway.context import GatewayContext, get_context, require_api_key
 from gateway.errors import APIError
 
 files_router = APIRouter(prefix="/v1/files")
 batches_router = APIRouter(prefix="/v1/batches")
 Owner = Annotated[str, Depends(require_api_key)]
+Ctx = Annotated[GatewayContext, Depends(get_context)]
 
 
 def _service(request: Request) -> BatchService:
@@ -36,6 +37,22 @@ def _service(request: Request) -> BatchService:
 
 Service = Annotated[BatchService, Depends(_service)]
 Limit = Annotated[int, Query(ge=1, le=10_000)]
+
+
+def upload_quota_exceeded(cap: int, used: int) -> APIError:
+    """Per-key storage cap: 429 as OpenAI does for quotas, but not worth an automatic retry."""
+    err = APIError(429, f"This API key's uploaded files would exceed its storage limit of {cap} bytes "
+                        f"({used} bytes in use). Delete files you no longer need (DELETE /v1/files/{{id}}).",
+                   code="upload_quota_exceeded", param="file", type="insufficient_quota")
+    err.headers["x-should-retry"] = "false"
+    return err
+
+
+def open_batches_exceeded(cap: int) -> APIError:
+    err = APIError(429, f"This API key already has {cap} open batches, its limit. Wait for one to complete, "
+                        "or cancel one, then try again.", code="open_batches_limit_exceeded")
+    err.headers["x-should-retry"] = "false"  # batches take minutes to hours: the SDK's quick retries cannot help
+    return err
 
 
 def _page(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
@@ -63,6 +80,7 @@ def _file(service: BatchService, file_id: str, owner: str) -> Any:
 async def upload_file(
     owner: Owner,
     service: Service,
+    ctx: Ctx,
     file: Annotated[UploadFile, File()],
     purpose: Annotated[str, Form()],
     expires_after_anchor: Annotated[str | None, Form(alias="expires_after[anchor]")] = None,
@@ -77,14 +95,24 @@ async def upload_file(
             raise APIError(400, "expires_after needs anchor 'created_at' and seconds between 3600 and 2592000.",
                            code="invalid_request", param="expires_after")
         ttl = min(ttl, expires_after_seconds)
+    cap = ctx.limits(owner).upload_bytes  # 0: no per-key cap
+    used = service.store.uploaded_bytes(owner) if cap else 0
+    if cap and used >= cap:
+        raise upload_quota_exceeded(cap, used)
+    max_bytes = service.settings.max_file_bytes
+    room = cap - used if cap else max_bytes  # stop reading as soon as either limit is passed
     file_id = new_file_id()
     try:
-        size = await service.files.save_upload(file_id, file, service.settings.max_file_bytes)
+        size = await service.files.save_upload(file_id, file, min(max_bytes, room))
     except FileTooLarge:
-        raise APIError(413, f"The file is larger than {service.settings.max_file_bytes} bytes.",
+        if room < max_bytes:
+            raise upload_quota_exceeded(cap, used) from None
+        raise APIError(413, f"The file is larger than {max_bytes} bytes.",
                        code="file_too_large", param="file") from None
     filename = (file.filename or "upload.jsonl").rsplit("/", 1)[-1][:255]
-    service.store.add_file(file_id, owner, filename, purpose, size, int(now() + ttl))
+    if not service.store.add_upload(file_id, owner, filename, purpose, size, int(now() + ttl), cap):
+        service.files.delete(file_id)  # another upload of this key took the room meanwhile
+        raise upload_quota_exceeded(cap, service.store.uploaded_bytes(owner))
     return JSONResponse(file_object(_file(service, file_id, owner)))
 
 
@@ -158,7 +186,7 @@ def _batch(service: BatchService, batch_id: str, owner: str) -> Any:
 
 
 @batches_router.post("")
-async def create_batch(body: CreateBatch, owner: Owner, service: Service) -> JSONResponse:
+async def create_batch(body: CreateBatch, owner: Owner, service: Service, ctx: Ctx) -> JSONResponse:
     if body.endpoint not in ENDPOINTS:
         raise APIError(400, f"Unsupported endpoint '{body.endpoint}': use one of {', '.join(ENDPOINTS)}.",
                        code="invalid_request", param="endpoint")
@@ -176,8 +204,10 @@ async def create_batch(body: CreateBatch, owner: Owner, service: Service) -> JSO
                        param="input_file_id")
     batch_id = "batch_" + secrets.token_hex(12)
     ttl = body.output_expires_after.seconds if body.output_expires_after else None
-    service.store.create_batch(batch_id, owner, body.endpoint, body.input_file_id, body.completion_window,
-                               now() + 24 * 3600, body.metadata, ttl)
+    cap = ctx.limits(owner).open_batches
+    if not service.store.create_batch(batch_id, owner, body.endpoint, body.input_file_id, body.completion_window,
+                                      now() + 24 * 3600, body.metadata, ttl, max_open=cap):
+        raise open_batches_exceeded(cap)
     service.dispatcher.wake()
     return JSONResponse(batch_object(_batch(service, batch_id, owner)))
 

@@ -192,6 +192,28 @@ class BatchStore:
             with self._lock:
                 self._db.execute(sql, args)
 
+    def uploaded_bytes(self, owner: str) -> int:
+        """Bytes of the files ``owner`` uploaded and still has (outputs of its batches not counted)."""
+        row = self._one("SELECT COALESCE(SUM(bytes), 0) AS n FROM batch_files WHERE owner = ? AND purpose = 'batch'",
+                        (owner,))
+        return int(row["n"]) if row else 0
+
+    def add_upload(self, file_id: str, owner: str, filename: str, purpose: str, size: int,
+                   expires_at: int | None, max_total: int) -> bool:
+        """Record an upload unless it takes the owner's uploads past ``max_total`` bytes (0: no cap).
+
+        Checked and inserted in one write transaction, so concurrent uploads, even through
+        several gateway processes, can never pass the cap together.
+        """
+        with self.tx() as db:
+            if max_total:
+                used = db.execute("SELECT COALESCE(SUM(bytes), 0) FROM batch_files WHERE owner = ? AND "
+                                  "purpose = 'batch'", (owner,)).fetchone()[0]
+                if used + size > max_total:
+                    return False
+            self.add_file(file_id, owner, filename, purpose, size, expires_at, conn=db)
+        return True
+
     def get_file(self, file_id: str, owner: str | None = None) -> sqlite3.Row | None:
         if owner is None:
             return self._one("SELECT * FROM batch_files WHERE id = ?", (file_id,))
@@ -229,15 +251,29 @@ class BatchStore:
 
     # ------------------------------------------------------------------ batches
 
+    def open_batches(self, owner: str) -> int:
+        """Batches of ``owner`` not yet in a terminal state."""
+        row = self._one(f"SELECT COUNT(*) AS n FROM batches WHERE owner = ? AND status IN "
+                        f"({','.join('?' * len(ACTIVE))})", (owner, *ACTIVE))
+        return int(row["n"]) if row else 0
+
     def create_batch(self, batch_id: str, owner: str, endpoint: str, input_file_id: str,
                      completion_window: str, expires_at: int, metadata: dict | None,
-                     output_ttl: float | None) -> None:
-        with self._lock:
-            self._db.execute(
+                     output_ttl: float | None, max_open: int = 0) -> bool:
+        """A new batch, unless ``owner`` already has ``max_open`` open ones (0: no cap); checked and
+        inserted in one transaction, so the cap holds across concurrent requests and processes."""
+        with self.tx() as db:
+            if max_open:
+                n = db.execute(f"SELECT COUNT(*) FROM batches WHERE owner = ? AND status IN "
+                               f"({','.join('?' * len(ACTIVE))})", (owner, *ACTIVE)).fetchone()[0]
+                if n >= max_open:
+                    return False
+            db.execute(
                 "INSERT INTO batches (id, owner, endpoint, input_file_id, completion_window, status, "
                 "metadata, output_ttl, created_at, expires_at) VALUES (?, ?, ?, ?, ?, 'validating', ?, ?, ?, ?)",
                 (batch_id, owner, endpoint, input_file_id, completion_window,
                  json.dumps(metadata) if metadata is not None else None, output_ttl, now(), expires_at))
+        return True
 
     def get_batch(self, batch_id: str, owner: str | None = None) -> sqlite3.Row | None:
         if owner is None:

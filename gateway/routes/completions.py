@@ -8,12 +8,14 @@ from typing import TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from broker_config.messages import Final
 from gateway.context import GatewayContext, get_context, require_api_key
 from gateway.errors import APIError
 from gateway.formatting import ResponseBuilder
 from gateway.generation import Generation
+from gateway.limits import Lease
 from gateway.metrics import REQUESTS
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.streaming import SSE_HEADERS, event_stream
@@ -58,11 +60,40 @@ async def _collect(frames: AsyncGenerator) -> Final:
         await frames.aclose()
 
 
+class LeasedStream(StreamingResponse):
+    """A stream that holds its key's concurrency slot until the last byte is sent or the client
+    leaves, then charges the tokens the request used."""
+
+    def __init__(self, *args: object, gen: Generation, lease: Lease, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.gen, self.lease = gen, lease
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.lease.release(_tokens_used(self.gen))
+
+
+def _tokens_used(gen: Generation | None) -> int:
+    """Prompt + completion tokens from the final usage; without one (the client left, an error),
+    the tokens streamed so far."""
+    if gen is None:
+        return 0
+    final = gen.outcome.final
+    if final is not None:
+        return final.usage.prompt_tokens + final.usage.completion_tokens
+    return gen.outcome.streamed_tokens
+
+
 async def _serve(kind: str, body: ChatCompletionRequest | CompletionRequest, request: Request,
-                 ctx: GatewayContext) -> Response:
+                 ctx: GatewayContext, key_id: str) -> Response:
     endpoint = "chat" if kind == "chat" else "completions"
+    lease: Lease | None = None
+    gen: Generation | None = None
     try:
         body.check_supported()
+        lease = ctx.admit(key_id)
         fields = ({"messages": body.wire_messages()} if isinstance(body, ChatCompletionRequest)
                   else {"prompt": body.prompt_text})
         gen = Generation.build(ctx.broker, ctx.timeouts, model=body.model, kind=kind,
@@ -76,26 +107,34 @@ async def _serve(kind: str, body: ChatCompletionRequest | CompletionRequest, req
                 await frames.aclose()
                 raise
             REQUESTS.labels(endpoint, body.model, "200").inc()
-            return StreamingResponse(event_stream(frames, builder, body.n), media_type="text/event-stream",
-                                     headers=SSE_HEADERS)
+            response = LeasedStream(event_stream(frames, builder, body.n), media_type="text/event-stream",
+                                    headers={**SSE_HEADERS, **lease.headers}, gen=gen, lease=lease)
+            lease = None  # the response releases it
+            return response
         final = await until_disconnected(request, _collect(frames))
+        headers = lease.headers
     except APIError as exc:
         REQUESTS.labels(endpoint, body.model, str(exc.status)).inc()
         raise
     except ClientGone:
         REQUESTS.labels(endpoint, body.model, "499").inc()
         return Response(status_code=499)
+    finally:
+        if lease is not None:
+            lease.release(_tokens_used(gen))
     REQUESTS.labels(endpoint, body.model, "200").inc()
-    return JSONResponse(builder.completion(final))
+    return JSONResponse(builder.completion(final), headers=headers)
 
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request,
-                           ctx: GatewayContext = Depends(get_context)) -> Response:
-    return await _serve("chat", body, request, ctx)
+                           ctx: GatewayContext = Depends(get_context),
+                           key_id: str = Depends(require_api_key)) -> Response:
+    return await _serve("chat", body, request, ctx, key_id)
 
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request,
-                      ctx: GatewayContext = Depends(get_context)) -> Response:
-    return await _serve("completion", body, request, ctx)
+                      ctx: GatewayContext = Depends(get_context),
+                      key_id: str = Depends(require_api_key)) -> Response:
+    return await _serve("completion", body, request, ctx, key_id)
