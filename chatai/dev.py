@@ -81,6 +81,7 @@ class DevStack:
     slurm: bool = False  # start the worker as a job array of a private single-node Slurm
     worker_args: list[str] = field(default_factory=list)
     worker_env: dict[str, str] = field(default_factory=dict)  # extra CHATAI_WORKER_* settings
+    key_limits: dict[str, int | None] = field(default_factory=dict)  # the generated key's own limits
     ready_timeout: float = 300.0
 
     processes: dict[str, subprocess.Popen] = field(default_factory=dict, init=False)
@@ -195,7 +196,7 @@ class DevStack:
         if self.api_key:
             keys.ensure("dev", self.api_key)
         else:
-            self.api_key = keys.create("dev")[1]
+            self.api_key = keys.create("dev", limits=self.key_limits)[1]
         keys.close()
 
         model_dir = self._model_dir()

@@ -123,7 +123,8 @@ def chatai_stack(settings: WorkerSettings, state_dir: Path, tunnel: bool = True,
     stack = DevStack(state_dir=state_dir, port=free_port(), model=settings.model,
                      served_model_name=settings.served_model_name or "tiny", tunnel=tunnel, broker="private",
                      worker_args=worker_flags(settings), worker_env=worker_env or {},
-                     ready_timeout=timeout)
+                     # The load is the point: no per-key rate or concurrency limit may shape it.
+                     key_limits={"rpm": 0, "tpm": 0, "max_concurrent": 0}, ready_timeout=timeout)
     try:
         info = stack.start()
         stack.wait_until_serving()
