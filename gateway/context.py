@@ -39,7 +39,9 @@ class GatewayContext:
         return Timeouts(queue=self.settings.queue_timeout, idle=self.settings.stream_idle_timeout)
 
 
-def get_context(request: Request) -> GatewayContext:
+async def get_context(request: Request) -> GatewayContext:
+    """Async on purpose: FastAPI runs a plain ``def`` dependency in a worker thread, a thread hop
+    (and GIL hand-over) on every request for what is an attribute lookup."""
     return request.app.state.ctx
 
 
