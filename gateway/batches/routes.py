@@ -11,13 +11,14 @@ import json
 import secrets
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from gateway.batches.files import FileTooLarge, new_file_id
 from gateway.batches.service import BatchService
 from gateway.batches.store import ACTIVE, now
+from gateway.batches.upload import receive_upload
 from gateway.batches.validation import ENDPOINTS
 from gateway.context import require_api_key
 from gateway.errors import APIError
@@ -59,32 +60,41 @@ def _file(service: BatchService, file_id: str, owner: str) -> Any:
     return row
 
 
+def _upload_ttl(fields: dict[str, str], default: float) -> float:
+    """The file's lifetime: the service's default, shortened by ``expires_after``."""
+    anchor, seconds = fields.get("expires_after[anchor]"), fields.get("expires_after[seconds]")
+    if seconds is None:
+        return default
+    if anchor not in (None, "created_at") or not seconds.isdigit() or not 3600 <= int(seconds) <= 30 * 86400:
+        raise APIError(400, "expires_after needs anchor 'created_at' and seconds between 3600 and 2592000.",
+                       code="invalid_request", param="expires_after")
+    return min(default, int(seconds))
+
+
 @files_router.post("")
-async def upload_file(
-    owner: Owner,
-    service: Service,
-    file: Annotated[UploadFile, File()],
-    purpose: Annotated[str, Form()],
-    expires_after_anchor: Annotated[str | None, Form(alias="expires_after[anchor]")] = None,
-    expires_after_seconds: Annotated[int | None, Form(alias="expires_after[seconds]")] = None,
-) -> JSONResponse:
-    if purpose != "batch":
-        raise APIError(400, f"Unsupported purpose '{purpose}': this service accepts only 'batch' files.",
-                       code="invalid_request", param="purpose")
-    ttl = service.settings.input_file_ttl
-    if expires_after_seconds is not None:
-        if expires_after_anchor not in (None, "created_at") or not 3600 <= expires_after_seconds <= 30 * 86400:
-            raise APIError(400, "expires_after needs anchor 'created_at' and seconds between 3600 and 2592000.",
-                           code="invalid_request", param="expires_after")
-        ttl = min(ttl, expires_after_seconds)
+async def upload_file(owner: Owner, service: Service, request: Request) -> JSONResponse:
+    """Multipart fields: ``file``, ``purpose`` (``batch``), optional ``expires_after[anchor|seconds]``.
+
+    The body is streamed to its place as it arrives (see upload.py); the key was checked before
+    any of it was read (gateway/http_guard.py).
+    """
     file_id = new_file_id()
     try:
-        size = await service.files.save_upload(file_id, file, service.settings.max_file_bytes)
+        upload = await receive_upload(request, service.files, file_id, service.settings.max_file_bytes)
     except FileTooLarge:
         raise APIError(413, f"The file is larger than {service.settings.max_file_bytes} bytes.",
                        code="file_too_large", param="file") from None
-    filename = (file.filename or "upload.jsonl").rsplit("/", 1)[-1][:255]
-    service.store.add_file(file_id, owner, filename, purpose, size, int(now() + ttl))
+    try:
+        purpose = upload.fields.get("purpose")
+        if purpose != "batch":
+            raise APIError(400, f"Unsupported purpose {purpose!r}: this service accepts only 'batch' files.",
+                           code="invalid_request", param="purpose")
+        ttl = _upload_ttl(upload.fields, service.settings.input_file_ttl)
+    except APIError:
+        service.files.delete(file_id)
+        raise
+    filename = (upload.filename or "upload.jsonl").rsplit("/", 1)[-1][:255]
+    service.store.add_file(file_id, owner, filename, purpose, upload.size, int(now() + ttl))
     return JSONResponse(file_object(_file(service, file_id, owner)))
 
 

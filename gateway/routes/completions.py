@@ -14,7 +14,7 @@ from gateway.context import GatewayContext, get_context, require_api_key
 from gateway.errors import APIError
 from gateway.formatting import ResponseBuilder
 from gateway.generation import Generation
-from gateway.metrics import REQUESTS
+from gateway.metrics import REQUESTS, model_label
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.streaming import SSE_HEADERS, event_stream
 
@@ -75,17 +75,17 @@ async def _serve(kind: str, body: ChatCompletionRequest | CompletionRequest, req
             except BaseException:
                 await frames.aclose()
                 raise
-            REQUESTS.labels(endpoint, body.model, "200").inc()
+            REQUESTS.labels(endpoint, model_label(body.model), "200").inc()
             return StreamingResponse(event_stream(frames, builder, body.n), media_type="text/event-stream",
                                      headers=SSE_HEADERS)
         final = await until_disconnected(request, _collect(frames))
     except APIError as exc:
-        REQUESTS.labels(endpoint, body.model, str(exc.status)).inc()
+        REQUESTS.labels(endpoint, model_label(body.model), str(exc.status)).inc()
         raise
     except ClientGone:
-        REQUESTS.labels(endpoint, body.model, "499").inc()
+        REQUESTS.labels(endpoint, model_label(body.model), "499").inc()
         return Response(status_code=499)
-    REQUESTS.labels(endpoint, body.model, "200").inc()
+    REQUESTS.labels(endpoint, model_label(body.model), "200").inc()
     return JSONResponse(builder.completion(final))
 
 
