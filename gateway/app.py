@@ -32,7 +32,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         private.restrict_umask()  # prompts and completions land under the state directory
-        private.private_tree(settings.state_dir)  # and fix what an earlier run or `keys create` left
+        # 0700; the database files and the files directory are made private where they are opened
+        # (private.connect, FileStore), which also fixes what an older run or `keys create` left.
+        private.private_dir(settings.state_dir)
         registry = WorkerRegistry(settings.worker_expiry_intervals)
         url = settings.broker_url.get_secret_value()
         tunnel = None
@@ -66,7 +68,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     from gateway.batches.config import BatchSettings
 
     app.add_middleware(RequestGuard, keys=lambda: app.state.ctx.keys, max_body_bytes=settings.max_request_bytes,
-                       max_upload_bytes=BatchSettings().max_file_bytes)
+                       max_file_bytes=BatchSettings().max_file_bytes)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(models.router)

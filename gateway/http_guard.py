@@ -58,11 +58,11 @@ def file_too_large(max_file_bytes: int) -> APIError:
 
 class RequestGuard:
     def __init__(self, app: ASGIApp, keys: Callable[[], KeyStore], max_body_bytes: int,
-                 max_upload_bytes: int) -> None:
+                 max_file_bytes: int) -> None:
         self.app = app
         self.keys = keys
         self.max_body_bytes = max_body_bytes
-        self.max_file_bytes = max_upload_bytes
+        self.max_file_bytes = max_file_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -71,7 +71,14 @@ def _upload_ttl(fields: dict[str, str], default: float) -> float:
     return min(default, int(seconds))
 
 
-@files_router.post("")
+_UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file", "purpose"],
+    "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"type": "string", "enum": ["batch"]},
+                   "expires_after[anchor]": {"type": "string", "enum": ["created_at"]},
+                   "expires_after[seconds]": {"type": "integer", "minimum": 3600, "maximum": 2592000}}}}}}}
+
+
+@files_router.post("", openapi_extra=_UPLOAD_FORM)
 async def upload_file(owner: Owner, service: Service, request: Request) -> JSONResponse:
     """Multipart fields: ``file``, ``purpose`` (``batch``), optional ``expires_after[anchor|seconds]``.
 
