@@ -349,6 +349,12 @@ async def test_malformed_result_frames_are_dropped_and_batches_go_on(sgw, broker
                             purpose="batch")
     b = wait_batch(client, client.batches.create(input_file_id=f.id, endpoint=CHAT, completion_window="24h").id)
     assert b.status == "completed" and b.request_counts.completed == 2
+    def results_queue_empty() -> bool:  # dropped, not requeued forever
+        q = next((q for q in broker.admin.list_queues() if q["name"] == queue), None)
+        return q is not None and q["messages"] == 0
+
+    await wait_until(results_queue_empty, timeout=30, what="the malformed frames to leave the results queue",
+                     every=1.0)
     await wait_until(lambda: malformed() >= len(bodies), timeout=30, what="the malformed frames to be counted")
     log = sgw.log_path.read_text(errors="replace")
     assert "malformed" in log and "\u00b2" not in log and "z" * 100 not in log
