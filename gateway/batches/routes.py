@@ -22,6 +22,7 @@ from gateway.batches.upload import receive_upload
 from gateway.batches.validation import ENDPOINTS
 from gateway.context import require_api_key
 from gateway.errors import APIError
+from gateway.http_guard import file_too_large
 
 files_router = APIRouter(prefix="/v1/files")
 batches_router = APIRouter(prefix="/v1/batches")
@@ -89,8 +90,7 @@ async def upload_file(owner: Owner, service: Service, request: Request) -> JSONR
     try:
         upload = await receive_upload(request, service.files, file_id, service.settings.max_file_bytes)
     except FileTooLarge:
-        raise APIError(413, f"The file is larger than {service.settings.max_file_bytes} bytes.",
-                       code="file_too_large", param="file") from None
+        raise file_too_large(service.settings.max_file_bytes) from None
     try:
         purpose = upload.fields.get("purpose")
         if purpose != "batch":
