@@ -9,11 +9,11 @@ from contextlib import asynccontextmanager
 from urllib.parse import urlsplit, urlunsplit
 
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Receive, Scope, Send
-
+from gateway import private
 from gateway.broker import GatewayBroker
 from gateway.context import GatewayContext
-from gateway.errors import APIError, install_error_handlers
+from gateway.errors import install_error_handlers
+from gateway.http_guard import RequestGuard
 from gateway.keys import KeyStore
 from gateway.registry import WorkerRegistry
 from gateway.routes import completions, health, models
@@ -29,32 +29,13 @@ def with_endpoint(url: str, host: str, port: int) -> str:
     return urlunsplit(parts._replace(netloc=(auth + "@" if auth else "") + f"{host}:{port}"))
 
 
-class BodyLimit:
-    """Refuse oversized JSON bodies before reading them (file uploads have their own limit).
-
-    A plain ASGI middleware: Starlette's BaseHTTPMiddleware would hide client disconnects from
-    the handlers, and those cancel generations.
-    """
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not scope["path"].startswith("/v1/files"):
-            length = dict(scope["headers"]).get(b"content-length", b"")
-            if length.isdigit() and int(length) > self.max_bytes:
-                response = APIError(413, f"Request body larger than {self.max_bytes} bytes.",
-                                    code="request_too_large").response()
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
 def create_app(settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        private.restrict_umask()  # prompts and completions land under the state directory
+        # 0700; the database files and the files directory are made private where they are opened
+        # (private.connect, FileStore), which also fixes what an older run or `keys create` left.
+        private.private_dir(settings.state_dir)
         registry = WorkerRegistry(settings.worker_expiry_intervals)
         url = settings.broker_url.get_secret_value()
         tunnel = None
@@ -89,7 +70,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                   docs_url="/docs", redoc_url=None)
     app.state.startup_hooks = []
     app.state.shutdown_hooks = []
-    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    from gateway.batches.config import BatchSettings
+
+    app.add_middleware(RequestGuard, keys=lambda: app.state.ctx.keys, max_body_bytes=settings.max_request_bytes,
+                       max_file_bytes=BatchSettings().max_file_bytes)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(models.router)

@@ -25,7 +25,7 @@ from broker_config import topology as t
 from broker_config.connection import connect, redact
 from broker_config.messages import CONTENT_TYPE, Cancel, GenerateRequest, Heartbeat, decode_frames
 from gateway.errors import APIError, model_not_found
-from gateway.metrics import BROKER_CONNECTED
+from gateway.metrics import BROKER_CONNECTED, MALFORMED_FRAMES, know_model
 from gateway.registry import WorkerRegistry
 
 log = logging.getLogger("chatai.gateway.broker")
@@ -150,6 +150,7 @@ class GatewayBroker:
         try:
             frames = decode_frames(message.body)
         except ValueError:
+            MALFORMED_FRAMES.labels("replies").inc()
             log.warning("dropped a malformed reply frame")
             return
         for frame in frames:
@@ -161,6 +162,7 @@ class GatewayBroker:
         try:
             self.registry.update(Heartbeat.model_validate_json(message.body))
         except ValueError:
+            MALFORMED_FRAMES.labels("heartbeats").inc()
             log.warning("dropped a malformed heartbeat")
 
     # ------------------------------------------------------------------ sending
@@ -195,6 +197,7 @@ class GatewayBroker:
                            code="queue_full") from None
         except (asyncio.TimeoutError, aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError):
             raise broker_unavailable() from None
+        know_model(request.model)  # routed: the model has a queue, so it is one of the definitions'
 
     async def consume_batch_results(self, callback: Callable[[AbstractIncomingMessage], object],
                                     prefetch: int, queue_name: str = t.BATCH_RESULTS_QUEUE) -> AbstractChannel:

@@ -19,7 +19,7 @@ from broker_config import topology as t
 from broker_config.messages import Delta, Error, Final, GenerateRequest, Started
 from gateway.broker import GatewayBroker, broker_unavailable
 from gateway.errors import APIError
-from gateway.metrics import CANCELLATIONS, IN_FLIGHT, QUEUE_WAIT, TIME_TO_FIRST_TOKEN, TOKENS
+from gateway.metrics import CANCELLATIONS, IN_FLIGHT, QUEUE_WAIT, TIME_TO_FIRST_TOKEN, TOKENS, model_label
 
 _LIVENESS_CHECK = 1.0  # seconds between checks that the worker holding a request is still alive
 
@@ -69,7 +69,8 @@ class Generation:
     async def frames(self) -> AsyncIterator[Started | Delta | Final]:
         req = self.request
         sub = self.broker.subscribe(req.request_id)
-        IN_FLIGHT.labels(req.model).inc()
+        label = model_label(req.model)  # fixed for the request: inc and dec hit the same series
+        IN_FLIGHT.labels(label).inc()
         published = time.monotonic()
         try:
             try:
@@ -93,7 +94,7 @@ class Generation:
                     self.outcome.worker_id = frame.worker_id
                     if started_at is None:
                         started_at = time.monotonic()
-                        QUEUE_WAIT.labels(req.model).observe(started_at - published)
+                        QUEUE_WAIT.labels(label).observe(started_at - published)
                     yield frame
                     continue
                 if frame.attempt > attempt:
@@ -104,23 +105,23 @@ class Generation:
                 if isinstance(frame, Delta):
                     if not first_token_seen:
                         first_token_seen = True
-                        TIME_TO_FIRST_TOKEN.labels(req.model).observe(time.monotonic() - published)
+                        TIME_TO_FIRST_TOKEN.labels(label).observe(time.monotonic() - published)
                     self.outcome.streamed_tokens += frame.tokens
                     yield frame
                     continue
                 assert isinstance(frame, Final)
                 self.outcome.final = frame
-                TOKENS.labels(req.model, "prompt").inc(frame.usage.prompt_tokens)
-                TOKENS.labels(req.model, "completion").inc(frame.usage.completion_tokens)
+                TOKENS.labels(label, "prompt").inc(frame.usage.prompt_tokens)
+                TOKENS.labels(label, "completion").inc(frame.usage.completion_tokens)
                 self._done = True
                 yield frame
                 return
         finally:
             sub.close()
-            IN_FLIGHT.labels(req.model).dec()
+            IN_FLIGHT.labels(label).dec()
             if not self._done:
                 # The client left, or we gave up: free the worker (or the queued message).
-                CANCELLATIONS.labels(req.model).inc()
+                CANCELLATIONS.labels(label).inc()
                 task = asyncio.create_task(self.broker.cancel(req.request_id, "client gone"))
                 _background.add(task)
                 task.add_done_callback(_background.discard)

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway import private
 from gateway.limits import LIMIT_NAMES
 
 KEY_PREFIX = "sk-chatai-"
@@ -59,8 +60,7 @@ class KeyInfo:
 
 class KeyStore:
     def __init__(self, db_path: Path) -> None:
-        db_path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
+        self._db = private.connect(db_path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(_SCHEMA)
         self._migrate()

@@ -1,8 +1,18 @@
-"""Prometheus metrics of the gateway (the default registry, served at ``/metrics``)."""
+"""Prometheus metrics of the gateway (the default registry, served at ``/metrics``).
+
+Label values must stay few: a ``model`` label is the model's name only for models this gateway
+knows (from worker heartbeats, or because the broker routed a request to the model's queue,
+which exists only for models in the definitions); any other name a client sends counts under
+``other``. Otherwise every made-up name would be a new series on every scrape.
+"""
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
+
+OTHER_MODEL = "other"
+MAX_KNOWN_MODELS = 1000  # far more than a deployment serves; a bound all the same
+_known_models: set[str] = set()
 
 REQUESTS = Counter("chatai_requests_total", "API requests by endpoint, model and HTTP status",
                    ["endpoint", "model", "status"])
@@ -19,3 +29,17 @@ IN_FLIGHT = Gauge("chatai_in_flight_requests", "Requests this gateway waits on",
 BROKER_CONNECTED = Gauge("chatai_broker_connected", "1 while the gateway's AMQP connection is open")
 CANCELLATIONS = Counter("chatai_cancellations_total", "Requests cancelled because the client went away",
                         ["model"])
+MALFORMED_FRAMES = Counter("chatai_malformed_frames_total",
+                           "Broker messages dropped because they could not be read, by where they came from "
+                           "(replies, heartbeats, batch_results)", ["source"])
+
+
+def know_model(name: str) -> None:
+    """Give ``name`` a label of its own from now on (a model the cluster really has)."""
+    if name not in _known_models and len(_known_models) < MAX_KNOWN_MODELS:
+        _known_models.add(name)
+
+
+def model_label(name: str) -> str:
+    """The ``model`` label value for a model name a client sent."""
+    return name if name in _known_models else OTHER_MODEL

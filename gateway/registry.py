@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 
 from broker_config.messages import Heartbeat
+from gateway.metrics import know_model
 
 
 @dataclass
@@ -24,6 +25,7 @@ class WorkerRegistry:
             self._workers.pop(hb.worker_id, None)
         else:
             self._workers[hb.worker_id] = WorkerEntry(hb, time.monotonic())
+            know_model(hb.model)
 
     def _alive(self, entry: WorkerEntry, now: float) -> bool:
         return now - entry.received_at <= entry.heartbeat.interval * self._expiry_intervals

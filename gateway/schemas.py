@@ -13,6 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from broker_config.messages import ChatMessage, SamplingParams
 from gateway.errors import APIError
 
+# A model name is an AMQP routing key and part of its queue's name, both at most 255 bytes.
+MAX_MODEL_NAME_BYTES = 200
+
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -77,6 +80,13 @@ class _Sampling(_Body):
     user: str | None = None
     ignore_eos: bool = False  # vLLM extension
     min_tokens: Annotated[int, Field(ge=0)] = 0  # vLLM extension
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, v: str) -> str:
+        if len(v.encode()) > MAX_MODEL_NAME_BYTES:
+            raise ValueError(f"model names are at most {MAX_MODEL_NAME_BYTES} bytes long")
+        return v
 
     @field_validator("stop")
     @classmethod

@@ -34,7 +34,10 @@ class GatewaySettings(BaseSettings):
 
     queue_timeout: float = 30.0  # how long an interactive request may wait for a worker to start it
     stream_idle_timeout: float = 120.0  # longest silence from a worker mid-generation
-    max_request_bytes: int = 4 * 1024 * 1024
+    max_request_bytes: int = 4 * 1024 * 1024  # any body but a file upload (BATCH_MAX_FILE_BYTES)
+    # A bearer token Prometheus must send for /metrics (its `authorization: credentials_file`).
+    # None: /metrics is open, for a gateway that only trusted hosts can reach (docs/security.md).
+    metrics_token: SecretStr | None = None
     worker_expiry_intervals: float = 3.0  # forget a worker after this many missed heartbeats
 
     # Per-API-key limits: the default for keys without their own (``chatai keys create/set-limits``).

@@ -39,6 +39,7 @@ class BatchSettings(BaseSettings):
     # Limits (OpenAI's: 50,000 requests and 200 MB per input file).
     max_lines: int = 50_000
     max_file_bytes: int = 200 * 1024 * 1024
+    max_line_bytes: int = 4 * 1024 * 1024  # one request line, as the interactive body limit
 
     # Retention: batch files are kept only until deleted or expired (privacy).
     input_file_ttl: float = 30 * DAY  # uploaded files, unless expires_after says otherwise

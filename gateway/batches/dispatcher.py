@@ -32,7 +32,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import secrets
+import sqlite3
 import time
 from typing import Any
 
@@ -54,6 +56,7 @@ from gateway.batches.validation import (
 from gateway.broker import GatewayBroker
 from gateway.errors import APIError
 from gateway.formatting import ResponseBuilder
+from gateway.metrics import MALFORMED_FRAMES, model_label
 
 log = logging.getLogger("chatai.gateway.batches")
 
@@ -72,11 +75,15 @@ def request_id(batch_id: str, line_no: int) -> str:
     return f"{batch_id}.{line_no}"
 
 
+# ASCII only (str.isdigit() accepts "²", which int() refuses) and bounded, so a line number
+# always fits SQLite's integers. Batch ids are "batch_" + 24 hex digits (routes.create_batch).
+_REQUEST_ID = re.compile(r"(batch_[0-9a-f]{1,64})\.([1-9][0-9]{0,8})", re.ASCII)
+
+
 def parse_request_id(rid: str) -> tuple[str, int] | None:
-    batch_id, _, line = rid.rpartition(".")
-    if not batch_id.startswith("batch_") or not line.isdigit():
-        return None
-    return batch_id, int(line)
+    """(batch id, line number) of a batch line's request id; None for anything else."""
+    m = _REQUEST_ID.fullmatch(rid)
+    return (m.group(1), int(m.group(2))) if m else None
 
 
 def results_queue_name(deployment_id: str) -> str:
@@ -171,30 +178,46 @@ class Dispatcher:
 
     async def tick(self) -> None:
         for batch in self.store.batches_in(ACTIVE):
-            status = batch["status"]
-            if status == "validating":
-                await self._validate(batch)
-            elif status == "in_progress":
-                if batch["expires_at"] and now() >= batch["expires_at"]:
-                    await self._send_cancels(batch["id"], "batch expired")
-                    await asyncio.to_thread(self._finalize, batch["id"], "expired")
-                else:
-                    await self._feed(batch["id"])
-            elif status == "cancelling":
-                await self._cancelling(batch["id"])
-            elif status == "finalizing":
-                await asyncio.to_thread(self._finalize, batch["id"], "completed")
+            try:
+                await self._step(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one batch's trouble never stops the others
+                log.error("batch %s: %s step failed (%s)", batch["id"], batch["status"], type(exc).__name__)
+                if batch["status"] == "validating":
+                    self._fail(batch["id"], "validation_error",
+                               "The input file could not be validated; check that it is JSONL in OpenAI's batch "
+                               "format.")
+
+    def _fail(self, bid: str, code: str, message: str, line: int | None = None) -> None:
+        errors = {"object": "list", "data": [{"code": code, "message": message, "param": None, "line": line}]}
+        self.store.set_status(bid, "failed", only_from=("validating",), errors=json.dumps(errors))
+        log.info("batch %s failed validation: %s", bid, code)
+
+    async def _step(self, batch: Any) -> None:
+        """Move one batch on by one step of its lifecycle."""
+        status = batch["status"]
+        if status == "validating":
+            await self._validate(batch)
+        elif status == "in_progress":
+            if batch["expires_at"] and now() >= batch["expires_at"]:
+                await self._send_cancels(batch["id"], "batch expired")
+                await asyncio.to_thread(self._finalize, batch["id"], "expired")
+            else:
+                await self._feed(batch["id"])
+        elif status == "cancelling":
+            await self._cancelling(batch["id"])
+        elif status == "finalizing":
+            await asyncio.to_thread(self._finalize, batch["id"], "completed")
 
     async def _validate(self, batch: Any) -> None:
         bid = batch["id"]
         try:
             parsed = await asyncio.to_thread(parse_file, self.files.path(batch["input_file_id"]),
-                                             batch["endpoint"], self.settings.max_lines)
+                                             batch["endpoint"], self.settings.max_lines,
+                                             self.settings.max_line_bytes)
         except BatchFileError as exc:
-            errors = {"object": "list", "data": [{"code": exc.code, "message": exc.message, "param": None,
-                                                  "line": exc.line}]}
-            self.store.set_status(bid, "failed", only_from=("validating",), errors=json.dumps(errors))
-            log.info("batch %s failed validation: %s", bid, exc.code)
+            self._fail(bid, exc.code, exc.message, exc.line)
             return
         if await asyncio.to_thread(self.store.start_batch, bid, parsed.lines, parsed.model):
             bad = sum(1 for line in parsed.lines if line[2] == "failed")
@@ -245,7 +268,7 @@ class Dispatcher:
                 log.info("batch %s: publishing paused (%s)", bid, exc.code)
                 return
             confirmed.append(line.line_no)
-            BATCH_LINES_SENT.labels(req.model).inc()
+            BATCH_LINES_SENT.labels(model_label(req.model)).inc()
 
     async def _send_cancels(self, bid: str, reason: str) -> None:
         """Ask workers to drop or abort this batch's lines that are out (best effort)."""
@@ -301,6 +324,7 @@ class Dispatcher:
             db.execute(f"UPDATE batches SET {', '.join(f'{k} = ?' for k in sets)} WHERE id = ?",
                        (*sets.values(), bid))
             db.execute("DELETE FROM batch_lines WHERE batch_id = ?", (bid,))
+        self.store.scrub()  # the prompts and results of its lines now live only in its files
         log.info("batch %s %s: %d results, %d errors", bid, status, len(out_rows), len(err_rows))
 
     # ------------------------------------------------------------------ results
@@ -334,21 +358,41 @@ class Dispatcher:
             self._wake.set()
 
     def handle_results(self, bodies: list[bytes]) -> None:
-        with self.store.tx():
+        """Commit a group of results in one transaction, each frame in a savepoint of its own.
+
+        A frame that cannot be handled (malformed, or naming a line that cannot exist) is
+        rolled back alone, counted and dropped: it is acked with the others and never holds up
+        the group. Only a database failure sends the whole group back to the broker.
+        """
+        with self.store.tx() as db:
             for body in bodies:
-                self.handle_result(body)
+                db.execute("SAVEPOINT frame")
+                try:
+                    self.handle_result(body)
+                except sqlite3.Error:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - whatever the frame did, it goes alone
+                    db.execute("ROLLBACK TO frame")
+                    self._malformed(type(exc).__name__)
+                db.execute("RELEASE frame")
+
+    def _malformed(self, why: str) -> None:
+        """Count and log (never the content: it may be a prompt or a completion)."""
+        MALFORMED_FRAMES.labels("batch_results").inc()
+        log.warning("dropped a malformed batch result frame (%s)", why)
 
     def handle_result(self, body: bytes) -> None:
         """Commit one reply frame from the results queue (a no-op for anything but a new result)."""
         try:
             frame = decode_frame(body)
         except ValueError:
-            log.warning("dropped a malformed batch result frame")
+            self._malformed("not a frame")
             return
         if isinstance(frame, (Started, Delta)):
             return
         where = parse_request_id(frame.request_id)
         if where is None:
+            self._malformed("not a batch line's request id")
             return
         bid, line_no = where
         line = self.store.get_line(bid, line_no)

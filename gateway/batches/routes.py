@@ -11,16 +11,18 @@ import json
 import secrets
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from gateway.batches.files import FileTooLarge, new_file_id
 from gateway.batches.service import BatchService
 from gateway.batches.store import ACTIVE, now
+from gateway.batches.upload import receive_upload
 from gateway.batches.validation import ENDPOINTS
 from gateway.context import GatewayContext, get_context, require_api_key
 from gateway.errors import APIError
+from gateway.http_guard import file_too_large
 
 files_router = APIRouter(prefix="/v1/files")
 batches_router = APIRouter(prefix="/v1/batches")
@@ -76,41 +78,56 @@ def _file(service: BatchService, file_id: str, owner: str) -> Any:
     return row
 
 
-@files_router.post("")
-async def upload_file(
-    owner: Owner,
-    service: Service,
-    ctx: Ctx,
-    file: Annotated[UploadFile, File()],
-    purpose: Annotated[str, Form()],
-    expires_after_anchor: Annotated[str | None, Form(alias="expires_after[anchor]")] = None,
-    expires_after_seconds: Annotated[int | None, Form(alias="expires_after[seconds]")] = None,
-) -> JSONResponse:
-    if purpose != "batch":
-        raise APIError(400, f"Unsupported purpose '{purpose}': this service accepts only 'batch' files.",
-                       code="invalid_request", param="purpose")
-    ttl = service.settings.input_file_ttl
-    if expires_after_seconds is not None:
-        if expires_after_anchor not in (None, "created_at") or not 3600 <= expires_after_seconds <= 30 * 86400:
-            raise APIError(400, "expires_after needs anchor 'created_at' and seconds between 3600 and 2592000.",
-                           code="invalid_request", param="expires_after")
-        ttl = min(ttl, expires_after_seconds)
+def _upload_ttl(fields: dict[str, str], default: float) -> float:
+    """The file's lifetime: the service's default, shortened by ``expires_after``."""
+    anchor, seconds = fields.get("expires_after[anchor]"), fields.get("expires_after[seconds]")
+    if seconds is None:
+        return default
+    if anchor not in (None, "created_at") or not seconds.isdigit() or not 3600 <= int(seconds) <= 30 * 86400:
+        raise APIError(400, "expires_after needs anchor 'created_at' and seconds between 3600 and 2592000.",
+                       code="invalid_request", param="expires_after")
+    return min(default, int(seconds))
+
+
+_UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file", "purpose"],
+    "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"type": "string", "enum": ["batch"]},
+                   "expires_after[anchor]": {"type": "string", "enum": ["created_at"]},
+                   "expires_after[seconds]": {"type": "integer", "minimum": 3600, "maximum": 2592000}}}}}}}
+
+
+@files_router.post("", openapi_extra=_UPLOAD_FORM)
+async def upload_file(owner: Owner, service: Service, ctx: Ctx, request: Request) -> JSONResponse:
+    """Multipart fields: ``file``, ``purpose`` (``batch``), optional ``expires_after[anchor|seconds]``.
+
+    The body is streamed to its place as it arrives (see upload.py), stopping as soon as the file
+    size limit or the key's upload quota is passed; the key was checked before any of it was read
+    (gateway/http_guard.py).
+    """
     cap = ctx.limits(owner).upload_bytes  # 0: no per-key cap
     used = service.store.uploaded_bytes(owner) if cap else 0
     if cap and used >= cap:
         raise upload_quota_exceeded(cap, used)
     max_bytes = service.settings.max_file_bytes
-    room = cap - used if cap else max_bytes  # stop reading as soon as either limit is passed
+    room = cap - used if cap else max_bytes
     file_id = new_file_id()
     try:
-        size = await service.files.save_upload(file_id, file, min(max_bytes, room))
+        upload = await receive_upload(request, service.files, file_id, min(max_bytes, room))
     except FileTooLarge:
         if room < max_bytes:
             raise upload_quota_exceeded(cap, used) from None
-        raise APIError(413, f"The file is larger than {max_bytes} bytes.",
-                       code="file_too_large", param="file") from None
-    filename = (file.filename or "upload.jsonl").rsplit("/", 1)[-1][:255]
-    if not service.store.add_upload(file_id, owner, filename, purpose, size, int(now() + ttl), cap):
+        raise file_too_large(max_bytes) from None
+    try:
+        purpose = upload.fields.get("purpose")
+        if purpose != "batch":
+            raise APIError(400, f"Unsupported purpose {purpose!r}: this service accepts only 'batch' files.",
+                           code="invalid_request", param="purpose")
+        ttl = _upload_ttl(upload.fields, service.settings.input_file_ttl)
+    except APIError:
+        service.files.delete(file_id)
+        raise
+    filename = (upload.filename or "upload.jsonl").rsplit("/", 1)[-1][:255]
+    if not service.store.add_upload(file_id, owner, filename, purpose, upload.size, int(now() + ttl), cap):
         service.files.delete(file_id)  # another upload of this key took the room meanwhile
         raise upload_quota_exceeded(cap, service.store.uploaded_bytes(owner))
     return JSONResponse(file_object(_file(service, file_id, owner)))

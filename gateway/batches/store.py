@@ -24,6 +24,7 @@ files), so an fsync never stalls interactive traffic in the same process.
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import sqlite3
 import threading
@@ -33,6 +34,10 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from gateway import private
+
+log = logging.getLogger("chatai.gateway.batches")
 
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
 TERMINAL = ("failed", "completed", "expired", "cancelled")
@@ -114,7 +119,6 @@ def now() -> int:
 
 class BatchStore:
     def __init__(self, db_path: Path) -> None:
-        db_path.parent.mkdir(parents=True, exist_ok=True)
         self._path = db_path
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
@@ -129,7 +133,7 @@ class BatchStore:
         so a group commit's fsync in a worker thread never holds up the loop."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None, timeout=30)
+            conn = private.connect(self._path, check_same_thread=False, isolation_level=None, timeout=30)
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA synchronous=FULL")  # a committed (then acked) result survives a power cut
             self._local.conn = conn
@@ -226,7 +230,18 @@ class BatchStore:
 
     def delete_file(self, file_id: str) -> bool:
         with self._lock:
-            return self._db.execute("DELETE FROM batch_files WHERE id = ?", (file_id,)).rowcount == 1
+            deleted = self._db.execute("DELETE FROM batch_files WHERE id = ?", (file_id,)).rowcount == 1
+        self.scrub()
+        return deleted
+
+    def scrub(self) -> None:
+        """After a delete: erase the old page images the WAL still holds (see gateway/private.py).
+
+        Deleted rows are already overwritten with zeros in their pages (secure_delete); this
+        truncates the WAL, whose earlier frames may still hold the text.
+        """
+        if not private.checkpoint(self._db):
+            log.debug("WAL checkpoint incomplete (a reader was active); the next one finishes it")
 
     def expired_files(self, at: int) -> list[str]:
         return [r["id"] for r in self._all(
@@ -327,6 +342,7 @@ class BatchStore:
         with self.tx() as db:
             db.execute("DELETE FROM batch_lines WHERE batch_id = ?", (batch_id,))
             db.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
+        self.scrub()
 
     def ended_before(self, at: int) -> list[sqlite3.Row]:
         return self._all("SELECT * FROM batches WHERE ended_at IS NOT NULL AND ended_at <= ?", (at,))

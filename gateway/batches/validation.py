@@ -3,6 +3,8 @@
 A bad line does not sink the batch: it becomes an error line (OpenAI's batch error format)
 with its custom_id, when it has one, and a reason; every other line runs. Only a file that
 cannot be a batch at all (not UTF-8 text, no request line, too many lines) fails the batch.
+Lines are parsed with limits (length, JSON nesting depth), so no line can exhaust memory or
+the stack of the gateway that validates it.
 
 Bodies go through the same pydantic models and ``check_supported`` as interactive requests,
 so a batch line is accepted exactly when the same body sent to the endpoint would be.
@@ -10,13 +12,14 @@ so a batch line is accepted exactly when the same body sent to the endpoint woul
 
 from __future__ import annotations
 
-import json
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydantic import ValidationError
+from pydantic_core import from_json
 
 from gateway.errors import APIError
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
@@ -95,59 +98,92 @@ class Parsed:
         return next(iter(self.models)) if len(self.models) == 1 else None
 
 
-def parse_file(path: Path, endpoint: str, max_lines: int) -> Parsed:
-    """Read an input file; line numbers count from 1, blank lines are skipped."""
+def _lines(f: BinaryIO, max_line_bytes: int) -> Iterator[bytes | None]:
+    """The file's lines (split on ``\n`` only, as JSONL is), each read with a cap: a longer line
+    is skipped to its end without being held in memory and comes out as None."""
+    while raw := f.readline(max_line_bytes + 1):
+        if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+            while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                pass
+            yield None
+            continue
+        yield raw
+
+
+def _load(raw: str, line_no: int) -> Any:
+    """One line's JSON, or an error message. jiter (pydantic-core) refuses nesting deeper than
+    ~200 levels with a ValueError; the standard library would recurse until RecursionError."""
+    try:
+        return from_json(raw)
+    except ValueError as exc:
+        if "recursion limit" in str(exc):
+            raise ValueError(f"Line {line_no} is nested too deeply to be a request.") from None
+        raise ValueError(f"Line {line_no} is not valid JSON.") from None
+
+
+def parse_file(path: Path, endpoint: str, max_lines: int, max_line_bytes: int = 4 * 1024 * 1024) -> Parsed:
+    """Read an input file; line numbers count from 1, blank lines are skipped.
+
+    Memory stays bounded by the line cap whatever the file holds; a line that cannot be read
+    becomes an error line, never an exception that escapes.
+    """
     kind = ENDPOINTS[endpoint]
     out = Parsed()
     seen: set[str] = set()
     try:
-        text = path.read_bytes().decode("utf-8")
+        f = open(path, "rb")
     except FileNotFoundError:
         raise BatchFileError("file_not_found", "The input file was deleted before the batch was validated.") from None
-    except UnicodeDecodeError:
-        raise BatchFileError("invalid_file_format", "The input file is not UTF-8 text (JSONL expected).") from None
-    for line_no, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        if len(out.lines) >= max_lines:
-            raise BatchFileError("too_many_requests", f"The input file has more than {max_lines} requests.", line_no)
-
-        def bad(custom_id: str | None, code: str, message: str) -> None:
-            out.lines.append((line_no, custom_id, "failed", None, error_line(custom_id, code, message, line_no)))
-
-        try:
-            item = json.loads(raw)
-        except ValueError:
-            bad(None, "invalid_json", f"Line {line_no} is not valid JSON.")
-            continue
-        if not isinstance(item, dict):
-            bad(None, "invalid_request", f"Line {line_no} is not a JSON object.")
-            continue
-        custom_id = item.get("custom_id")
-        if not isinstance(custom_id, str) or not custom_id:
-            bad(None, "missing_custom_id", f"Line {line_no} has no 'custom_id' (a non-empty string is required).")
-            continue
-        if custom_id in seen:
-            bad(custom_id, "duplicate_custom_id",
-                f"Line {line_no} repeats custom_id '{custom_id}'; custom_id must be unique within a batch.")
-            continue
-        seen.add(custom_id)
-        method = item.get("method", "POST")
-        if method != "POST":
-            bad(custom_id, "invalid_method", f"Line {line_no}: method must be 'POST', not {method!r}.")
-            continue
-        url = item.get("url")
-        if url != endpoint:
-            bad(custom_id, "invalid_url",
-                f"Line {line_no}: url {url!r} does not match the batch's endpoint '{endpoint}'.")
-            continue
-        try:
-            fields = parse_body(kind, item.get("body"))
-        except APIError as exc:
-            out.lines.append((line_no, custom_id, "failed", None, api_error_line(custom_id, "", exc)))
-            continue
-        out.models.add(fields["model"])
-        out.lines.append((line_no, custom_id, "pending", fields, None))
+    with f:
+        for line_no, raw_bytes in enumerate(_lines(f, max_line_bytes), start=1):
+            _parse_line(out, seen, kind, endpoint, line_no, raw_bytes, max_lines, max_line_bytes)
     if not out.lines:
         raise BatchFileError("empty_file", "The input file contains no requests.")
     return out
+
+
+def _parse_line(out: Parsed, seen: set[str], kind: str, endpoint: str, line_no: int, raw_bytes: bytes | None,
+                max_lines: int, max_line_bytes: int) -> None:
+    """Add one line to ``out``: a pending request or an error line."""
+    if raw_bytes is not None and not raw_bytes.strip():
+        return
+    if len(out.lines) >= max_lines:
+        raise BatchFileError("too_many_requests", f"The input file has more than {max_lines} requests.", line_no)
+
+    def bad(custom_id: str | None, code: str, message: str) -> None:
+        out.lines.append((line_no, custom_id, "failed", None, error_line(custom_id, code, message, line_no)))
+
+    if raw_bytes is None:
+        return bad(None, "line_too_long", f"Line {line_no} is longer than {max_line_bytes} bytes.")
+    try:
+        raw = raw_bytes.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BatchFileError("invalid_file_format", "The input file is not UTF-8 text (JSONL expected).",
+                             line_no) from None
+    try:
+        item = _load(raw, line_no)
+    except ValueError as exc:
+        return bad(None, "invalid_json", str(exc))
+    if not isinstance(item, dict):
+        return bad(None, "invalid_request", f"Line {line_no} is not a JSON object.")
+    custom_id = item.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        return bad(None, "missing_custom_id", f"Line {line_no} has no 'custom_id' (a non-empty string is required).")
+    if custom_id in seen:
+        return bad(custom_id, "duplicate_custom_id",
+                   f"Line {line_no} repeats custom_id '{custom_id}'; custom_id must be unique within a batch.")
+    seen.add(custom_id)
+    method = item.get("method", "POST")
+    if method != "POST":
+        return bad(custom_id, "invalid_method", f"Line {line_no}: method must be 'POST', not {method!r}.")
+    url = item.get("url")
+    if url != endpoint:
+        return bad(custom_id, "invalid_url",
+                   f"Line {line_no}: url {url!r} does not match the batch's endpoint '{endpoint}'.")
+    try:
+        fields = parse_body(kind, item.get("body"))
+    except APIError as exc:
+        out.lines.append((line_no, custom_id, "failed", None, api_error_line(custom_id, "", exc)))
+        return
+    out.models.add(fields["model"])
+    out.lines.append((line_no, custom_id, "pending", fields, None))

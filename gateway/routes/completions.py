@@ -16,7 +16,7 @@ from gateway.errors import APIError
 from gateway.formatting import ResponseBuilder
 from gateway.generation import Generation
 from gateway.limits import Lease
-from gateway.metrics import REQUESTS
+from gateway.metrics import REQUESTS, model_label
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.streaming import SSE_HEADERS, event_stream
 
@@ -106,7 +106,7 @@ async def _serve(kind: str, body: ChatCompletionRequest | CompletionRequest, req
             except BaseException:
                 await frames.aclose()
                 raise
-            REQUESTS.labels(endpoint, body.model, "200").inc()
+            REQUESTS.labels(endpoint, model_label(body.model), "200").inc()
             response = LeasedStream(event_stream(frames, builder, body.n), media_type="text/event-stream",
                                     headers={**SSE_HEADERS, **lease.headers}, gen=gen, lease=lease)
             lease = None  # the response releases it
@@ -114,15 +114,15 @@ async def _serve(kind: str, body: ChatCompletionRequest | CompletionRequest, req
         final = await until_disconnected(request, _collect(frames))
         headers = lease.headers
     except APIError as exc:
-        REQUESTS.labels(endpoint, body.model, str(exc.status)).inc()
+        REQUESTS.labels(endpoint, model_label(body.model), str(exc.status)).inc()
         raise
     except ClientGone:
-        REQUESTS.labels(endpoint, body.model, "499").inc()
+        REQUESTS.labels(endpoint, model_label(body.model), "499").inc()
         return Response(status_code=499)
     finally:
         if lease is not None:
             lease.release(_tokens_used(gen))
-    REQUESTS.labels(endpoint, body.model, "200").inc()
+    REQUESTS.labels(endpoint, model_label(body.model), "200").inc()
     return JSONResponse(builder.completion(final), headers=headers)
 
 

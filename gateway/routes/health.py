@@ -1,12 +1,15 @@
-"""``GET /health`` (no key: for load balancers and operators) and ``GET /metrics`` (Prometheus)."""
+"""``GET /health`` (no key: for load balancers and operators) and ``GET /metrics`` (Prometheus,
+behind ``CHATAI_GATEWAY_METRICS_TOKEN`` when it is set)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.context import GatewayContext, get_context
+from gateway.errors import APIError
+from gateway.http_guard import token_matches
 from gateway.metrics import LIVE_WORKERS
 
 router = APIRouter()
@@ -36,7 +39,10 @@ async def health(ctx: GatewayContext = Depends(get_context)) -> JSONResponse:
 
 
 @router.get("/metrics")
-async def metrics(ctx: GatewayContext = Depends(get_context)) -> Response:
+async def metrics(request: Request, ctx: GatewayContext = Depends(get_context)) -> Response:
+    token = ctx.settings.metrics_token
+    if token is not None and not token_matches(request.headers, token.get_secret_value()):
+        raise APIError(401, "/metrics needs 'Authorization: Bearer <the metrics token>'.", code="invalid_metrics_token")
     LIVE_WORKERS.clear()
     for model, hbs in ctx.registry.models().items():
         for hb in hbs:
