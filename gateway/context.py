@@ -46,10 +46,18 @@ async def get_context(request: Request) -> GatewayContext:
 
 
 async def require_api_key(
+    request: Request,
     ctx: GatewayContext = Depends(get_context),
     authorization: str | None = Header(default=None),
 ) -> str:
-    """The caller's key id; 401 for a missing, malformed, unknown or revoked key."""
+    """The caller's key id; 401 for a missing, malformed, unknown or revoked key.
+
+    The request guard (gateway/http_guard.py) already verified the key of every ``/v1`` request
+    before its body was read and left the id in the request's state: one lookup per request.
+    """
+    key_id = request.scope.get("state", {}).get("api_key_id")
+    if key_id is not None:
+        return key_id
     if not authorization or not authorization.lower().startswith("bearer "):
         raise invalid_api_key()
     key_id = ctx.keys.verify(authorization[7:].strip())
