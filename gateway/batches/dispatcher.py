@@ -79,10 +79,6 @@ def parse_request_id(rid: str) -> tuple[str, int] | None:
     return batch_id, int(line)
 
 
-def results_queue_name(deployment_id: str) -> str:
-    return f"{t.GATEWAY_QUEUE_PREFIX}{deployment_id}.batch-results"
-
-
 async def _settle(ack) -> None:
     """Ack or nack; a channel that closed meanwhile makes the broker redeliver, which is fine."""
     try:
@@ -111,7 +107,7 @@ class Dispatcher:
         self._results: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self._stopping = False
         self.duplicates = 0  # results dropped because their line already had one (tests, metrics)
-        self.results_queue = settings.results_queue or results_queue_name(store.deployment_id())
+        self.results_queue = settings.results_queue or broker.batch_results_queue(store.deployment_id())
 
     # ------------------------------------------------------------------ lifecycle
 
