@@ -80,6 +80,18 @@ class BrokerAdmin:
         self._run("delete_user", user)
         return True
 
+    def exchange_types(self) -> dict[str, str]:
+        out = self._run("list_exchanges", "-p", self.vhost, "name", "type", "--formatter", "json")
+        return {e["name"]: e["type"] for e in json.loads(out or "[]")}
+
+    def delete_exchange(self, name: str) -> None:
+        """rabbitmqctl has no delete_exchange (rabbitmqadmin needs the management plugin)."""
+        def binary(text: str) -> str:
+            return "<<" + ",".join(str(b) for b in text.encode()) + ">>"
+
+        self._run("eval", f"rabbit_exchange:delete(rabbit_misc:r({binary(self.vhost)}, exchange, {binary(name)}), "
+                          f"false, <<\"chatai\">>).")
+
     def set_vhost_limits(self, limits: dict[str, int]) -> None:
         self._run("set_vhost_limits", "-p", self.vhost, json.dumps(limits))
 

@@ -8,14 +8,17 @@ cannot say are done here, each idempotent:
   ``guest:guest`` would be open to anyone who reaches the tunnel;
 * the vhost gets limits (connections, queues), so no client can exhaust the node with them;
 * every gateway deployment's user gets limits (connections, channels), so one deployment, even
-  compromised, cannot take every connection the vhost allows and starve workers or others.
+  compromised, cannot take every connection the vhost allows and starve workers or others;
+* an exchange of an older definitions document with another type (``chatai.replies`` was
+  direct; topic permissions need a topic exchange) is replaced: an import keeps an existing
+  exchange as it is, silently. Gateways are then disconnected so that they bind again.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from broker_config.admin import BrokerAdmin
+from broker_config.admin import BrokerAdmin, BrokerAdminError
 from broker_config.definitions import Definitions, gateway_topic_permissions
 
 GUEST = "guest"
@@ -39,11 +42,24 @@ def apply(admin: BrokerAdmin, definitions: Definitions, limits: Limits | None = 
     """Import the definitions and lock the broker down; returns one line per thing done."""
     limits = limits or Limits()
     document = definitions.render()
+    done = []
+    existing = admin.exchange_types()
+    replaced = [e["name"] for e in document["exchanges"] if existing.get(e["name"], e["type"]) != e["type"]]
+    for name in replaced:
+        admin.delete_exchange(name)
+        done.append(f"replaced exchange {name} ({existing[name]} -> "
+                    f"{next(e['type'] for e in document['exchanges'] if e['name'] == name)})")
     admin.import_definitions(document)
-    done = [f"definitions: vhost {definitions.vhost}, {len(definitions.models)} model queue(s), "
+    if replaced:  # their bindings went with the old exchange: gateways re-bind when they reconnect
+        for gateway in definitions.gateways:
+            try:
+                admin.close_user_connections(gateway, "chatai broker apply: exchanges replaced, reconnect")
+            except BrokerAdminError:  # no connection to close is fine
+                pass
+    done += [f"definitions: vhost {definitions.vhost}, {len(definitions.models)} model queue(s), "
             f"gateway deployment(s): {', '.join(definitions.gateways)}"]
-    # Topic permissions are in the document too; set them explicitly as well, because an import
-    # never narrows what a previous import or an operator set.
+    # Topic permissions are in the document too; set them explicitly as well (idempotent), so they
+    # hold whatever an import does with ones that exist already.
     for gateway in definitions.gateways:
         p = gateway_topic_permissions(gateway)
         admin.set_topic_permissions(gateway, p["exchange"], p["write"], p["read"])

@@ -105,22 +105,25 @@ async def test_apply_deletes_guest_reachable_through_the_tunnel_and_sets_vhost_l
         broker.apply([])
 
 
-def test_vhost_queue_limit_refuses_beyond(broker):
-    """A limit that is reached refuses the next queue (here: a tiny one, then the default back)."""
+def test_vhost_queue_limit_from_apply_refuses_beyond(broker, tmp_path):
+    """The limit ``chatai broker apply`` sets is enforced: here one queue more than exist now."""
     async def scenario():
         amqp = await aio_pika.connect(broker.url("gateway"))
         try:
+            r = chatai_broker_apply(broker, secrets_file_with(tmp_path / "secrets.json", broker.passwords),
+                                    "--max-queues", str(len(broker.admin.list_queues()) + 1))
+            assert r.returncode == 0, r.stderr
             ch = await amqp.channel()
-            names = [topology.gateway_reply_queue("gateway", f"lim-{secrets.token_hex(3)}") for _ in range(2)]
-            existing = len(broker.admin.list_queues())
-            broker.admin.set_vhost_limits({"max-connections": 1000, "max-queues": existing + 1})
-            await ch.declare_queue(names[0], exclusive=True)
-            with pytest.raises(aiormq.exceptions.ChannelPreconditionFailed):
-                ch2 = await amqp.channel()
-                await ch2.declare_queue(names[1], exclusive=True)
+            await ch.declare_queue(topology.gateway_reply_queue("gateway", f"lim-{secrets.token_hex(3)}"),
+                                   exclusive=True)
+            ch = await amqp.channel()
+            with pytest.raises(aiormq.exceptions.ChannelPreconditionFailed) as refused:
+                await ch.declare_queue(topology.gateway_reply_queue("gateway", f"lim-{secrets.token_hex(3)}"),
+                                       exclusive=True)
+            assert "queue limit" in str(refused.value)
         finally:
-            broker.apply([])
             await amqp.close()
+            broker.apply([])
 
     asyncio.run(scenario())
 
@@ -284,6 +287,46 @@ async def test_a_cancel_from_another_deployment_is_ignored_by_the_worker(two_dep
         await gw_a.cancel(req2.request_id)
         frames = await gw_a.result(req2.request_id, timeout=60)
         assert isinstance(frames[-1], Final) and frames[-1].choices[0].finish_reason == "abort"
+
+
+def test_apply_replaces_an_old_direct_replies_exchange(tmp_path):
+    """A broker set up before this fix has a direct chatai.replies, where topic permissions do
+    nothing; an import would keep it. ``chatai broker apply`` replaces it."""
+    from broker_config.admin import BrokerAdmin
+    from broker_config.definitions import ROLES, Definitions, new_password
+    from broker_config.local_node import LocalBrokerNode
+
+    node = LocalBrokerNode.create(name="chatai-upgrade")
+    node.start()
+    try:
+        admin = BrokerAdmin(node=node.node)
+        passwords = {u: new_password() for u in ("gateway", "seca", "secb", *ROLES)}
+        old = Definitions(models=["m"], passwords=passwords).render()
+        for exchange in old["exchanges"]:
+            if exchange["name"] == topology.REPLIES_EXCHANGE:
+                exchange["type"] = "direct"
+        admin.import_definitions(old)
+        assert admin.exchange_types()[topology.REPLIES_EXCHANGE] == "direct"
+        path = secrets_file_with(tmp_path / "secrets.json", passwords)
+        r = subprocess.run(["chatai", "broker", "apply", "--model", "m", "--secrets", str(path), "--node", node.node,
+                            "--gateway", "seca", "--gateway", "secb"], capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stderr
+        assert "replaced exchange chatai.replies (direct -> topic)" in r.stdout
+        assert admin.exchange_types()[topology.REPLIES_EXCHANGE] == "topic"
+
+        async def b_binds_a_key():
+            conn = await aio_pika.connect(f"amqp://secb:{passwords['secb']}@127.0.0.1:{node.port}/{topology.VHOST}")
+            try:
+                ch = await conn.channel()
+                spy = await ch.declare_queue(topology.gateway_reply_queue("secb", "spy"), exclusive=True)
+                with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
+                    await spy.bind(topology.REPLIES_EXCHANGE, routing_key=topology.gateway_reply_queue("seca", "x"))
+            finally:
+                await conn.close()
+
+        asyncio.run(b_binds_a_key())
+    finally:
+        node.stop()
 
 
 def test_health_does_not_publish_the_gateway_id(tunnel_gateway):
