@@ -107,7 +107,12 @@ class Dispatcher:
         self._results: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self._stopping = False
         self.duplicates = 0  # results dropped because their line already had one (tests, metrics)
-        self.results_queue = settings.results_queue or broker.batch_results_queue(store.deployment_id())
+        self._database_id = store.deployment_id()  # names this database's results queue
+
+    @property
+    def results_queue(self) -> str:
+        """This database's durable results queue, under the deployment's broker namespace."""
+        return self.settings.results_queue or self.broker.batch_results_queue(self._database_id)
 
     # ------------------------------------------------------------------ lifecycle
 
