@@ -69,7 +69,7 @@ def apply(admin: BrokerAdmin, definitions: Definitions, limits: Limits | None = 
         done.append("deleted the built-in 'guest' user (the SSH tunnel reaches the broker from its own host, "
                     "so loopback_users does not protect it)")
     else:
-        done.append("no 'guest' user (already deleted)")
+        done.append("no 'guest' user to delete")
     admin.set_vhost_limits(limits.vhost())
     done.append(f"vhost {definitions.vhost} limits: {limits.vhost()}")
     return done

@@ -98,7 +98,7 @@ async def test_apply_deletes_guest_reachable_through_the_tunnel_and_sets_vhost_l
         assert json.loads(out) == {"max-connections": 900, "max-queues": 1900}
         # Applying again is idempotent and says so.
         r = chatai_broker_apply(broker, tmp_path / "secrets.json")
-        assert r.returncode == 0 and "no 'guest' user" in r.stdout
+        assert r.returncode == 0 and "no 'guest' user to delete" in r.stdout
         assert admin.vhost_limits() == {"max-connections": 1000, "max-queues": 2000}  # the documented defaults
     finally:
         conn.close()
