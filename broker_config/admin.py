@@ -66,6 +66,41 @@ class BrokerAdmin:
     def set_permissions(self, user: str, configure: str, write: str, read: str) -> None:
         self._run("set_permissions", "-p", self.vhost, user, configure, write, read)
 
+    def set_topic_permissions(self, user: str, exchange: str, write: str, read: str) -> None:
+        self._run("set_topic_permissions", "-p", self.vhost, user, exchange, write, read)
+
+    def list_users(self) -> list[str]:
+        out = self._run("list_users", "--formatter", "json")
+        return [u["user"] for u in json.loads(out or "[]")]
+
+    def delete_user(self, user: str) -> bool:
+        """Delete a user if it exists (closing its connections); whether there was one."""
+        if user not in self.list_users():
+            return False
+        self._run("delete_user", user)
+        return True
+
+    def exchange_types(self) -> dict[str, str]:
+        out = self._run("list_exchanges", "-p", self.vhost, "name", "type", "--formatter", "json")
+        return {e["name"]: e["type"] for e in json.loads(out or "[]")}
+
+    def delete_exchange(self, name: str) -> None:
+        """rabbitmqctl has no delete_exchange (rabbitmqadmin needs the management plugin)."""
+        def binary(text: str) -> str:
+            return "<<" + ",".join(str(b) for b in text.encode()) + ">>"
+
+        self._run("eval", f"rabbit_exchange:delete(rabbit_misc:r({binary(self.vhost)}, exchange, {binary(name)}), "
+                          f"false, <<\"chatai\">>).")
+
+    def set_vhost_limits(self, limits: dict[str, int]) -> None:
+        self._run("set_vhost_limits", "-p", self.vhost, json.dumps(limits))
+
+    def vhost_limits(self) -> dict[str, int]:
+        return json.loads(self._run("list_vhost_limits", "-p", self.vhost).strip() or "{}")
+
+    def set_user_limits(self, user: str, limits: dict[str, int]) -> None:
+        self._run("set_user_limits", user, json.dumps(limits))
+
     def clear_permissions(self, user: str) -> None:
         self._run("clear_permissions", "-p", self.vhost, user)
 

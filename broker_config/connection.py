@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
+import functools
+from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
+from aiormq import TransportFactory
 
 
 def redact(url: str) -> str:
@@ -17,8 +20,28 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def user_of(url: str) -> str:
+    """The broker user a URL logs in as: for a gateway, its deployment name."""
+    return unquote(urlsplit(url).username or "")
+
+
+class _ThroughTransport(aio_pika.RobustConnection):
+    """A robust connection whose every (re)connect opens its byte stream with ``transport``."""
+
+    def __init__(self, url: Any, *, transport: TransportFactory, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self.kwargs["transport_factory"] = transport  # passed on to aiormq.Connection
+
+
 async def connect(url: str, name: str, heartbeat: int = 30, reconnect_interval: float = 2.0,
-                  timeout: float = 15.0) -> AbstractRobustConnection:
-    """A robust connection: aio-pika re-opens it, its channels, queues and consumers after a drop."""
+                  timeout: float = 15.0, transport: TransportFactory | None = None) -> AbstractRobustConnection:
+    """A robust connection: aio-pika re-opens it, its channels, queues and consumers after a drop.
+
+    ``transport``: open the byte stream another way than TCP to the URL's host and port (the
+    gateway's SSH tunnel, see gateway/tunnel.py); the URL then only gives credentials and vhost.
+    """
+    extra: dict[str, Any] = {}
+    if transport is not None:
+        extra["connection_class"] = functools.partial(_ThroughTransport, transport=transport)
     return await aio_pika.connect_robust(url, client_properties={"connection_name": name}, heartbeat=heartbeat,
-                                         reconnect_interval=reconnect_interval, timeout=timeout)
+                                         reconnect_interval=reconnect_interval, timeout=timeout, **extra)

@@ -30,18 +30,29 @@ def _either(*patterns: str) -> str:
 
 
 # configure / write / read regexes per role. Queue.bind needs write on the queue and read on
-# the exchange; basic.publish needs write on the exchange; basic.consume needs read on the queue.
-PERMISSIONS: dict[str, dict[str, str]] = {
-    # The gateway publishes requests and cancellations, owns its reply and heartbeat queues,
-    # and reads batch results. It can neither read a model queue nor declare anything else.
-    "gateway": {
-        "configure": _prefix(t.GATEWAY_QUEUE_PREFIX),
-        "write": _either(_exact(t.REQUESTS_EXCHANGE, t.CONTROL_EXCHANGE), _prefix(t.GATEWAY_QUEUE_PREFIX)),
-        "read": _either(
-            _exact(t.REPLIES_EXCHANGE, t.WORKERS_EXCHANGE, t.BATCH_RESULTS_QUEUE),
-            _prefix(t.GATEWAY_QUEUE_PREFIX),
-        ),
-    },
+# the exchange; basic.publish needs write on the exchange; basic.consume, basic.get and
+# queue.purge need read on the queue; queue.delete needs configure.
+def gateway_permissions(user: str) -> dict[str, str]:
+    """One gateway deployment (broker user ``user``): publish requests and cancellations, own
+    everything under ``chatai.gw.<user>.`` and nothing of any other deployment. It can neither
+    read a model queue nor declare, read or purge another deployment's queues."""
+    own = _prefix(t.gateway_namespace(t.check_deployment_name(user)))
+    return {
+        "configure": own,
+        "write": _either(_exact(t.REQUESTS_EXCHANGE, t.CONTROL_EXCHANGE), own),
+        "read": _either(_exact(t.REPLIES_EXCHANGE, t.WORKERS_EXCHANGE), own),
+    }
+
+
+def gateway_topic_permissions(user: str) -> dict[str, str]:
+    """Read on the replies exchange (a topic exchange) only for routing keys in its own namespace:
+    RabbitMQ checks it on queue.bind and exchange.bind, so a deployment cannot bind anything to
+    another deployment's reply or batch-result keys (nor ``#``). It publishes no replies."""
+    return {"exchange": t.REPLIES_EXCHANGE, "write": "^$",
+            "read": _prefix(t.gateway_namespace(t.check_deployment_name(user)))}
+
+
+ROLE_PERMISSIONS: dict[str, dict[str, str]] = {
     # A worker consumes model queues, publishes replies and heartbeats, owns its control queue.
     # It cannot publish requests.
     "worker": {
@@ -58,8 +69,14 @@ PERMISSIONS: dict[str, dict[str, str]] = {
         "read": _either(_exact(t.WORKERS_EXCHANGE), _prefix(t.OPERATOR_QUEUE_PREFIX)),
     },
 }
-TAGS: dict[str, list[str]] = {"gateway": [], "worker": [], "operator": ["monitoring"]}
-ROLES = tuple(PERMISSIONS)
+TAGS: dict[str, list[str]] = {"worker": [], "operator": ["monitoring"]}
+DEFAULT_GATEWAY = "gateway"  # the deployment name (= broker user) when only one gateway is served
+ROLES = ("worker", "operator")  # users besides the gateway deployments
+
+
+def permissions_for(user: str, role: str) -> dict[str, str]:
+    """The vhost permissions of a broker user: its role's, or a gateway deployment's own."""
+    return gateway_permissions(user) if role == "gateway" else ROLE_PERMISSIONS[role]
 
 
 def hash_password(password: str, salt: bytes | None = None) -> str:
@@ -77,13 +94,16 @@ class Definitions:
     """Inputs of the rendered document."""
 
     models: list[str]
-    passwords: dict[str, str]  # role -> password
+    passwords: dict[str, str]  # user (role or gateway deployment name) -> password
     max_queue_length: int = t.DEFAULT_MAX_QUEUE_LENGTH
+    gateways: list[str] = field(default_factory=lambda: [DEFAULT_GATEWAY])  # one broker user each
     vhost: str = t.VHOST
     extra_users: list[dict] = field(default_factory=list)
 
     def render(self) -> dict:
-        missing = set(ROLES) - set(self.passwords)
+        for name in self.gateways:
+            t.check_deployment_name(name)
+        missing = (set(ROLES) | set(self.gateways)) - set(self.passwords)
         if missing:
             raise ValueError(f"no password for broker users: {', '.join(sorted(missing))}")
         v = self.vhost
@@ -92,7 +112,7 @@ class Definitions:
              "internal": False, "arguments": {}}
             for name, kind in (
                 (t.REQUESTS_EXCHANGE, "direct"),
-                (t.REPLIES_EXCHANGE, "direct"),
+                (t.REPLIES_EXCHANGE, "topic"),
                 (t.CONTROL_EXCHANGE, "fanout"),
                 (t.WORKERS_EXCHANGE, "fanout"),
             )
@@ -102,25 +122,24 @@ class Definitions:
              "arguments": t.model_queue_arguments(self.max_queue_length)}
             for m in self.models
         ]
-        queues.append({"name": t.BATCH_RESULTS_QUEUE, "vhost": v, "durable": True,
-                       "auto_delete": False, "arguments": {}})
         bindings = [
             {"source": t.REQUESTS_EXCHANGE, "vhost": v, "destination": t.model_queue(m),
              "destination_type": "queue", "routing_key": m, "arguments": {}}
             for m in self.models
         ]
-        bindings.append({"source": t.REPLIES_EXCHANGE, "vhost": v, "destination": t.BATCH_RESULTS_QUEUE,
-                         "destination_type": "queue", "routing_key": t.BATCH_RESULTS_QUEUE, "arguments": {}})
+        roles = {**{g: "gateway" for g in self.gateways}, **{r: r for r in ROLES}}
         users = [
-            {"name": role, "password_hash": hash_password(self.passwords[role]),
-             "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": TAGS[role]}
-            for role in ROLES
+            {"name": user, "password_hash": hash_password(self.passwords[user]),
+             "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": TAGS.get(role, [])}
+            for user, role in roles.items()
         ] + list(self.extra_users)
-        permissions = [{"user": role, "vhost": v, **PERMISSIONS[role]} for role in ROLES]
+        permissions = [{"user": user, "vhost": v, **permissions_for(user, role)} for user, role in roles.items()]
+        topic_permissions = [{"user": g, "vhost": v, **gateway_topic_permissions(g)} for g in self.gateways]
         return {
             "vhosts": [{"name": v}],
             "users": users,
             "permissions": permissions,
+            "topic_permissions": topic_permissions,
             "exchanges": exchanges,
             "queues": queues,
             "bindings": bindings,

@@ -47,10 +47,6 @@ class LocalBrokerNode:
         base_dir.chmod(0o755)
         return cls(base_dir=base_dir, port=port, node=f"{name}-{port}@localhost")
 
-    @property
-    def admin_url(self) -> str:
-        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
-
     def _env(self) -> dict[str, str]:
         self.base_dir.mkdir(parents=True, exist_ok=True)
         conf = self.base_dir / "rabbitmq.conf"

@@ -7,18 +7,24 @@ Model queues, the batch results queue and the users are declared by the broker's
 
 from __future__ import annotations
 
+import re
+
 VHOST = "chatai"
 
 # Exchanges
 REQUESTS_EXCHANGE = "chatai.requests"  # direct, routing key = served model name
-REPLIES_EXCHANGE = "chatai.replies"  # direct, routing key = reply queue name
+# topic, routing key = reply queue name. A topic exchange because RabbitMQ's topic permissions
+# (checked on queue.bind / exchange.bind) apply to topic exchanges only: they keep each gateway
+# deployment's bindings to routing keys under its own namespace (see definitions.py).
+REPLIES_EXCHANGE = "chatai.replies"
 CONTROL_EXCHANGE = "chatai.control"  # fanout: cancellations, gateway -> every worker
 WORKERS_EXCHANGE = "chatai.workers"  # fanout: heartbeats, worker -> every gateway
 
 # Queues
 MODEL_QUEUE_PREFIX = "chatai.model."
-BATCH_RESULTS_QUEUE = "chatai.batch-results"  # durable: batch results survive a gateway restart
-GATEWAY_QUEUE_PREFIX = "chatai.gw."  # per gateway process, exclusive, auto-delete
+# Everything of one gateway deployment lives under chatai.gw.<its broker user>.: reply and
+# heartbeat queues per process (exclusive, auto-delete), durable batch results per database.
+GATEWAY_QUEUE_PREFIX = "chatai.gw."
 WORKER_QUEUE_PREFIX = "chatai.wk."  # per worker process, exclusive, auto-delete
 OPERATOR_QUEUE_PREFIX = "chatai.op."  # per operator tool (status, autoscaler), exclusive, auto-delete
 
@@ -44,12 +50,36 @@ def model_queue_arguments(max_length: int = DEFAULT_MAX_QUEUE_LENGTH) -> dict[st
     }
 
 
-def gateway_reply_queue(gateway_id: str) -> str:
-    return f"{GATEWAY_QUEUE_PREFIX}{gateway_id}.replies"
+# A gateway deployment's name is its broker user name. No dots (a name must not be a prefix of
+# another's namespace: "a" would own "chatai.gw.a.b.*" of a deployment "a.b") and nothing a
+# regex or a topic pattern gives a meaning to.
+DEPLOYMENT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+RESERVED_USERS = ("worker", "operator", "guest")
 
 
-def gateway_workers_queue(gateway_id: str) -> str:
-    return f"{GATEWAY_QUEUE_PREFIX}{gateway_id}.workers"
+def check_deployment_name(name: str) -> str:
+    if not DEPLOYMENT_NAME.match(name) or name in RESERVED_USERS:
+        raise ValueError(f"invalid gateway deployment name {name!r}: lower-case letters, digits, '-' and '_', "
+                         f"at most 63, not one of {', '.join(RESERVED_USERS)}")
+    return name
+
+
+def gateway_namespace(user: str) -> str:
+    """The queue-name and routing-key prefix that one gateway deployment (broker user) owns."""
+    return f"{GATEWAY_QUEUE_PREFIX}{user}."
+
+
+def gateway_reply_queue(user: str, gateway_id: str) -> str:
+    return f"{gateway_namespace(user)}{gateway_id}.replies"
+
+
+def gateway_workers_queue(user: str, gateway_id: str) -> str:
+    return f"{gateway_namespace(user)}{gateway_id}.workers"
+
+
+def gateway_batch_results_queue(user: str, database_id: str) -> str:
+    """Durable: batch results survive a gateway restart; one per gateway database."""
+    return f"{gateway_namespace(user)}{database_id}.batch-results"
 
 
 def worker_control_queue(worker_id: str) -> str:

@@ -27,6 +27,7 @@ import httpx
 from broker_config.admin import BrokerAdmin, BrokerAdminError
 from broker_config.cli import load_or_create_passwords
 from broker_config.definitions import Definitions
+from broker_config.provision import apply as apply_definitions
 from broker_config.local_node import LocalBrokerNode, rabbitmq_installed
 from gateway.keys import KeyStore
 
@@ -188,8 +189,8 @@ class DevStack:
         self.logs.mkdir(exist_ok=True)
         admin = self._admin = self._start_broker()
         passwords = load_or_create_passwords(self.state_dir / "broker-secrets.json")
-        admin.import_definitions(Definitions(models=[self.served_model_name], passwords=passwords).render())
-        _say(f"applied broker definitions for model '{self.served_model_name}'")
+        for line in apply_definitions(admin, Definitions(models=[self.served_model_name], passwords=passwords)):
+            _say(f"broker: {line}")
 
         gw_state = self.state_dir / "gateway"
         keys = KeyStore(gw_state / "gateway.db")

@@ -7,11 +7,14 @@ sticky ``trips/`` directory); everything here belongs to root:
 * ``trip``  writes state.json (tripped), ends the tunnel account's sessions, clears the
   gateway broker user's permissions in the vhost and closes its connections. New tunnel logins
   are refused from that moment on, because the key lookup prints no key while tripped.
-* ``reset`` restores the gateway user's permissions (from ``broker_config.definitions``),
+* ``reset`` restores the gateway user's permissions (``broker_config.definitions``: only its own
+  ``chatai.gw.<user>.`` namespace),
   removes a pending trip marker and writes state.json (not tripped): the key lookup prints the
   key again, and the gateway's tunnel manager reconnects by itself. Nothing is restarted.
 * ``watch`` polls the state: it absorbs trip markers into state.json and applies (and re-applies,
-  every ``reapply`` seconds) the broker side of whatever the state is.
+  every ``reapply`` seconds) the broker side of whatever the state is. It also follows sshd's
+  log (``sshd_log`` in the config) and trips on every probe sshd refused by itself: forwards
+  elsewhere, remote forwards, sessions, pty / X11 / agent / env requests (see sshd_log.py).
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from broker_config.admin import BrokerAdmin, BrokerAdminError
-from broker_config.definitions import PERMISSIONS
+from broker_config.definitions import gateway_topic_permissions, permissions_for
 from circuit_breaker import hook
+from circuit_breaker.sshd_log import SshdLogWatch
 
 log = logging.getLogger("chatai.breaker")
 
@@ -41,6 +45,7 @@ class Breaker:
     admin: BrokerAdmin | None = None  # None: no broker side (e.g. sshd-only tests)
     broker_user: str = "gateway"
     broker_role: str = "gateway"
+    sshd_log: Path | None = None  # sshd's log, followed by ``watch`` for refused probes
 
     @classmethod
     def from_config(cls, path: Path = DEFAULT_CONFIG, admin: BrokerAdmin | None = None,
@@ -49,7 +54,8 @@ class Breaker:
         if admin is None and use_broker:
             admin = BrokerAdmin(node=rabbit_node or cfg.get("rabbit_node"), vhost=cfg.get("vhost") or "chatai")
         return cls(state_dir=Path(cfg["state_dir"]), tunnel_user=cfg["tunnel_user"], admin=admin,
-                   broker_user=cfg.get("broker_user") or "gateway")
+                   broker_user=cfg.get("broker_user") or "gateway",
+                   sshd_log=Path(cfg["sshd_log"]) if cfg.get("sshd_log") else None)
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -136,8 +142,11 @@ class Breaker:
             except BrokerAdminError as exc:  # no connections is not an error worth failing for
                 log.warning("closing %s connections: %s", self.broker_user, exc)
         else:
-            p = PERMISSIONS[self.broker_role]
+            p = permissions_for(self.broker_user, self.broker_role)
             self.admin.set_permissions(self.broker_user, p["configure"], p["write"], p["read"])
+            if self.broker_role == "gateway":
+                tp = gateway_topic_permissions(self.broker_user)
+                self.admin.set_topic_permissions(self.broker_user, tp["exchange"], tp["write"], tp["read"])
 
     def trip(self, reason: str = "tripped by an operator", by: str = "operator") -> dict:
         self.absorb()
@@ -156,13 +165,44 @@ class Breaker:
         self.marker.unlink(missing_ok=True)
         return self._write_state(False, "reset", by)
 
-    def watch(self, interval: float = 1.0, reapply: float = 30.0, stop: threading.Event | None = None) -> None:
-        """Enforce the state until ``stop`` is set: the admin's daemon for automatic trips."""
+    def record_probe(self, reason: str) -> None:
+        """One attempts.log line for a probe sshd refused (root appends; the reason has no secrets)."""
+        line = json.dumps({"time": hook.now_iso(), "event": "sshd-probe", "user": self.tunnel_user,
+                           "kind": "probe", "command": "-", "reason": reason}, sort_keys=True) + "\n"
+        hook._append(str(self.state_dir / hook.ATTEMPTS_LOG), line)
+
+    def check_sshd_log(self, log_watch: SshdLogWatch) -> bool:
+        """Trip on probes sshd logged since the last look; whether this tripped the breaker."""
+        probes = log_watch.poll()
+        for reason in probes:
+            self.record_probe(reason)
+        if probes and not hook.is_tripped(str(self.state_dir)):
+            log.warning("circuit breaker: %s", probes[0])
+            self.trip(reason=probes[0], by="sshd log")
+            return True
+        return False
+
+    def watch(self, interval: float = 1.0, reapply: float = 30.0, stop: threading.Event | None = None,
+              ready: threading.Event | None = None) -> None:
+        """Enforce the state until ``stop`` is set: the admin's daemon for automatic trips.
+
+        ``ready`` is set once sshd's log is followed: what sshd logs from then on is seen.
+        """
         stop = stop or threading.Event()
         applied: bool | None = None
         last_apply = 0.0
+        log_watch = SshdLogWatch(self.sshd_log, self.tunnel_user) if self.sshd_log else None
+        if log_watch is None:
+            log.warning("no sshd_log in the breaker config: probes that sshd refuses will not trip the breaker")
+        log.info("watching the breaker in %s%s", self.state_dir,
+                 f" and sshd's log {self.sshd_log}" if log_watch is not None else "")
+        if ready is not None:
+            ready.set()
         while not stop.is_set():
             try:
+                if log_watch is not None and self.check_sshd_log(log_watch):
+                    applied = True  # trip() has applied the broker side
+                    last_apply = time.monotonic()
                 absorbed = self.absorb()
                 tripped = hook.is_tripped(str(self.state_dir))
                 if tripped:  # cheap (/proc scan): no tunnel session outlives a poll while tripped

@@ -87,16 +87,19 @@ def install(
     from_: Annotated[str | None, typer.Option("--from", help='from="..." patterns for the key')] = None,
     rabbit_node: str | None = None,
     broker_user: str = "gateway",
+    sshd_log: Annotated[str | None, typer.Option(help="sshd's log, followed by the watcher "
+                                                 "(default: as installed, else /var/log/auth.log).")] = None,
     sshd_config: Path = Path("/etc/ssh/sshd_config"),
     snippet: Path = Path("/etc/ssh/sshd_config.d/chatai-breaker.conf"),
 ) -> None:
-    """Create the tunnel account, the hook, the key file and the sshd snippet; validate with sshd -t."""
+    """Create the tunnel account, the hook, the key file, the sshd snippet (validated with sshd -t)
+    and the watcher's systemd unit (enabled and started where systemd runs)."""
     from circuit_breaker.install import BreakerSpec, InstallError, Layout
     from circuit_breaker.install import install as do_install
 
     spec = BreakerSpec(tunnel_user=tunnel_user, keys_user=keys_user, broker_host=broker_host,
                        broker_port=broker_port, from_=from_, rabbit_node=rabbit_node, broker_user=broker_user,
-                       public_keys=[p.read_text().strip() for p in public_key])
+                       sshd_log=sshd_log, public_keys=[p.read_text().strip() for p in public_key])
     try:
         result = do_install(spec, Layout(sshd_snippet=snippet, sshd_config=sshd_config))
     except InstallError as exc:

@@ -9,7 +9,10 @@ What it does, each step idempotent:
    the AuthorizedKeysCommand (member of the tunnel group, to see the trip marker);
 2. the hook program, root-owned, in a root-owned directory (sshd insists on that);
 3. the breaker's config, its key file (restricted key lines) and state directory;
-4. the sshd ``Match User`` snippet, then ``sshd -t``; an invalid configuration is rolled back.
+4. the sshd ``Match User`` snippet, then ``sshd -t``; an invalid configuration is rolled back;
+5. the systemd unit of the watcher (``chatai breaker watch``), enabled and started where systemd
+   runs: without the watcher, automatic trips do not reach the broker and probes that sshd
+   refuses by itself (forwards elsewhere, pty, agent, X11, env) trip nothing.
 It never restarts or reloads sshd; the new snippet is read by new connections after a reload
 by the admin (``kill -HUP`` of the listener), key and breaker changes need no reload at all.
 """
@@ -21,6 +24,8 @@ import grp
 import json
 import os
 import pwd
+import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -30,6 +35,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 HOOK_SOURCE = HERE / "hook.py"
 SNIPPET_TEMPLATE = HERE / "sshd_breaker.conf.tmpl"
+DEFAULT_SSHD_LOG = "/var/log/auth.log"  # Debian: sshd -> syslog (rsyslog) -> auth.log
 KEY_TYPES = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-", "sk-ssh-ed25519", "sk-ecdsa-sha2-")
 
 
@@ -40,11 +46,14 @@ class Layout:
     libexec_dir: Path = Path("/usr/local/lib/chatai-breaker")  # the hook program
     sshd_snippet: Path = Path("/etc/ssh/sshd_config.d/chatai-breaker.conf")
     sshd_config: Path = Path("/etc/ssh/sshd_config")  # what `sshd -t` validates
+    systemd_unit: Path = Path("/etc/systemd/system/chatai-breaker-watch.service")
+    enable_unit: bool = True  # systemctl enable --now, where systemd runs
 
     @classmethod
     def under(cls, base: Path, sshd_config: Path) -> "Layout":
         return cls(etc_dir=base / "etc", state_dir=base / "state", libexec_dir=base / "libexec",
-                   sshd_snippet=base / "sshd_config.d" / "chatai-breaker.conf", sshd_config=sshd_config)
+                   sshd_snippet=base / "sshd_config.d" / "chatai-breaker.conf", sshd_config=sshd_config,
+                   systemd_unit=base / "systemd" / "chatai-breaker-watch.service", enable_unit=False)
 
     @property
     def config_file(self) -> Path:
@@ -75,6 +84,8 @@ class BreakerSpec:
     broker_user: str = "gateway"
     public_keys: list[str] = field(default_factory=list)  # the gateway's public key(s), bare
     python: str = "/usr/bin/python3"
+    sshd_log: str | None = None  # sshd's log, read by the watcher; None: as installed, else DEFAULT_SSHD_LOG
+    chatai: str | None = None  # the chatai command for the watcher's unit; None: from PATH
 
     @property
     def permit_open(self) -> str:
@@ -107,6 +118,47 @@ def key_line(public_key: str, spec: BreakerSpec) -> str:
             raise InstallError("from= pattern must not contain quotes")
         options += f',from="{spec.from_}"'
     return f"{options} {' '.join(parts[:3])}"
+
+
+WATCH_UNIT = """\
+# chatai circuit breaker watcher. Written by circuit_breaker/install.py (chatai breaker install).
+[Unit]
+Description=chatai circuit breaker watcher (enforces trips on the broker; trips on probes sshd refused)
+After=network-online.target ssh.service rabbitmq-server.service
+Wants=network-online.target
+
+[Service]
+Type=simple
+# Root: it writes the breaker's state, reads sshd's log, ends tunnel sessions, runs rabbitmqctl.
+ExecStart={exec_start}
+Restart=always
+RestartSec=2
+NoNewPrivileges=yes
+PrivateTmp=yes
+ProtectSystem=full
+ProtectHome=read-only
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def watch_unit(spec: BreakerSpec, layout: Layout) -> str:
+    chatai = spec.chatai or shutil.which("chatai") or "/usr/local/bin/chatai"
+    argv = [chatai, "breaker", "watch", "--config", str(layout.config_file)]
+    return WATCH_UNIT.format(exec_start=" ".join(shlex.quote(a) for a in argv))
+
+
+def _enable_unit(layout: Layout) -> str:
+    """Enable and (re)start the watcher where systemd runs; what happened, for the report."""
+    if not layout.enable_unit:
+        return "not enabled (private layout)"
+    if not (Path("/run/systemd/system").is_dir() and shutil.which("systemctl")):
+        return "not enabled: systemd is not running here; start 'chatai breaker watch' under your supervisor"
+    _check("systemctl", "daemon-reload")
+    _check("systemctl", "enable", layout.systemd_unit.name)
+    _check("systemctl", "restart", layout.systemd_unit.name)
+    return "enabled and started"
 
 
 def _write_root_file(path: Path, text: str, mode: int) -> bool:
@@ -198,10 +250,16 @@ def install(spec: BreakerSpec, layout: Layout = Layout(), validate: bool = True)
                             for ln in keys_text.splitlines() if ln.startswith("restrict,"))
     _write_root_file(layout.keys_file, keys_text, 0o644)
 
+    try:
+        installed = json.loads(layout.config_file.read_text())
+    except (OSError, ValueError):
+        installed = {}
+    sshd_log = spec.sshd_log or installed.get("sshd_log") or DEFAULT_SSHD_LOG
     config = {"state_dir": str(layout.state_dir), "tunnel_user": spec.tunnel_user,
               "keys_user": spec.keys_user, "keys_file": str(layout.keys_file),
               "broker_host": spec.broker_host, "broker_port": spec.broker_port,
-              "rabbit_node": spec.rabbit_node, "vhost": spec.vhost, "broker_user": spec.broker_user}
+              "rabbit_node": spec.rabbit_node, "vhost": spec.vhost, "broker_user": spec.broker_user,
+              "sshd_log": sshd_log}
     _write_root_file(layout.config_file, json.dumps(config, indent=2) + "\n", 0o644)
 
     snippet = SNIPPET_TEMPLATE.read_text().format(
@@ -219,8 +277,12 @@ def install(spec: BreakerSpec, layout: Layout = Layout(), validate: bool = True)
                 _write_root_file(layout.sshd_snippet, previous, 0o644)
             raise InstallError(f"sshd -t rejected the configuration (rolled back): {proc.stderr.strip()}")
         check_effective(spec, layout)
+    layout.systemd_unit.parent.mkdir(parents=True, exist_ok=True)
+    _write_root_file(layout.systemd_unit, watch_unit(spec, layout), 0o644)
+    watcher = _enable_unit(layout)
     return {"config": str(layout.config_file), "snippet": str(layout.sshd_snippet), "snippet_changed": changed,
-            "append_only_log": append_only, "keys": keys_text.count("\n"), "time": time.time()}
+            "append_only_log": append_only, "keys": keys_text.count("\n"), "watch_unit": str(layout.systemd_unit),
+            "watcher": watcher, "time": time.time()}
 
 
 def check_effective(spec: BreakerSpec, layout: Layout) -> None:
@@ -250,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--broker-user", default="gateway")
     p.add_argument("--vhost", default="chatai")
     p.add_argument("--python", default="/usr/bin/python3")
+    p.add_argument("--sshd-log", help=f"sshd's log file, followed by the watcher (default: as installed, "
+                   f"else {DEFAULT_SSHD_LOG})")
+    p.add_argument("--chatai", help="the chatai command for the watcher's systemd unit (default: from PATH)")
+    p.add_argument("--unit", type=Path, default=Path("/etc/systemd/system/chatai-breaker-watch.service"))
     p.add_argument("--sshd-config", type=Path, default=Path("/etc/ssh/sshd_config"))
     p.add_argument("--snippet", type=Path, default=Path("/etc/ssh/sshd_config.d/chatai-breaker.conf"))
     p.add_argument("--prefix", type=Path, help="put etc/, state/, libexec/ and the snippet under this "
@@ -258,11 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     spec = BreakerSpec(tunnel_user=args.tunnel_user, keys_user=args.keys_user, broker_host=args.broker_host,
                        broker_port=args.broker_port, from_=args.from_, rabbit_node=args.rabbit_node,
                        broker_user=args.broker_user, vhost=args.vhost, python=args.python,
+                       sshd_log=args.sshd_log, chatai=args.chatai,
                        public_keys=[Path(k).read_text().strip() for k in args.public_key])
     if args.prefix:
         layout = Layout.under(args.prefix, sshd_config=args.sshd_config)
     else:
-        layout = Layout(sshd_snippet=args.snippet, sshd_config=args.sshd_config)
+        layout = Layout(sshd_snippet=args.snippet, sshd_config=args.sshd_config, systemd_unit=args.unit)
     try:
         result = install(spec, layout)
     except InstallError as exc:

@@ -167,7 +167,7 @@ def start_local_sshd(state_dir: Path, broker_host: str, broker_port: int, *, fro
     try:
         spec = BreakerSpec(tunnel_user=user, keys_user=keys_user, broker_host=broker_host, broker_port=broker_port,
                            from_=from_, rabbit_node=rabbit_node, broker_user=broker_user,
-                           public_keys=[client_pub])
+                           public_keys=[client_pub], sshd_log=str(log_path))
         install(spec, layout)
         sshd.process = subprocess.Popen([SSHD, "-D", "-f", str(layout.sshd_config), "-E", str(log_path)],
                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

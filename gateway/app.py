@@ -6,9 +6,9 @@ import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from urllib.parse import urlsplit, urlunsplit
 
 from fastapi import FastAPI
+
 from gateway import private
 from gateway.broker import GatewayBroker
 from gateway.context import GatewayContext
@@ -20,13 +20,6 @@ from gateway.routes import completions, health, models
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger("chatai.gateway")
-
-
-def with_endpoint(url: str, host: str, port: int) -> str:
-    """The broker URL pointed at the tunnel's local end, credentials kept."""
-    parts = urlsplit(url)
-    auth = parts.netloc.rpartition("@")[0]
-    return urlunsplit(parts._replace(netloc=(auth + "@" if auth else "") + f"{host}:{port}"))
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:
@@ -42,10 +35,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         if not settings.broker_direct:
             from gateway.tunnel import BrokerTunnel
 
+            # AMQP goes through the tunnel in-process: the URL gives only credentials and vhost.
             tunnel = BrokerTunnel.from_settings(settings)
-            host, port = await tunnel.start()
-            url = with_endpoint(url, host, port)
-        broker = GatewayBroker(url, registry)
+            await tunnel.start()
+        broker = GatewayBroker(url, registry, transport=tunnel.transport() if tunnel is not None else None)
         broker.start()
         ctx = GatewayContext(settings=settings, keys=KeyStore(settings.db_path), registry=registry,
                              broker=broker, tunnel=tunnel)

@@ -1,7 +1,11 @@
 """The gateway's side of the broker: publish requests and cancellations, receive reply frames.
 
 One robust AMQP connection per gateway process; one exclusive reply queue whose frames are
-routed to the waiting request by id; one exclusive queue of worker heartbeats. Publishing uses
+routed to the waiting request by id; one exclusive queue of worker heartbeats. The broker user
+is the gateway deployment's identity: every queue it names lives under
+``chatai.gw.<user>.``, and every request and cancellation carries ``user_id`` (which the broker
+checks against the connection's user), so a worker honours a cancellation only from the
+deployment that sent the request. Publishing uses
 confirms and ``mandatory``, so an unknown model (no queue bound) and a full queue
 (reject-publish) are known at once and answered 404 / 429 instead of waiting.
 """
@@ -22,7 +26,9 @@ from aio_pika.exceptions import DeliveryError, PublishError
 from pamqp.commands import Basic
 
 from broker_config import topology as t
-from broker_config.connection import connect, redact
+from aiormq import TransportFactory
+
+from broker_config.connection import connect, redact, user_of
 from broker_config.messages import CONTENT_TYPE, Cancel, GenerateRequest, Heartbeat, decode_frames
 from gateway.errors import APIError, model_not_found
 from gateway.metrics import BROKER_CONNECTED, MALFORMED_FRAMES, know_model
@@ -54,11 +60,13 @@ class Subscription:
 
 class GatewayBroker:
     def __init__(self, url: str, registry: WorkerRegistry, gateway_id: str | None = None,
-                 reconnect_interval: float = 2.0) -> None:
+                 reconnect_interval: float = 2.0, transport: TransportFactory | None = None) -> None:
         self._url = url
+        self._transport = transport  # the SSH tunnel's; None: TCP to the URL's host and port
         self.registry = registry
+        self.user = user_of(url)  # the deployment's broker user: names its namespace
         self.gateway_id = gateway_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-        self.reply_queue_name = t.gateway_reply_queue(self.gateway_id)
+        self.reply_queue_name = t.gateway_reply_queue(self.user, self.gateway_id)
         self._reconnect_interval = reconnect_interval
         self._subscriptions: dict[str, Subscription] = {}
         self._connection: AbstractRobustConnection | None = None
@@ -93,13 +101,13 @@ class GatewayBroker:
 
     async def _connect_once(self) -> None:
         connection = await connect(self._url, name=f"chatai-gateway-{self.gateway_id}",
-                                   reconnect_interval=self._reconnect_interval)
+                                   reconnect_interval=self._reconnect_interval, transport=self._transport)
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             replies = await channel.declare_queue(self.reply_queue_name, exclusive=True, auto_delete=True)
             await replies.bind(t.REPLIES_EXCHANGE, routing_key=self.reply_queue_name)
             await replies.consume(self._on_reply, no_ack=True)
-            workers = await channel.declare_queue(t.gateway_workers_queue(self.gateway_id), exclusive=True,
+            workers = await channel.declare_queue(t.gateway_workers_queue(self.user, self.gateway_id), exclusive=True,
                                                   auto_delete=True)
             await workers.bind(t.WORKERS_EXCHANGE)
             await workers.consume(self._on_heartbeat, no_ack=True)
@@ -183,6 +191,7 @@ class GatewayBroker:
             message_id=request.request_id,
             correlation_id=request.request_id,
             reply_to=request.reply_to,
+            user_id=self.user,  # checked by the broker: workers know who owns the request
             priority=priority,
             expiration=ttl,
             timestamp=time.time(),
@@ -199,27 +208,29 @@ class GatewayBroker:
             raise broker_unavailable() from None
         know_model(request.model)  # routed: the model has a queue, so it is one of the definitions'
 
+    def batch_results_queue(self, database_id: str) -> str:
+        return t.gateway_batch_results_queue(self.user, database_id)
+
     async def consume_batch_results(self, callback: Callable[[AbstractIncomingMessage], object],
-                                    prefetch: int, queue_name: str = t.BATCH_RESULTS_QUEUE) -> AbstractChannel:
+                                    prefetch: int, queue_name: str) -> AbstractChannel:
         """Consume a durable batch results queue, manual ack, on a channel of its own.
 
-        The definitions' shared queue (``chatai.batch-results``) is only looked up (passive: the
-        gateway may not create it). A queue under the gateway's own prefix is declared durable
-        and bound here, so that each gateway deployment (state directory) has its own and two
-        gateways on one broker never take each other's results. The robust connection restores
-        the consumer after a reconnect; unacked results are redelivered. Returns the channel:
-        closing it stops the deliveries (and returns what was not acked).
+        The queue lives under this deployment's namespace (only its broker user may declare,
+        bind, read or purge it) and is declared durable and bound here, one per gateway
+        database, so two gateways on one broker never take each other's results. The robust
+        connection restores the consumer after a reconnect; unacked results are redelivered.
+        Returns the channel: closing it stops the deliveries (and returns what was not acked).
         """
+        if not queue_name.startswith(t.gateway_namespace(self.user)):
+            raise ValueError(f"batch results queue {queue_name!r} is not under this deployment's "
+                             f"namespace {t.gateway_namespace(self.user)!r}")
         await self.ready.wait()
         if self._connection is None:
             raise RuntimeError("no broker connection")
         channel = await self._connection.channel()
         await channel.set_qos(prefetch_count=prefetch)
-        if queue_name.startswith(t.GATEWAY_QUEUE_PREFIX):
-            queue = await channel.declare_queue(queue_name, durable=True, auto_delete=False, exclusive=False)
-            await queue.bind(t.REPLIES_EXCHANGE, routing_key=queue_name)
-        else:
-            queue = await channel.get_queue(queue_name, ensure=True)
+        queue = await channel.declare_queue(queue_name, durable=True, auto_delete=False, exclusive=False)
+        await queue.bind(t.REPLIES_EXCHANGE, routing_key=queue_name)
         await queue.consume(callback, no_ack=False)
         return channel
 
@@ -230,7 +241,7 @@ class GatewayBroker:
         try:
             await self._control.publish(
                 aio_pika.Message(body=Cancel(request_id=request_id, reason=reason).encode(),
-                                 content_type=CONTENT_TYPE),
+                                 content_type=CONTENT_TYPE, user_id=self.user),
                 routing_key="", mandatory=False, timeout=5)
         except Exception as exc:  # noqa: BLE001
             log.warning("could not publish a cancellation: %s", type(exc).__name__)

@@ -17,8 +17,9 @@ class GatewaySettings(BaseSettings):
     port: int = 8000
     state_dir: Path = Path(".chatai-gateway")  # API keys and batch database, batch files
 
-    # The broker, with the gateway user's credentials. With a tunnel configured (the default
-    # deployment), its host and port are replaced by the tunnel's local forward.
+    # The broker, with this gateway deployment's broker user (its name is the deployment's
+    # namespace on the broker). With a tunnel configured (the default deployment), its host and
+    # port are not used: AMQP runs over the SSH connection, in-process.
     broker_url: SecretStr = SecretStr("amqp://gateway:gateway@127.0.0.1:5672/chatai")
     broker_direct: bool = False  # connect without the SSH tunnel: must be asked for explicitly
 

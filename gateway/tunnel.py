@@ -1,16 +1,20 @@
-"""The gateway's only way into the cluster: one SSH connection with a local port forward.
+"""The gateway's only way into the cluster: one SSH connection, one channel per AMQP connection.
 
     tunnel = BrokerTunnel.from_settings(settings)
-    host, port = await tunnel.start()   # 127.0.0.1:<ephemeral>, stable for the tunnel's life
-    ... AMQP to host:port ...  tunnel.state ("connecting" | "up" | "down"), tunnel.last_error
+    await tunnel.start()                 # connects (and reconnects) in the background
+    amqp = await connect(url, name, transport=tunnel.transport())
+    ... tunnel.state ("connecting" | "up" | "down"), tunnel.last_error
     await tunnel.close()
 
-* The local listener is the tunnel's own socket, bound once: it keeps its port across SSH
-  reconnects, so the gateway's robust AMQP connection reconnects to the same address. While the
-  SSH connection is down, accepted clients are closed at once (the AMQP client retries).
-* Each accepted client becomes one ``direct-tcpip`` channel to the broker over the single SSH
-  connection; nothing else is ever requested (no session, no shell, no agent, no X11), so a
-  legitimate gateway never trips the circuit breaker.
+* There is no listening socket. Each AMQP connection the gateway opens (the first one and every
+  reconnect of its robust connection) asks ``transport()`` for a byte stream, which becomes one
+  ``direct-tcpip`` channel to the broker over the single SSH connection, spliced to an unnamed
+  in-process socket pair. No other process on the VM can reach the broker through the gateway:
+  there is no port or path to connect to (a local TCP forward would be open to every local
+  user, and the broker would see those connections as coming from its own host).
+* While the SSH connection is down, opening a stream fails at once (the AMQP client retries).
+* Nothing but ``direct-tcpip`` channels is ever requested (no session, no shell, no agent, no
+  X11, no remote forward), so a legitimate gateway never trips the circuit breaker.
 * The login node's host key is pinned: only keys in the known_hosts file are accepted, a
   different key fails the connection (never trust on first use). No ~/.ssh/config, no agent.
 * Keepalives detect a dead path; reconnection uses exponential backoff with jitter.
@@ -22,10 +26,14 @@ import asyncio
 import contextlib
 import logging
 import random
+import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import asyncssh
+from aiormq import TransportFactory
+from aiormq.exceptions import AMQPConnectionError
 from prometheus_client import Counter, Gauge
 
 log = logging.getLogger("chatai.gateway.tunnel")
@@ -37,9 +45,9 @@ TUNNEL_STATE = Gauge("chatai_tunnel_state", "1 for the SSH tunnel's current stat
 TUNNEL_CONNECT_ATTEMPTS = Counter("chatai_tunnel_connect_attempts", "SSH connection attempts to the login node")
 TUNNEL_CONNECT_FAILURES = Counter("chatai_tunnel_connect_failures", "Failed SSH connection attempts", ["reason"])
 TUNNEL_DISCONNECTS = Counter("chatai_tunnel_disconnects", "SSH tunnel connections lost after being up")
-TUNNEL_FORWARDS = Counter("chatai_tunnel_forwarded_connections", "Local connections forwarded to the broker")
+TUNNEL_FORWARDS = Counter("chatai_tunnel_forwarded_connections", "AMQP connections carried to the broker")
 TUNNEL_FORWARD_FAILURES = Counter("chatai_tunnel_forward_failures",
-                                  "Local connections refused: tunnel down or forward refused")
+                                  "AMQP connections refused: tunnel down or forward refused")
 TUNNEL_ACTIVE_FORWARDS = Gauge("chatai_tunnel_active_forwards", "Forwarded connections open now")
 
 
@@ -74,8 +82,7 @@ class _Client(asyncssh.SSHClient):
 class BrokerTunnel:
     def __init__(self, host: str, user: str, key_path: Path | str, known_hosts_path: Path | str,
                  remote_host: str = "127.0.0.1", remote_port: int = 5672, port: int = 22,
-                 keepalive: float = 15.0, keepalive_count_max: int = 3, listen_host: str = "127.0.0.1",
-                 listen_port: int = 0, backoff_initial: float = 0.5, backoff_max: float = 10.0,
+                 keepalive: float = 15.0, keepalive_count_max: int = 3, backoff_initial: float = 0.5, backoff_max: float = 10.0,
                  connect_timeout: float = 20.0) -> None:
         if not known_hosts_path:
             raise ValueError("the tunnel needs a known_hosts file with the login node's pinned host key")
@@ -85,14 +92,13 @@ class BrokerTunnel:
         self.key_path, self.known_hosts_path = Path(key_path), Path(known_hosts_path)
         self.remote_host, self.remote_port = remote_host, remote_port
         self.keepalive, self.keepalive_count_max = keepalive, keepalive_count_max
-        self.listen_host, self.listen_port = listen_host, listen_port
         self.backoff_initial, self.backoff_max = backoff_initial, backoff_max
         self.connect_timeout = connect_timeout
+        self._started = False
         self.last_error: str | None = None
         self.connects = 0  # successful SSH connections so far
         self._state = "down"
         self._conn: asyncssh.SSHClientConnection | None = None
-        self._server: asyncio.base_events.Server | None = None
         self._task: asyncio.Task | None = None
         self._pipes: set[asyncio.Task] = set()
         self._closing = False
@@ -115,18 +121,15 @@ class BrokerTunnel:
     def state(self) -> str:
         return self._state
 
-    @property
-    def local_address(self) -> tuple[str, int]:
-        if self._server is None:
-            raise RuntimeError("tunnel not started")
-        return self._server.sockets[0].getsockname()[:2]
-
-    async def start(self) -> tuple[str, int]:
-        """Bind the local end and start connecting in the background; returns (host, port)."""
-        if self._server is None:
-            self._server = await asyncio.start_server(self._handle_client, self.listen_host, self.listen_port)
+    async def start(self) -> None:
+        """Start connecting (and reconnecting) in the background."""
+        if not self._started:
+            self._started = True
             self._task = asyncio.create_task(self._run(), name="chatai-tunnel")
-        return self.local_address
+
+    def transport(self) -> TransportFactory:
+        """For ``broker_config.connection.connect``: AMQP connections through this tunnel."""
+        return _TunnelTransport(self)
 
     async def wait_up(self, timeout: float) -> bool:
         try:
@@ -138,8 +141,6 @@ class BrokerTunnel:
     async def close(self) -> None:
         self._closing = True
         self._wake.set()
-        if self._server is not None:
-            self._server.close()
         if self._conn is not None:
             self._conn.close()
         for t in list(self._pipes):
@@ -150,9 +151,6 @@ class BrokerTunnel:
                 await self._task
         if self._pipes:
             await asyncio.gather(*self._pipes, return_exceptions=True)
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 5)
         self._set_state("down")
 
     # -- internals ---------------------------------------------------------------------------
@@ -210,8 +208,8 @@ class BrokerTunnel:
             self.connects += 1
             self.last_error = None
             self._set_state("up")
-            log.info("SSH tunnel up: %s@%s:%s -> %s:%s on %s:%s", self.user, self.host, self.port,
-                     self.remote_host, self.remote_port, *self.local_address)
+            log.info("SSH tunnel up: %s@%s:%s -> %s:%s", self.user, self.host, self.port,
+                     self.remote_host, self.remote_port)
             since = time.monotonic()
             with contextlib.suppress(Exception):
                 await conn.wait_closed()
@@ -229,44 +227,54 @@ class BrokerTunnel:
             await self._sleep(delay)
         self._set_state("down")
 
-    async def _handle_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._pipes.add(task)
+    async def open_stream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A byte stream to the broker: one direct-tcpip channel, spliced to an unnamed socket
+        pair inside this process. Raises AMQPConnectionError while the tunnel is down."""
+        conn = self._conn
+        if conn is None or self._state != "up":
+            TUNNEL_FORWARD_FAILURES.inc()
+            raise AMQPConnectionError(f"SSH tunnel {self._state}: {self.last_error or 'not connected yet'}")
         try:
-            conn = self._conn
-            if conn is None or self._state != "up":
-                TUNNEL_FORWARD_FAILURES.inc()
-                return
+            ch_reader, ch_writer = await conn.open_connection(self.remote_host, self.remote_port)
+        except (asyncssh.Error, OSError) as exc:
+            TUNNEL_FORWARD_FAILURES.inc()
+            self.last_error = f"forward to {self.remote_host}:{self.remote_port} refused: {exc}"
+            log.warning("%s", self.last_error)
+            raise AMQPConnectionError(self.last_error) from None
+        ours, theirs = socket.socketpair()
+        try:
+            reader, writer = await asyncio.open_connection(sock=theirs)
+            sp_reader, sp_writer = await asyncio.open_connection(sock=ours)
+        except BaseException:
+            ours.close()
+            theirs.close()
+            ch_writer.close()
+            raise
+        task = asyncio.create_task(self._splice(sp_reader, sp_writer, ch_reader, ch_writer), name="chatai-tunnel-pipe")
+        self._pipes.add(task)
+        task.add_done_callback(self._pipes.discard)
+        return reader, writer
+
+    async def _splice(self, reader, writer, ch_reader, ch_writer) -> None:
+        TUNNEL_FORWARDS.inc()
+        TUNNEL_ACTIVE_FORWARDS.inc()
+        try:
+            # AMQP never half-closes: when either direction ends, both are closed.
+            pipes = [asyncio.ensure_future(self._pipe(reader, ch_writer)),
+                     asyncio.ensure_future(self._pipe(ch_reader, writer))]
             try:
-                ch_reader, ch_writer = await conn.open_connection(self.remote_host, self.remote_port)
-            except (asyncssh.Error, OSError) as exc:
-                TUNNEL_FORWARD_FAILURES.inc()
-                self.last_error = f"forward to {self.remote_host}:{self.remote_port} refused: {exc}"
-                log.warning("%s", self.last_error)
-                return
-            TUNNEL_FORWARDS.inc()
-            TUNNEL_ACTIVE_FORWARDS.inc()
-            try:
-                # AMQP never half-closes: when either direction ends, both are closed.
-                pipes = [asyncio.ensure_future(self._pipe(reader, ch_writer)),
-                         asyncio.ensure_future(self._pipe(ch_reader, writer))]
-                try:
-                    await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    for p in pipes:
-                        p.cancel()
-                    await asyncio.gather(*pipes, return_exceptions=True)
+                await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                TUNNEL_ACTIVE_FORWARDS.dec()
-                ch_writer.close()
+                for p in pipes:
+                    p.cancel()
+                await asyncio.gather(*pipes, return_exceptions=True)
         except asyncio.CancelledError:
             pass
         finally:
-            with contextlib.suppress(Exception):
-                writer.close()
-            if task is not None:
-                self._pipes.discard(task)
+            TUNNEL_ACTIVE_FORWARDS.dec()
+            for w in (ch_writer, writer):
+                with contextlib.suppress(Exception):
+                    w.close()
 
     @staticmethod
     async def _pipe(src, dst) -> None:
@@ -282,3 +290,13 @@ class BrokerTunnel:
         finally:
             with contextlib.suppress(Exception):
                 dst.close()
+
+
+class _TunnelTransport(TransportFactory):
+    """aiormq's hook for opening a connection's byte stream: through the tunnel, never TCP."""
+
+    def __init__(self, tunnel: BrokerTunnel) -> None:
+        self._tunnel = tunnel
+
+    async def create(self, url: Any, **kwargs: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await self._tunnel.open_stream()

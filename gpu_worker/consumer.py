@@ -92,6 +92,17 @@ class RecentlyCancelled:
             del self._ids[first]
 
 
+def cancel_key(message: AbstractIncomingMessage, request_id: str) -> str:
+    """Who may cancel what: a Cancel counts only for a request sent by the same broker user.
+
+    The broker refuses a message whose ``user_id`` is not the publishing connection's user, and
+    gateways set it on requests and cancellations alike, so the key of a Cancel matches a
+    request's only when both came from the same gateway deployment: another deployment cannot
+    forge the owner's user_id, and a Cancel without one matches only requests without one.
+    """
+    return f"{message.user_id or ''}\x00{request_id}"
+
+
 class Consumer:
     """Turns deliveries into engine requests and reply streams."""
 
@@ -159,9 +170,13 @@ class Consumer:
         except ValidationError:
             log.warning("ignored a control message that is not a Cancel")
             return
-        self.cancelled.add(cancel.request_id)
+        key = cancel_key(message, cancel.request_id)
+        self.cancelled.add(key)
         job = self.jobs.get(cancel.request_id)
         if job is None:
+            return
+        if cancel_key(job.message, cancel.request_id) != key:
+            log.warning("ignored a cancel for request_id=%s from a user that did not send it", cancel.request_id)
             return
         log.info("cancel request_id=%s reason=%s", cancel.request_id, cancel.reason)
         job.cancelled = True
@@ -192,7 +207,7 @@ class Consumer:
                      req.request_id, attempt, time.time() - req.deadline)
             await message.ack()
             return
-        if req.request_id in self.cancelled:
+        if cancel_key(message, req.request_id) in self.cancelled:
             log.info("dropped cancelled request_id=%s attempt=%d", req.request_id, attempt)
             await message.ack()
             return

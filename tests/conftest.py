@@ -16,7 +16,9 @@ import pytest
 
 from broker_config import topology
 from broker_config.admin import BrokerAdmin
-from broker_config.definitions import ROLES, Definitions, new_password
+from broker_config.definitions import DEFAULT_GATEWAY, ROLES, Definitions, new_password
+from broker_config.provision import Limits
+from broker_config.provision import apply as apply_definitions
 from broker_config.local_node import LocalBrokerNode, rabbitmq_installed
 
 # The fast tier (`pytest -m "not slow"`, no root, well under a minute) is every test that needs
@@ -50,14 +52,16 @@ class BrokerEnv:
         return f"amqp://{role}:{self.passwords[role]}@{self.host}:{self.port}/{topology.VHOST}"
 
     def apply(self, models: list[str]) -> None:
-        """(Re)apply the definitions, adding these models."""
+        """(Re)apply the definitions, adding these models (as ``chatai broker apply`` does)."""
         self.models = sorted(set(self.models) | set(models))
-        self.admin.import_definitions(Definitions(models=self.models, passwords=self.passwords).render())
+        # Generous per-deployment limits: many test clients share the session's gateway user.
+        apply_definitions(self.admin, Definitions(models=self.models, passwords=self.passwords),
+                          Limits(gateway_max_connections=256, gateway_max_channels=4096))
 
 
 @pytest.fixture(scope="session")
 def broker() -> BrokerEnv:
-    passwords = {role: new_password() for role in ROLES}
+    passwords = {user: new_password() for user in (DEFAULT_GATEWAY, *ROLES)}
     node: LocalBrokerNode | None = None
     container = None
     if os.environ.get("RABBITMQ_URL"):

@@ -64,7 +64,7 @@ async def test_forward_to_broker_carries_amqp(sshd, breaker, gw_user):
         amqp = await aio_pika.connect(url)
         try:
             ch = await amqp.channel()
-            q = await ch.declare_queue(topology.gateway_reply_queue(f"cbtest-{secrets.token_hex(3)}"),
+            q = await ch.declare_queue(gw_user.reply_queue(f"cbtest-{secrets.token_hex(3)}"),
                                        exclusive=True, auto_delete=True)
             await q.bind(topology.REPLIES_EXCHANGE, routing_key=q.name)
             assert q.declaration_result.message_count == 0
@@ -171,7 +171,9 @@ async def test_forwarding_elsewhere_is_refused(sshd, breaker, broker):
         writer.close()
     finally:
         conn.close()
-    assert not breaker.status()["tripped"]  # refused forwards are sshd's business, not a trip
+    # No watcher runs here: the refusal itself is sshd's. (With the watcher, refused forwards trip
+    # the breaker: tests/test_security_cluster.py.)
+    assert not breaker.status()["tripped"]
 
 
 async def test_remote_forwarding_is_refused(sshd, breaker):
@@ -338,7 +340,7 @@ async def test_watch_enforces_an_automatic_trip_on_the_broker(sshd, breaker, bro
         await wait_until(lambda: not hook.is_tripped(str(sshd.state_dir)), what="reset")
         gw2 = await aio_pika.connect(gw_url)
         ch2 = await gw2.channel()
-        await ch2.declare_queue(topology.gateway_reply_queue(f"cb-{secrets.token_hex(3)}"), exclusive=True)
+        await ch2.declare_queue(gw_user.reply_queue(f"cb-{secrets.token_hex(3)}"), exclusive=True)
         await gw2.close()
         time.sleep(0.5)
         events = (sshd.state_dir / hook.EVENTS_LOG).read_text()
@@ -476,7 +478,7 @@ async def test_gateway_credentials_are_least_privilege(broker):
                 await ch.declare_queue(name, auto_delete=True)
         # Its own namespace works (the positive control).
         ch = await gw.channel()
-        await ch.declare_queue(topology.gateway_reply_queue(f"cb-{secrets.token_hex(3)}"), exclusive=True)
+        await ch.declare_queue(topology.gateway_reply_queue("gateway", f"cb-{secrets.token_hex(3)}"), exclusive=True)
     finally:
         await gw.close()
     other_vhost = f"amqp://gateway:{broker.passwords['gateway']}@{broker.host}:{broker.port}/%2F"

@@ -22,6 +22,7 @@ import aio_pika
 import pytest
 
 from broker_config import topology
+from broker_config.connection import user_of
 from broker_config.messages import ChatMessage, Error, Final, GenerateRequest, SamplingParams, Started, decode_frames
 from slurm_jobs.broker_view import BrokerView
 from slurm_jobs.local_cluster import LocalSlurmCluster
@@ -118,7 +119,7 @@ class Client:
     def __init__(self, url: str) -> None:
         self.url = url
         self.frames: dict[str, list] = defaultdict(list)
-        self.reply_queue = topology.gateway_reply_queue("slurmtest-" + uuid.uuid4().hex[:8])
+        self.reply_queue = topology.gateway_reply_queue(user_of(url), "slurmtest-" + uuid.uuid4().hex[:8])
         self._changed = asyncio.Event()
 
     async def __aenter__(self) -> "Client":

@@ -19,7 +19,10 @@ import openai
 import pytest
 from prometheus_client import REGISTRY
 
+from aiormq.exceptions import AMQPConnectionError
+
 from broker_config import topology
+from broker_config.connection import connect
 from circuit_breaker import hook
 from circuit_breaker.local_sshd import LocalSshd
 from gateway.settings import GatewaySettings
@@ -51,19 +54,22 @@ def sample(name: str, **labels) -> float | None:
     return REGISTRY.get_sample_value(name, labels)
 
 
+# The URL's host and port are never used through the tunnel (an unroutable address proves it).
+NOWHERE = ("203.0.113.1", 9)
+
+
 async def test_tunnel_carries_amqp_and_reports_state(sshd, breaker, gw_user):
     tunnel = make_tunnel(sshd)
     try:
-        host, port = await tunnel.start()
-        assert host == "127.0.0.1" and port > 0
+        await tunnel.start()
         assert await tunnel.wait_up(15), tunnel.last_error
         assert tunnel.state == "up" and tunnel.last_error is None
         assert sample("chatai_tunnel_up") == 1.0 and sample("chatai_tunnel_state", state="up") == 1.0
         before = sample("chatai_tunnel_forwarded_connections_total") or 0
-        conn = await aio_pika.connect(gw_user.url(host, port))
+        conn = await connect(gw_user.url(*NOWHERE), "test", transport=tunnel.transport())
         try:
             ch = await conn.channel()
-            q = await ch.declare_queue(topology.gateway_reply_queue(f"tun-{secrets.token_hex(3)}"), exclusive=True)
+            q = await ch.declare_queue(gw_user.reply_queue(f"tun-{secrets.token_hex(3)}"), exclusive=True)
             await q.bind(topology.REPLIES_EXCHANGE, routing_key=q.name)
         finally:
             await conn.close()
@@ -96,21 +102,27 @@ async def test_wrong_or_unknown_host_key_is_refused(sshd, breaker, tmp_path):
         make_tunnel(sshd, known_hosts_path=None)
 
 
-async def test_tunnel_reconnects_on_the_same_port(sshd, breaker, gw_user):
+async def test_tunnel_and_amqp_reconnect_after_a_drop(sshd, breaker, gw_user):
     tunnel = make_tunnel(sshd, backoff_initial=0.2)
+    conn = None
     try:
-        host, port = await tunnel.start()
+        await tunnel.start()
         assert await tunnel.wait_up(15)
+        conn = await connect(gw_user.url(*NOWHERE), "test", reconnect_interval=0.5, transport=tunnel.transport())
+        back = asyncio.Event()
+        conn.reconnect_callbacks.add(lambda *a: back.set())
         # The login node drops the connection (the session process dies).
         uid = __import__("pwd").getpwnam(sshd.user).pw_uid
         await wait_until(lambda: hook.processes_of(uid), what="the session's process")
         assert hook.end_sessions(uid) >= 1
         await wait_until(lambda: tunnel.connects >= 2 and tunnel.state == "up", what="reconnect")
-        assert tunnel.local_address == (host, port)
-        conn = await aio_pika.connect(gw_user.url(host, port))
-        await conn.close()
+        await asyncio.wait_for(back.wait(), 20)  # the robust AMQP connection came back through it
+        ch = await conn.channel()
+        await ch.declare_queue(gw_user.reply_queue(f"tun-{secrets.token_hex(3)}"), exclusive=True)
         assert (sample("chatai_tunnel_disconnects_total") or 0) >= 1
     finally:
+        if conn is not None:
+            await conn.close()
         await tunnel.close()
 
 
@@ -118,12 +130,11 @@ async def test_forward_the_login_node_refuses_is_reported(sshd, breaker):
     """A gateway configured for another broker address gets nothing, and says why."""
     tunnel = make_tunnel(sshd, remote_host="localhost")  # PermitOpen names 127.0.0.1 exactly
     try:
-        host, port = await tunnel.start()
+        await tunnel.start()
         assert await tunnel.wait_up(15)
         before = sample("chatai_tunnel_forward_failures_total") or 0
-        reader, writer = await asyncio.open_connection(host, port)
-        assert await asyncio.wait_for(reader.read(100), 10) == b""  # closed at once
-        writer.close()
+        with pytest.raises(AMQPConnectionError):
+            await tunnel.open_stream()
         assert "refused" in (tunnel.last_error or "") and sample("chatai_tunnel_forward_failures_total") == before + 1
     finally:
         await tunnel.close()
@@ -147,14 +158,14 @@ async def test_trip_shuts_the_tunnel_and_gateway_user_out_and_reset_brings_them_
     tunnel = make_tunnel(sshd)
     gw = wk = None
     try:
-        host, port = await tunnel.start()
+        await tunnel.start()
         assert await tunnel.wait_up(15)
-        gw = await aio_pika.connect_robust(gw_user.url(host, port), reconnect_interval=0.5)
+        gw = await connect(gw_user.url(*NOWHERE), "test", reconnect_interval=0.5, transport=tunnel.transport())
         lost, back = asyncio.Event(), asyncio.Event()
         gw.close_callbacks.add(lambda *a: lost.set())
         gw.reconnect_callbacks.add(lambda *a: back.set())
         ch = await gw.channel()
-        await ch.declare_queue(topology.gateway_reply_queue(f"tun-{secrets.token_hex(3)}"), exclusive=True)
+        await ch.declare_queue(gw_user.reply_queue(f"tun-{secrets.token_hex(3)}"), exclusive=True)
 
         await asyncio.to_thread(breaker.trip, "test trip", "test")
         await asyncio.wait_for(lost.wait(), 10)
@@ -173,10 +184,9 @@ async def test_trip_shuts_the_tunnel_and_gateway_user_out_and_reset_brings_them_
         t0 = time.monotonic()
         await asyncio.to_thread(breaker.reset, "test")
         assert await tunnel.wait_up(15), tunnel.last_error
-        assert tunnel.local_address == (host, port)
         await asyncio.wait_for(back.wait(), 20)  # the robust AMQP connection found its way back
         ch = await gw.channel()
-        await ch.declare_queue(topology.gateway_reply_queue(f"tun-{secrets.token_hex(3)}"), exclusive=True)
+        await ch.declare_queue(gw_user.reply_queue(f"tun-{secrets.token_hex(3)}"), exclusive=True)
         assert time.monotonic() - t0 < 20
     finally:
         for c in (gw, wk):

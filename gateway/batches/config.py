@@ -20,11 +20,10 @@ class BatchSettings(BaseSettings):
     db_path: Path | None = None  # None: the gateway database (state_dir/gateway.db)
     files_dir: Path | None = None  # None: state_dir/files
 
-    # Where workers send batch results. None: a durable queue of this deployment's own,
-    # ``chatai.gw.<deployment id>.batch-results`` (the id lives in the batch database, so a
-    # restarted gateway finds its queue again, and gateways sharing a broker never take each
-    # other's results). "chatai.batch-results": the definitions' shared queue, only for a broker
-    # that serves one gateway deployment.
+    # Where workers send batch results. None: a durable queue of this database's own,
+    # ``chatai.gw.<broker user>.<database id>.batch-results`` (the id lives in the batch
+    # database, so a restarted gateway finds its queue again, and gateways sharing a broker never
+    # take each other's results). A name given here must be under ``chatai.gw.<broker user>.``.
     results_queue: str | None = None
 
     # Work: how many lines of one batch may sit in a model queue or on a worker at once. Small

@@ -86,10 +86,6 @@ def parse_request_id(rid: str) -> tuple[str, int] | None:
     return (m.group(1), int(m.group(2))) if m else None
 
 
-def results_queue_name(deployment_id: str) -> str:
-    return f"{t.GATEWAY_QUEUE_PREFIX}{deployment_id}.batch-results"
-
-
 async def _settle(ack) -> None:
     """Ack or nack; a channel that closed meanwhile makes the broker redeliver, which is fine."""
     try:
@@ -118,7 +114,12 @@ class Dispatcher:
         self._results: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self._stopping = False
         self.duplicates = 0  # results dropped because their line already had one (tests, metrics)
-        self.results_queue = settings.results_queue or results_queue_name(store.deployment_id())
+        self._database_id = store.deployment_id()  # names this database's results queue
+
+    @property
+    def results_queue(self) -> str:
+        """This database's durable results queue, under the deployment's broker namespace."""
+        return self.settings.results_queue or self.broker.batch_results_queue(self._database_id)
 
     # ------------------------------------------------------------------ lifecycle
 

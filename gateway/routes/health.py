@@ -32,7 +32,6 @@ async def health(ctx: GatewayContext = Depends(get_context)) -> JSONResponse:
         "status": "ok" if ok else "unavailable",
         "broker": {"connected": ok, "last_error": None if ok else ctx.broker.last_error},
         "tunnel": tunnel,
-        "gateway_id": ctx.broker.gateway_id,
         "models": models,
     }
     return JSONResponse(body, status_code=200 if ok else 503)

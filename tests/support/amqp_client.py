@@ -17,6 +17,7 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
 from broker_config import topology
+from broker_config.connection import user_of
 from broker_config.messages import (
     CONTENT_TYPE,
     Cancel,
@@ -38,7 +39,8 @@ class TestGatewayClient:
     def __init__(self, url: str, gateway_id: str | None = None) -> None:
         self.url = url
         self.gateway_id = gateway_id or f"test-{uuid.uuid4().hex[:8]}"
-        self.reply_queue = topology.gateway_reply_queue(self.gateway_id)
+        self.user = user_of(url)  # like a gateway: its broker user names its queues
+        self.reply_queue = topology.gateway_reply_queue(self.user, self.gateway_id)
         self.frames: dict[str, list[AnyFrame]] = defaultdict(list)
         self.heartbeats: list[Heartbeat] = []
         self._cond: asyncio.Condition | None = None
@@ -52,7 +54,7 @@ class TestGatewayClient:
         replies = await self._channel.declare_queue(self.reply_queue, exclusive=True, auto_delete=True)
         await replies.bind(topology.REPLIES_EXCHANGE, routing_key=self.reply_queue)
         await replies.consume(self._on_reply, no_ack=True)
-        beats = await self._channel.declare_queue(topology.gateway_workers_queue(self.gateway_id),
+        beats = await self._channel.declare_queue(topology.gateway_workers_queue(self.user, self.gateway_id),
                                                   exclusive=True, auto_delete=True)
         await beats.bind(topology.WORKERS_EXCHANGE, routing_key="")
         await beats.consume(self._on_heartbeat, no_ack=True)
@@ -100,12 +102,12 @@ class TestGatewayClient:
     async def publish(self, req: GenerateRequest, *, ttl: float | None = None,
                       priority: int = topology.INTERACTIVE_PRIORITY) -> GenerateRequest:
         msg = aio_pika.Message(req.encode(), content_type=CONTENT_TYPE, priority=priority,
-                               expiration=ttl, message_id=req.request_id)
+                               expiration=ttl, message_id=req.request_id, user_id=self.user)
         await self._requests.publish(msg, routing_key=req.model)
         return req
 
     async def cancel(self, request_id: str) -> None:
-        msg = aio_pika.Message(Cancel(request_id=request_id).encode(), content_type=CONTENT_TYPE)
+        msg = aio_pika.Message(Cancel(request_id=request_id).encode(), content_type=CONTENT_TYPE, user_id=self.user)
         await self._control.publish(msg, routing_key="", mandatory=False)
 
     def done(self, request_id: str, attempt: int | None = None) -> list[AnyFrame] | None:
