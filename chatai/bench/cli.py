@@ -25,6 +25,16 @@ def _levels(text: str) -> list[int]:
     return levels
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so the servers and stacks a run started are stopped too."""
+    import signal
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def requests_for(concurrency: int, requests: int | None) -> int:
     """Enough requests that every client runs several in a row (a closed loop reaches its steady state)."""
     return requests or max(32, 4 * concurrency)
@@ -56,6 +66,7 @@ def compare(
     if unknown := set(chosen) - set(ALL_PATHS):
         raise typer.BadParameter(f"unknown path(s) {sorted(unknown)}; choose from {', '.join(ALL_PATHS)}")
     level_list = _levels(levels)
+    stop_on_sigterm()
     work = scratch_dir("chatai-bench-")
     try:
         if model is None:
@@ -141,6 +152,7 @@ def relay(
     from gpu_worker.settings import WorkerSettings
 
     triples = _relay_levels(levels)
+    stop_on_sigterm()
     work = scratch_dir("chatai-relay-")
     rows: list[dict] = []
     try:
