@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -33,6 +36,23 @@ def stop_on_sigterm() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
+
+
+@contextmanager
+def favoured_client() -> Iterator[int]:
+    """Raise this process's CPU priority (where allowed: root) while it drives load, and only then,
+    so the servers it started keep the normal one. The load generator stands for users on other
+    machines: starved by the servers it measures, it would read their streams late and in bursts,
+    and that would count against whichever server it measures. Yields the nice value in force."""
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, -10)
+    except OSError:
+        pass
+    try:
+        yield os.getpriority(os.PRIO_PROCESS, 0)
+    finally:
+        os.setpriority(os.PRIO_PROCESS, 0, before)
 
 
 def requests_for(concurrency: int, requests: int | None) -> int:
@@ -91,7 +111,9 @@ def compare(
             load = StreamLoad(endpoint.base_url, endpoint.api_key, endpoint.model, max_tokens=max_tokens)
             results = []
             for lv in plan:
-                r = asyncio.run(load.level(lv["concurrency"], lv["requests"], warmup=lv["warmup"]))
+                with favoured_client() as nice:
+                    r = asyncio.run(load.level(lv["concurrency"], lv["requests"], warmup=lv["warmup"]))
+                result["load"]["client_nice"] = nice
                 typer.echo(f"  c={r.concurrency:<4} {r.output_tok_s:>9,.0f} tok/s  TTFT p50 {r.ttft_p50_ms:7.1f} ms "
                            f"p99 {r.ttft_p99_ms:7.1f} ms  ITL p50 {r.itl_p50_ms:6.2f} ms  ok {r.ok} failed {r.failed}")
                 results.append(r.as_dict())
@@ -164,7 +186,8 @@ def relay(
                 max_tokens = max(1, int(seconds * 1000 / step_ms) * tokens_per_step)
                 load = StreamLoad(ep.base_url, ep.api_key, ep.model, max_tokens=max_tokens, timeout=seconds * 20 + 60)
                 offered = streams * tokens_per_step * 1000 / step_ms
-                row = asyncio.run(relay_level(load, ep.pid, streams, ep.worker_pid))
+                with favoured_client():
+                    row = asyncio.run(relay_level(load, ep.pid, streams, ep.worker_pid))
                 row.update(tokens_per_step=tokens_per_step, step_ms=step_ms, offered_tok_s=offered)
                 rows.append(row)
                 typer.echo(f"  {streams:>5} streams x {tokens_per_step} tok / {step_ms:g} ms: offered {offered:>9,.0f} tok/s, "
