@@ -64,7 +64,7 @@ class BrokerView:
         self.book = HeartbeatBook()
         self._conn: aio_pika.abc.AbstractRobustConnection | None = None
         self._hb_channel: aio_pika.abc.AbstractChannel | None = None
-        self._first_heartbeat = asyncio.Event()
+        self._heartbeat_arrived = asyncio.Event()
 
     async def __aenter__(self) -> "BrokerView":
         await self.open()
@@ -95,15 +95,29 @@ class BrokerView:
         except ValueError:
             return
         self.book.add(hb)
-        self._first_heartbeat.set()
+        self._heartbeat_arrived.set()
 
-    async def wait_for_heartbeats(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` for a first heartbeat (a status view listens one interval)."""
-        try:
-            await asyncio.wait_for(self._first_heartbeat.wait(), timeout)
-            return True
-        except asyncio.TimeoutError:
-            return False
+    async def wait_for_heartbeats(self, timeout: float, jobs: set[str] | None = None) -> bool:
+        """Wait up to ``timeout`` for a first heartbeat; given ``jobs`` (Slurm job ids of running
+        workers), until each of them has been heard. Workers beat once per interval, not together:
+        stopping soon after the first one heard missed the others."""
+        def heard() -> bool:
+            if not self._heartbeat_arrived.is_set():
+                return False
+            return not jobs or jobs <= {hb.slurm_job_id for hb in self.book.live() if hb.slurm_job_id}
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not heard():
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            self._heartbeat_arrived.clear()  # set again by the next heartbeat
+            try:
+                await asyncio.wait_for(self._heartbeat_arrived.wait(), left)
+            except asyncio.TimeoutError:
+                return False
+        return True
 
     async def queue_stats(self, model: str) -> QueueStats:
         """Depth and consumers of a model queue via passive declare, on a throwaway channel

@@ -100,14 +100,14 @@ def down(
     typer.echo(f"draining {len(gone)} worker(s) of {model}: {' '.join(gone) or '-'}")
 
 
-async def _collect(s: SlurmSettings, models: list[str], listen: float) -> BrokerView:
-    """Queue stats for models and heartbeats heard within ``listen`` seconds."""
+async def _collect(s: SlurmSettings, models: list[str], listen: float, jobs: set[str] | None = None) -> BrokerView:
+    """Queue stats for models and heartbeats heard within ``listen`` seconds (until every
+    running job in ``jobs`` has been heard, when given)."""
     view = BrokerView(s.operator_url(), "chatai-scale-status")
     await view.open()
     try:
         if listen > 0:
-            await view.wait_for_heartbeats(listen)
-            await asyncio.sleep(min(0.5, listen))  # the other workers' beats arrive close together
+            await view.wait_for_heartbeats(listen, jobs)
         view.stats = {m: await view.queue_stats(m) for m in models}  # type: ignore[attr-defined]
     finally:
         await view.close()
@@ -118,11 +118,11 @@ def status_rows(s: SlurmSettings, extra_models: list[str], listen: float) -> dic
     """The joined view: per model (queue, consumers, jobs, workers) and per job (with heartbeat)."""
     by_model = WorkerJobs(s, Slurm()).jobs_by_model()
     models = sorted(set(s.models) | set(by_model) | set(extra_models))
-    any_running = any(j.running for js in by_model.values() for j in js)
     url = s.operator_url()
     broker_error = None
     try:
-        view = asyncio.run(_collect(s, models, listen if any_running else 0.0))
+        running = {j.display_id for js in by_model.values() for j in js if j.running}
+        view = asyncio.run(_collect(s, models, listen if running else 0.0, running))
         hbs, stats = view.book.live(), view.stats  # type: ignore[attr-defined]
     except Exception as exc:  # noqa: BLE001 - Slurm's half of the picture is still worth showing
         broker_error = f"{type(exc).__name__}: {exc}"

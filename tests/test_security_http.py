@@ -25,6 +25,7 @@ import openai
 import pytest
 
 from broker_config import topology
+from broker_config.connection import user_of
 from broker_config.messages import CONTENT_TYPE, ChoiceEnd, Final, Usage
 from conftest import SERVED_MODEL
 from gateway.keys import KeyStore
@@ -320,7 +321,7 @@ def test_metrics_need_the_token_when_one_is_set(sgw):
 async def test_malformed_result_frames_are_dropped_and_batches_go_on(sgw, broker):
     deployment = sqlite3.connect(f"file:{sgw.state_dir / 'gateway.db'}?mode=ro", uri=True).execute(
         "SELECT value FROM batch_meta WHERE key = 'deployment'").fetchone()[0]
-    queue = f"{topology.GATEWAY_QUEUE_PREFIX}{deployment}.batch-results"
+    queue = topology.gateway_batch_results_queue(user_of(broker.url("gateway")), deployment)
     real_batch_id = "batch_" + secrets.token_hex(12)
     final = dict(choices=[ChoiceEnd(index=0, finish_reason="stop", text="x")], usage=Usage())
     bodies = [
