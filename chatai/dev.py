@@ -157,15 +157,7 @@ class DevStack:
                                 "known_hosts": str(sshd.known_hosts_path),
                                 "breaker_config": str(sshd.config_path)}
         _say(f"tunnel endpoint: {sshd.user}@{sshd.host}:{sshd.port} (circuit breaker armed)")
-        return {
-            "CHATAI_GATEWAY_TUNNEL_HOST": sshd.host,
-            "CHATAI_GATEWAY_TUNNEL_PORT": str(sshd.port),
-            "CHATAI_GATEWAY_TUNNEL_USER": sshd.user,
-            "CHATAI_GATEWAY_TUNNEL_KEY": str(sshd.client_key_path),
-            "CHATAI_GATEWAY_TUNNEL_KNOWN_HOSTS": str(sshd.known_hosts_path),
-            "CHATAI_GATEWAY_TUNNEL_REMOTE_HOST": "127.0.0.1",
-            "CHATAI_GATEWAY_TUNNEL_REMOTE_PORT": str(self.broker_port),
-        }
+        return sshd.gateway_env()
 
     def _submit_slurm_worker(self, model_dir: Path, worker_url: str) -> None:
         """The worker as an operator runs it: ``chatai scale up`` against a private Slurm here."""

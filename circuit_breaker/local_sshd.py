@@ -84,6 +84,19 @@ class LocalSshd:
 
         return Breaker.from_config(self.config_path, admin=admin, use_broker=admin is not None)
 
+    def gateway_env(self) -> dict[str, str]:
+        """The ``CHATAI_GATEWAY_TUNNEL_*`` settings of a gateway that reaches the broker through
+        this sshd (``chatai dev`` and the tests start their gateways with them)."""
+        return {
+            "CHATAI_GATEWAY_TUNNEL_HOST": self.host,
+            "CHATAI_GATEWAY_TUNNEL_PORT": str(self.port),
+            "CHATAI_GATEWAY_TUNNEL_USER": self.user,
+            "CHATAI_GATEWAY_TUNNEL_KEY": str(self.client_key_path),
+            "CHATAI_GATEWAY_TUNNEL_KNOWN_HOSTS": str(self.known_hosts_path),
+            "CHATAI_GATEWAY_TUNNEL_REMOTE_HOST": self.broker_host,
+            "CHATAI_GATEWAY_TUNNEL_REMOTE_PORT": str(self.broker_port),
+        }
+
     def ssh_command(self, *options: str, remote: str | None = None) -> list[str]:
         """The system ssh client pointed at this server as the tunnel user (no user config)."""
         return ["ssh", "-F", "/dev/null", "-p", str(self.port), "-i", str(self.client_key_path),

@@ -133,13 +133,7 @@ def tunnel_gateway(sshd, gw_user, tmp_path):
     """A real ``chatai gateway`` that reaches the broker only through the SSH tunnel."""
     from support.gateway import start_gateway
 
-    env = {
-        "CHATAI_GATEWAY_TUNNEL_HOST": sshd.host, "CHATAI_GATEWAY_TUNNEL_PORT": str(sshd.port),
-        "CHATAI_GATEWAY_TUNNEL_USER": sshd.user, "CHATAI_GATEWAY_TUNNEL_KEY": str(sshd.client_key_path),
-        "CHATAI_GATEWAY_TUNNEL_KNOWN_HOSTS": str(sshd.known_hosts_path),
-        "CHATAI_GATEWAY_TUNNEL_REMOTE_HOST": sshd.broker_host,
-        "CHATAI_GATEWAY_TUNNEL_REMOTE_PORT": str(sshd.broker_port),
-    }
+    env = sshd.gateway_env()
     b = sshd.breaker()
     b.reset(by="test")
     gw = start_gateway(tmp_path / "tunnel-gw", gw_user.url("203.0.113.1", 9), extra_env=env,
@@ -492,7 +486,7 @@ def test_session_probes_trip_the_breaker_without_a_command(probe, watched, sshd,
             conn.close()
 
     asyncio.run(run())
-    st = assert_tripped_without_secrets(watched, sshd, "session channel requested")
+    assert_tripped_without_secrets(watched, sshd, "session channel requested")
     names = {"pty": "pty-req", "x11": "x11-req", "agent": "auth-agent-req@openssh.com", "env": "env"}
     reasons = [a.get("reason", "") for a in watched.attempts()[before:]]
     assert f"sshd: {names[probe]} request on a channel" in reasons, reasons

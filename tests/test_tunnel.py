@@ -200,11 +200,7 @@ def test_gateway_through_the_tunnel_pauses_on_trip_and_resumes_on_reset(sshd, br
     from support.gateway import start_gateway
 
     env = {
-        "CHATAI_GATEWAY_TUNNEL_HOST": sshd.host, "CHATAI_GATEWAY_TUNNEL_PORT": str(sshd.port),
-        "CHATAI_GATEWAY_TUNNEL_USER": sshd.user, "CHATAI_GATEWAY_TUNNEL_KEY": str(sshd.client_key_path),
-        "CHATAI_GATEWAY_TUNNEL_KNOWN_HOSTS": str(sshd.known_hosts_path),
-        "CHATAI_GATEWAY_TUNNEL_REMOTE_HOST": sshd.broker_host,
-        "CHATAI_GATEWAY_TUNNEL_REMOTE_PORT": str(sshd.broker_port),
+        **sshd.gateway_env(),
         "CHATAI_GATEWAY_TUNNEL_KEEPALIVE": "2", "CHATAI_GATEWAY_QUEUE_TIMEOUT": "30",
     }
     # The broker URL's host and port are never used: the gateway goes through the tunnel.

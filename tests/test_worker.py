@@ -10,7 +10,6 @@ import asyncio
 import os
 import time
 
-import pytest
 import pytest_asyncio
 
 from broker_config import topology
