@@ -68,10 +68,6 @@ class ReplyPublisher:
         task.add_done_callback(self._settled)
         return task
 
-    async def publish(self, req: GenerateRequest, body: bytes) -> None:
-        """Publish and wait for the broker's confirm."""
-        await self.send(req, body)
-
     def _settled(self, task: asyncio.Task) -> None:
         self._unconfirmed.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
