@@ -19,7 +19,7 @@ from broker_config.admin import BrokerAdmin
 from broker_config.definitions import DEFAULT_GATEWAY, ROLES, Definitions, new_password
 from broker_config.provision import Limits
 from broker_config.provision import apply as apply_definitions
-from broker_config.local_node import LocalBrokerNode, rabbitmq_installed
+from chatai.devstack.broker_node import LocalBrokerNode, rabbitmq_installed
 
 # The fast tier (`pytest -m "not slow"`, no root, well under a minute) is every test that needs
 # none of these: a real broker, sshd, Slurm or vLLM engine (each reached through one of them).
@@ -94,7 +94,7 @@ def broker() -> BrokerEnv:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
     """The tiny random Llama (real tokenizer and chat template), built once per session."""
-    from chatai.tiny_model import make_tiny_model
+    from chatai.devstack.tiny_model import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model") / "tiny", seed=0)
 
@@ -166,7 +166,7 @@ def sshd(broker: BrokerEnv, gw_user, tmp_path_factory: pytest.TempPathFactory):
     """A private OpenSSH sshd with the real breaker configuration; the tunnel may reach only the broker."""
     import pwd
 
-    from circuit_breaker.local_sshd import start_local_sshd
+    from chatai.devstack.sshd import start_local_sshd
 
     s = start_local_sshd(tmp_path_factory.mktemp("sshd"), broker.host, broker.port, rabbit_node=broker.admin.node,
                          broker_user=gw_user.name)

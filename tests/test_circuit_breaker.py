@@ -24,7 +24,7 @@ import pytest
 from broker_config import topology
 from circuit_breaker import hook
 from circuit_breaker.breaker import Breaker
-from circuit_breaker.local_sshd import LocalSshd
+from chatai.devstack.sshd import LocalSshd
 from support.waiting import wait_until
 
 HERE = Path(__file__).resolve().parent

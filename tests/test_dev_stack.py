@@ -18,7 +18,7 @@ import pytest
 pytestmark = pytest.mark.slow  # runs the whole `chatai dev` stack
 from openai import OpenAI
 
-from broker_config.local_node import free_port
+from chatai.devstack.broker_node import free_port
 
 
 def _alive(pid: int) -> bool:

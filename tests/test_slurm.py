@@ -25,7 +25,7 @@ from broker_config import topology
 from broker_config.connection import user_of
 from broker_config.messages import ChatMessage, Error, Final, GenerateRequest, SamplingParams, Started, decode_frames
 from slurm_jobs.broker_view import BrokerView
-from slurm_jobs.local_cluster import LocalSlurmCluster
+from chatai.devstack.slurm_cluster import LocalSlurmCluster
 from slurm_jobs.slurm import Slurm
 from support.waiting import wait_until
 # Models of their own, so that a session-wide worker of other suites (serving "tiny") never
@@ -373,7 +373,7 @@ async def test_autoscaler_takes_a_model_from_zero_to_n_and_back_to_zero(operator
 async def test_dev_slurm_handle_submits_through_the_template_and_drains_on_stop(tmp_path):
     """The handle ``chatai dev --slurm`` uses: its own Slurm, a submitted array whose script reads
     the broker URL from the 0600 file (not argv), and stop() that drains before it stops Slurm."""
-    from slurm_jobs.dev_slurm import start_dev_slurm
+    from chatai.devstack.dev_slurm import start_dev_slurm
 
     template = tmp_path / "probe.sbatch"
     template.write_text(

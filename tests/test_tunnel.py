@@ -24,7 +24,7 @@ from aiormq.exceptions import AMQPConnectionError
 from broker_config import topology
 from broker_config.connection import connect
 from circuit_breaker import hook
-from circuit_breaker.local_sshd import LocalSshd
+from chatai.devstack.sshd import LocalSshd
 from gateway.settings import GatewaySettings
 from gateway.tunnel import BrokerTunnel
 from support import waiting

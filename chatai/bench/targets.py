@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from broker_config.local_node import free_port
+from chatai.devstack.broker_node import free_port
 from gpu_worker.settings import WorkerSettings
 
 # Worker options that shape the engine, passed to the worker as flags (same names as its CLI).
@@ -118,7 +118,7 @@ def chatai_stack(settings: WorkerSettings, state_dir: Path, tunnel: bool = True,
     Always on a private broker node: a shared local RabbitMQ may carry another stack's workers
     for the same model, whose tokens would then be counted as this one's.
     """
-    from chatai.dev import DevStack
+    from chatai.devstack.stack import DevStack
 
     stack = DevStack(state_dir=state_dir, port=free_port(), model=settings.model,
                      served_model_name=settings.served_model_name or "tiny", tunnel=tunnel, broker="private",

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 from openai import AsyncOpenAI, OpenAI
 
-from broker_config.local_node import free_port
+from chatai.devstack.broker_node import free_port
 from gateway.keys import KeyStore
 
 

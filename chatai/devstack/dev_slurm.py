@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slurm_jobs.jobs import WorkerJobs
-from slurm_jobs.local_cluster import LocalSlurmCluster, start_local_cluster
+from chatai.devstack.slurm_cluster import LocalSlurmCluster, start_local_cluster
 from slurm_jobs.settings import SlurmSettings
 from slurm_jobs.slurm import Job, Slurm
 

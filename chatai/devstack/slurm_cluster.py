@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from broker_config.local_node import free_port
+from chatai.devstack.broker_node import free_port
 
 
 class LocalClusterError(RuntimeError):

@@ -1,4 +1,4 @@
-"""A private RabbitMQ node for development and tests, started from this folder's rabbitmq.conf.
+"""A private RabbitMQ node for development and tests, started from ``broker_config/rabbitmq.conf``.
 
 It runs as its own Erlang node on free ports with its data under a directory of its own, so it
 neither needs nor disturbs a system broker.
@@ -16,7 +16,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-CONF_TEMPLATE = Path(__file__).with_name("rabbitmq.conf")
+import broker_config
+
+CONF_TEMPLATE = Path(broker_config.__file__).with_name("rabbitmq.conf")
 
 
 def free_port() -> int:

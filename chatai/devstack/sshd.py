@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from broker_config.local_node import free_port
+from chatai.devstack.broker_node import free_port
 from circuit_breaker import hook
 from circuit_breaker.install import BreakerSpec, Layout, install
 

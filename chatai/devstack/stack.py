@@ -28,7 +28,7 @@ from broker_config.admin import BrokerAdmin, BrokerAdminError
 from broker_config.cli import load_or_create_passwords
 from broker_config.definitions import Definitions
 from broker_config.provision import apply as apply_definitions
-from broker_config.local_node import LocalBrokerNode, rabbitmq_installed
+from chatai.devstack.broker_node import LocalBrokerNode, rabbitmq_installed
 from gateway.keys import KeyStore
 
 
@@ -87,8 +87,8 @@ class DevStack:
 
     processes: dict[str, subprocess.Popen] = field(default_factory=dict, init=False)
     node: LocalBrokerNode | None = field(default=None, init=False)
-    sshd: object | None = field(default=None, init=False)  # circuit_breaker.local_sshd.LocalSshd
-    dev_slurm: object | None = field(default=None, init=False)  # slurm_jobs.dev_slurm.DevSlurm
+    sshd: object | None = field(default=None, init=False)  # chatai.devstack.sshd.LocalSshd
+    dev_slurm: object | None = field(default=None, init=False)  # chatai.devstack.dev_slurm.DevSlurm
     _watch_stop: threading.Event = field(default_factory=threading.Event, init=False)
     _admin: BrokerAdmin | None = field(default=None, init=False)
     broker_port: int = field(default=5672, init=False)
@@ -138,7 +138,7 @@ class DevStack:
 
     def _start_tunnel_end(self) -> dict[str, str]:
         """The login node's side, here: a private sshd with the breaker; the gateway's tunnel settings."""
-        from circuit_breaker.local_sshd import sshd_available, start_local_sshd
+        from chatai.devstack.sshd import sshd_available, start_local_sshd
 
         if self.tunnel is None:
             self.tunnel = sshd_available()
@@ -161,7 +161,7 @@ class DevStack:
 
     def _submit_slurm_worker(self, model_dir: Path, worker_url: str) -> None:
         """The worker as an operator runs it: ``chatai scale up`` against a private Slurm here."""
-        from slurm_jobs.dev_slurm import start_dev_slurm
+        from chatai.devstack.dev_slurm import start_dev_slurm
 
         self.dev_slurm = start_dev_slurm(self.state_dir)
         job_id = self.dev_slurm.scale_up(self.served_model_name, model_dir, worker_url, workers=1,
