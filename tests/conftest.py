@@ -1,8 +1,10 @@
 """Shared fixtures: a real RabbitMQ broker with the project's definitions applied.
 
 The broker comes from, in order: ``RABBITMQ_URL`` plus ``RABBITMQ_NODE`` (an existing broker
-we may administer with rabbitmqctl), a private ``rabbitmq-server`` node started here from
-``broker_config/`` on free ports, or a RabbitMQ container where a Docker engine exists.
+we may administer with rabbitmqctl), a private ``rabbitmq-server`` node (``chatai.devstack``'s,
+from ``broker_config/rabbitmq.conf``) on free ports, or a RabbitMQ container where a Docker engine
+exists. Every process and daemon the fixtures start comes from ``chatai/devstack/``, as for
+``chatai dev``; ``tests/support/`` adds only what is test-specific.
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
 def served_worker(broker: BrokerEnv, tiny_model_dir, tmp_path_factory: pytest.TempPathFactory):
     """One real worker process (vLLM CPU engine) serving SERVED_MODEL for the whole session.
 
-    ``.proc`` (Popen), ``.model``, ``.log_path``, ``.worker_id``; stopped with SIGTERM at the end.
+    ``.proc`` (Popen), ``.model``, ``.log_path``, ``.log_text()``, ``.worker_id``; stopped with SIGTERM at the end.
     Tests that kill, drain or idle a worker start their own with ``support.worker_proc``.
     """
     from support.worker_proc import start_worker

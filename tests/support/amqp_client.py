@@ -60,7 +60,8 @@ class TestGatewayClient:
         """File the frames of one request as the gateway routes them to it."""
         try:
             while True:
-                self.frames[sub.request_id].append(await sub.frames.get())
+                frame = await sub.frames.get()  # (not inline: the key exists only once a frame came)
+                self.frames[sub.request_id].append(frame)
                 self._changed.set()
         finally:
             sub.close()
