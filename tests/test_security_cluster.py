@@ -35,6 +35,7 @@ import pytest
 from broker_config import topology
 from broker_config.messages import Final
 from circuit_breaker import hook
+from chatai.devstack.processes import free_port
 from chatai.devstack.sshd import LocalSshd
 from support.amqp_client import TestGatewayClient
 from support.waiting import wait_until
@@ -342,12 +343,6 @@ def watched(sshd, broker):
     stop.set()
     thread.join(30)
     b.reset(by="test")
-
-
-def free_port() -> int:
-    from chatai.devstack.broker_node import free_port as fp
-
-    return fp()
 
 
 def socks5_connect(port: int, host: str, target_port: int) -> bytes:
