@@ -1,4 +1,8 @@
-"""``chatai breaker``: status, trip, reset, watch and install (run as root on the login node)."""
+"""``chatai breaker``: status, trip, reset, watch and install (run as root on the login node).
+
+Without ``--config`` or ``CHATAI_BREAKER_CONFIG``, a running ``chatai dev`` stack's breaker is
+used (see :mod:`chatai.discovery`), else the installed ``/etc/chatai-breaker/config.json``.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +29,10 @@ DEFAULT = Path("/etc/chatai-breaker/config.json")
 def _breaker(config: Path, node: str | None, no_broker: bool):
     from circuit_breaker.breaker import Breaker
 
+    if not config.exists():
+        typer.echo(f"breaker: not configured (no {config}; run `chatai breaker install` on the login node, "
+                   "or start `chatai dev`, which these commands find by themselves)", err=True)
+        raise typer.Exit(2)
     try:
         return Breaker.from_config(config, rabbit_node=node, use_broker=not no_broker)
     except (OSError, ValueError) as exc:
