@@ -97,7 +97,10 @@ def status_rows(s: SlurmSettings, extra_models: list[str], seconds: float, slurm
     """The joined view: per model (queue, consumers, jobs, workers) and per job (with its
     heartbeat); ``slurm_error`` / ``broker_error`` say in one line what could not be reached."""
     slurm_error = None
+    conf = os.environ.get("SLURM_CONF")
     try:
+        if conf and not Path(conf).exists():  # squeue would wait out its timeouts first
+            raise SlurmError(f"SLURM_CONF={conf} does not exist")
         by_model: dict[str, list[Job]] = WorkerJobs(s, slurm or Slurm()).jobs_by_model()
     except SlurmError as exc:
         slurm_error, by_model = slurm_problem(exc), {}
