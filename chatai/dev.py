@@ -26,7 +26,7 @@ import httpx
 
 from chatai import discovery
 from broker_config.admin import BrokerAdmin, BrokerAdminError
-from broker_config.cli import load_or_create_passwords
+from broker_config.definitions import load_or_create_passwords
 from broker_config.definitions import Definitions
 from broker_config.provision import apply as apply_definitions
 from broker_config.local_node import LocalBrokerNode, rabbitmq_installed
