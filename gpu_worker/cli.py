@@ -12,6 +12,7 @@ from typing import Any
 
 import typer
 
+from broker_config.connection import check_url
 from broker_config.settings_cli import settings_options
 from gpu_worker.settings import WorkerSettings
 
@@ -22,6 +23,11 @@ def worker(overrides: dict[str, Any]) -> None:
     from gpu_worker.main import main
 
     settings = WorkerSettings(**overrides)
+    try:
+        check_url(settings.broker_url.get_secret_value())
+    except ValueError as exc:
+        raise typer.BadParameter(f"{exc} (from CHATAI_WORKER_BROKER_URL or --broker-url)",
+                                 param_hint="--broker-url") from None
     if settings.model is None and settings.engine == "vllm":
         raise typer.BadParameter("give --model PATH or CHATAI_WORKER_MODEL", param_hint="--model")
     raise typer.Exit(main(settings))
