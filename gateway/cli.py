@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Column, Table
 
+from broker_config.connection import check_url
 from broker_config.settings_cli import settings_options
 from gateway.keys import KeyStore
 from gateway.settings import GatewaySettings
@@ -103,6 +104,7 @@ def serve(overrides: dict[str, Any], log_level: str = "info") -> None:
 
     try:
         settings = GatewaySettings(**overrides)
+        check_url(settings.broker_url.get_secret_value())  # else the connector would retry it forever
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
