@@ -113,11 +113,12 @@ def test_operator_commands_find_the_running_stack_by_themselves(dev_stack):
     assert data["gateway"]["error"] is None and data["gateway"]["tunnel"]["state"] == "up"
     assert data["broker_error"] is None and data["broker"].startswith("amqp://operator:***@")
     (tiny,) = [m for m in data["models"] if m["model"] == "tiny"]
-    assert tiny["consumers"] == 1 and tiny["workers_ready"] == 1 and tiny["capacity"] > 0
-    if "--slurm" in args:
+    assert tiny["consumers"] >= 1 and tiny["workers_ready"] >= 1 and tiny["capacity"] > 0
+    if "--slurm" in args:  # jobs of the stack's private Slurm, each joined with its heartbeat
         assert data["slurm_error"] is None and len(_ready_jobs(data)) == 1
-    else:
-        assert len(data["workers"]) == 1 and data["workers"][0]["model"] == "tiny"
+    else:  # (the system RabbitMQ, when the stack uses it, may carry other stacks' workers too)
+        worker_pid = json.loads((state / "stack.json").read_text())["pids"]["worker"]
+        assert [w for w in data["workers"] if w["worker_id"].endswith(f"-{worker_pid}") and w["state"] == "ready"]
     text = _operator(state, "status").stdout
     assert "breaker: closed" in text and "tunnel up" in text and "tiny" in text
 
@@ -134,7 +135,7 @@ def test_operator_commands_find_the_running_stack_by_themselves(dev_stack):
         assert time.monotonic() < deadline, f"the second worker never showed as ready: {data}"
         data = _fleet(state)
     (tiny,) = [m for m in data["models"] if m["model"] == "tiny"]
-    assert tiny["workers_ready"] == 2 and tiny["consumers"] == 2 and tiny["running"] == 2
+    assert tiny["running"] == 2 and tiny["workers_ready"] >= 2 and tiny["consumers"] >= 2
     down = _operator(state, "scale", "down", "--model", "tiny", "--workers", "1")
     assert down.returncode == 0 and "draining 1 worker(s)" in down.stdout, down.stderr + down.stdout
     while len([j for j in data["jobs"] if j["model"] == "tiny"]) != 1:
