@@ -136,7 +136,9 @@ def print_fleet(console: Console, data: dict[str, Any]) -> None:
         console.print(f"worker outside Slurm: {w['worker_id']} {w['model']} {w['state']} on {w['node']}")
 
 
+@settings_options(SlurmSettings, SUBMIT_FIELDS)
 def autoscale(
+    overrides: dict[str, Any],
     model: Annotated[list[str], typer.Option("--model", "-m", help="NAME or NAME=PATH; repeat per model.")],
     min_workers: Annotated[int, typer.Option(min=0)] = 0,
     max_workers: Annotated[int, typer.Option(min=1)] = 2,
@@ -150,7 +152,7 @@ def autoscale(
     Workers leave by themselves after their idle timeout, so a model scales to zero; the
     autoscaler never signals a running worker."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    s = _settings()
+    s = _settings(**overrides)
     paths = dict(s.models)
     names = []
     for spec in model:
