@@ -161,7 +161,8 @@ def apply_defaults(command: str, quiet: bool = False) -> DevStackInfo | None:
     stack = find_stack()
     if stack is None:
         return None
-    added = [k for k, v in stack.operator_env().items() if os.environ.setdefault(k, v) is v]
+    added = {k: v for k, v in stack.operator_env().items() if k not in os.environ}
+    os.environ.update(added)
     if added and not quiet:
         print(f"chatai {command}: using the running chatai dev stack {stack.path} "
               f"({STACK_ENV}=none to ignore it)", file=sys.stderr)

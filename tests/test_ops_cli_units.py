@@ -90,7 +90,7 @@ def _stack(state: Path, pid: int, **extra: Any) -> Path:
     return path
 
 
-def test_a_published_stack_is_found_and_becomes_the_operator_defaults(tmp_path, monkeypatch):
+def test_a_published_stack_is_found_and_becomes_the_operator_defaults(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
     (tmp_path / "run").mkdir()
     monkeypatch.delenv(discovery.STACK_ENV, raising=False)
@@ -109,7 +109,8 @@ def test_a_published_stack_is_found_and_becomes_the_operator_defaults(tmp_path, 
     for key in env:  # monkeypatch restores them after the test
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("CHATAI_SLURM_CPUS_PER_TASK", "4")  # the operator's own setting wins
-    discovery.apply_defaults("scale", quiet=True)
+    discovery.apply_defaults("scale")
+    assert "using the running chatai dev stack" in capsys.readouterr().err
     assert os.environ["CHATAI_SLURM_CPUS_PER_TASK"] == "4" and os.environ["SLURM_CONF"] == "/x/slurm.conf"
     assert SlurmSettings().models == {"tiny": "/models/tiny"}
     discovery.withdraw(stack_json)
