@@ -77,7 +77,6 @@ def test_chatai_dev_needs_no_test_extra(venv: Path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     python = str(venv / "bin" / "python")
     assert _run([python, "-c", "import pytest"], env=env).returncode != 0  # the test extra is not there
-    # Everything `chatai dev` imports, its proof-of-service demo's OpenAI SDK included.
-    code = "import chatai.dev, openai, gateway.app, gpu_worker.cli, circuit_breaker.local_sshd, slurm_jobs.dev_slurm"
-    done = _run([python, "-c", code], env=env)
+    # `chatai dev` proves the stack with the official SDK, and the gateway it starts serves pages.
+    done = _run([python, "-c", "import openai, gateway.app, gateway.web"], env=env)
     assert done.returncode == 0, done.stderr[-2000:]
