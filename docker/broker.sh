@@ -6,7 +6,13 @@ set -eu
 secrets=/var/lib/chatai-broker/broker-secrets.json
 rabbitmq-server &
 server=$!
-rabbitmqctl await_startup >/dev/null
+# rabbitmqctl cannot reach the node until the Erlang VM is up: ask until it answers (or 2 min).
+tries=0
+until rabbitmqctl -q await_startup >/dev/null 2>&1; do
+    tries=$((tries + 1))
+    [ "$tries" -lt 120 ] || { echo "broker: RabbitMQ did not start" >&2; exit 1; }
+    sleep 1
+done
 "$@"
 # Each client gets only its own credentials.
 python3 - "$secrets" <<'PY'
