@@ -88,10 +88,11 @@ def _open_chat(browser, gateway, max_tokens: int) -> None:
     browser.find_element(By.ID, "connect").click()
     _until(browser, lambda d: SERVED_MODEL in [o.get_attribute("value") for o in d.find_elements(By.CSS_SELECTOR, "#model option")],
            "the served model in the model list")
-    browser.find_element(By.ID, "settings").click()
+    browser.find_element(By.CSS_SELECTOR, "#settings summary").click()
     browser.find_element(By.ID, "max-tokens").send_keys(str(max_tokens))
     # The tiny random model may pick its end token at any step; vLLM's ignore_eos keeps it going.
     browser.find_element(By.ID, "extra-params").send_keys('{"ignore_eos": true}')
+    browser.find_element(By.CSS_SELECTOR, "#settings summary").click()  # closed; the values stay
 
 
 # Records the answer's length at every change of the page (each network read is rendered once).
