@@ -19,6 +19,17 @@ function row(cells, attrs = {}) {
   return tr;
 }
 
+function rowsOrNone(rows, columns, what) {
+  if (rows.length) return rows;
+  const tr = document.createElement("tr");
+  const td = document.createElement("td");
+  td.colSpan = columns;
+  td.className = "note";
+  td.textContent = what;
+  tr.append(td);
+  return [tr];
+}
+
 function show(id, text, kind) {
   const el = $(id);
   el.textContent = text;
@@ -44,14 +55,14 @@ function render(st) {
   const b = st.breaker;
   show("breaker-state", b.state + (b.detail ? " — " + b.detail : ""),
     b.state === "closed" ? "ok" : b.state === "probably tripped" ? "error" : "warn");
-  $("models").tBodies[0].replaceChildren(...st.models.map((m) => row([
+  $("models").tBodies[0].replaceChildren(...rowsOrNone(st.models.map((m) => row([
     m.name, m.workers.ready, m.workers.starting, m.workers.draining, m.capacity, m.in_flight,
     m.queue ? m.queue.waiting : null, m.queue ? m.queue.consumers : null,
-  ], { model: m.name })));
-  $("workers").tBodies[0].replaceChildren(...st.workers.map((w) => row([
+  ], { model: m.name })), 8, "No model has a live worker."));
+  $("workers").tBodies[0].replaceChildren(...rowsOrNone(st.workers.map((w) => row([
     w.worker_id, w.model, w.state, w.node, w.slurm_job_id, `${w.in_flight} / ${w.capacity}`,
     seconds(w.heartbeat_age) + " ago", seconds(w.job_ends_in),
-  ], { workerId: w.worker_id, state: w.state })));
+  ], { workerId: w.worker_id, state: w.state })), 8, "No live workers (none has sent a heartbeat lately)."));
   show("updated", "updated " + new Date(st.time * 1000).toLocaleTimeString(), "ok");
 }
 
