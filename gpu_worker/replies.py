@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import aio_pika
 from aio_pika.abc import AbstractExchange
 
+from broker_config.connection import publish
 from broker_config.messages import (
     CONTENT_TYPE,
     ChoiceEnd,
@@ -104,7 +105,7 @@ class ReplyPublisher:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT,
         )
         # mandatory=False: a gateway that went away leaves its frames unroutable; that is no error.
-        task = asyncio.ensure_future(self._exchange.publish(msg, routing_key=reply_to, mandatory=False))
+        task = asyncio.ensure_future(publish(self._exchange, msg, routing_key=reply_to, mandatory=False))
         self.messages_published += 1
         self._unconfirmed.add(task)
         task.add_done_callback(self._settled)

@@ -8,6 +8,7 @@ moves and the real ``ReplyPublisher`` on an exchange that records what would be 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 import aio_pika
 
@@ -17,14 +18,28 @@ from gpu_worker.replies import ReplyPublisher, ReplyStream
 from support.waiting import wait_until
 
 
+@dataclass
+class Published:
+    body: bytes
+    delivery_mode: int
+
+
 class RecordingExchange:
-    """Stands where the broker's replies exchange would be; keeps each published message."""
+    """Stands where the broker's replies exchange (and its channel) would be; keeps what is published."""
+
+    name = "chatai.replies"
 
     def __init__(self) -> None:
-        self.published: list[tuple[str, aio_pika.Message]] = []
+        self.channel = self
+        self.published: list[tuple[str, Published]] = []
 
-    async def publish(self, message: aio_pika.Message, routing_key: str, mandatory: bool = False) -> None:
-        self.published.append((routing_key, message))
+    async def get_underlay_channel(self) -> "RecordingExchange":
+        return self
+
+    async def basic_publish(self, body: bytes, *, exchange: str, routing_key: str, properties, mandatory: bool,
+                            timeout: float | None = None, wait: bool = True) -> None:
+        assert exchange == self.name
+        self.published.append((routing_key, Published(body, properties.delivery_mode)))
 
 
 class RecordingPublisher(ReplyPublisher):
