@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -77,3 +78,25 @@ async def publish(exchange: AbstractExchange, message: aio_pika.Message, routing
     return await channel.basic_publish(message.body, exchange=exchange.name, routing_key=routing_key,
                                        properties=message.properties, mandatory=mandatory, timeout=timeout,
                                        wait=False)
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    messages: int  # waiting, not yet delivered
+    consumers: int
+
+
+async def queue_depth(connection: AbstractRobustConnection, queue: str) -> QueueDepth | None:
+    """Messages and consumers of a queue through a passive declare (no permission needed, nothing
+    created), on a throwaway channel since a missing queue closes it with 404; None: no such queue."""
+    from aiormq.exceptions import ChannelNotFoundEntity
+
+    channel = await connection.channel()
+    try:
+        result = (await channel.declare_queue(queue, passive=True)).declaration_result
+        return QueueDepth(result.message_count, result.consumer_count)
+    except ChannelNotFoundEntity:
+        return None
+    finally:
+        if not channel.is_closed:
+            await channel.close()

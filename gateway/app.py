@@ -74,4 +74,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     from gateway.batches import install as install_batches
 
     install_batches(app, settings)  # /v1/files, /v1/batches and the batch dispatcher
+    from gateway.web import install as install_web
+
+    install_web(app)  # the chat page at /, the status page at /status and its /api/status
     return app

@@ -28,7 +28,7 @@ from pamqp.commands import Basic
 from broker_config import topology as t
 from aiormq import TransportFactory
 
-from broker_config.connection import connect, publish, redact, user_of
+from broker_config.connection import QueueDepth, connect, publish, queue_depth, redact, user_of
 from broker_config.messages import CONTENT_TYPE, Cancel, GenerateRequest, Heartbeat, decode_frames
 from gateway.errors import APIError, model_not_found
 from gateway.metrics import BROKER_CONNECTED, MALFORMED_FRAMES, know_model
@@ -207,6 +207,15 @@ class GatewayBroker:
         except (asyncio.TimeoutError, aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError):
             raise broker_unavailable() from None
         know_model(request.model)  # routed: the model has a queue, so it is one of the definitions'
+
+    async def queue_depth(self, model: str) -> QueueDepth | None:
+        """Requests waiting in a model's queue and its consumers; None without a connection or queue."""
+        if not self.connected or self._connection is None:
+            return None
+        try:
+            return await queue_depth(self._connection, t.model_queue(model))
+        except (asyncio.TimeoutError, aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError):
+            return None
 
     def batch_results_queue(self, database_id: str) -> str:
         return t.gateway_batch_results_queue(self.user, database_id)

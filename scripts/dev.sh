@@ -7,4 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+VENV="${CHATAI_VENV:-$PWD/.venv}"
+# What `. .venv/bin/activate` does, for the stack's own children (workers, sbatch scripts).
+export VIRTUAL_ENV="$VENV" PATH="$VENV/bin:$PATH"
 exec chatai dev "$@"

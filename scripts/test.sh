@@ -3,4 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-exec python3 -m pytest "$@"
+VENV="${CHATAI_VENV:-$PWD/.venv}"
+# The tests run `chatai ...` and `sys.executable` subprocesses: both must be the venv's.
+export VIRTUAL_ENV="$VENV" PATH="$VENV/bin:$PATH"
+exec python -m pytest "$@"

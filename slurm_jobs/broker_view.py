@@ -16,10 +16,9 @@ from dataclasses import dataclass, field
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
-from aiormq.exceptions import ChannelNotFoundEntity
 
 from broker_config import topology as t
-from broker_config.connection import connect
+from broker_config.connection import connect, queue_depth
 from broker_config.messages import Heartbeat
 
 
@@ -120,16 +119,7 @@ class BrokerView:
         return True
 
     async def queue_stats(self, model: str) -> QueueStats:
-        """Depth and consumers of a model queue via passive declare, on a throwaway channel
-        (a missing queue closes the channel with 404)."""
+        """Depth and consumers of a model queue (passive declare)."""
         assert self._conn is not None, "open() first"
-        channel = await self._conn.channel()
-        try:
-            q = await channel.declare_queue(t.model_queue(model), passive=True)
-            res = q.declaration_result
-            return QueueStats(model, res.message_count, res.consumer_count)
-        except ChannelNotFoundEntity:
-            return QueueStats(model, None, None)
-        finally:
-            if not channel.is_closed:
-                await channel.close()
+        depth = await queue_depth(self._conn, t.model_queue(model))
+        return QueueStats(model, None, None) if depth is None else QueueStats(model, depth.messages, depth.consumers)
