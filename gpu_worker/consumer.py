@@ -253,7 +253,7 @@ class Consumer:
                 await stream.started(0)  # no-op unless the engine ended it before any output
                 if _delivery_lost(job):
                     raise DeliveryLost()
-                await stream.final(req.sampling.n)
+                await stream.final(req.choice_count)
                 await _settle(job)
             except RequestFailed as exc:
                 outcome = f"error {exc.status} {exc.code}"
