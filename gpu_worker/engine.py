@@ -170,6 +170,7 @@ class Engine:
     def sampling_params(self, req: GenerateRequest, prompt_len: int):
         """OpenAI options -> vllm.SamplingParams, with OpenAI's context-length rule."""
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind
 
         s = req.sampling
@@ -200,7 +201,7 @@ class Engine:
                 ignore_eos=s.ignore_eos,
                 output_kind=RequestOutputKind.DELTA,
             )
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, VLLMClientError) as exc:  # e.g. n > 1 with greedy sampling
             raise RequestFailed(400, "invalid_request_error", str(exc)) from None
 
     # ------------------------------------------------------------------ generation

@@ -63,31 +63,38 @@ def test_token_id_prompt_answers_as_its_text(client, tok):
 def test_several_prompts_one_choice_each_indexed_like_openai(client, tok):
     prompts = ["The cluster is", "Slurm runs", "A GPU"]
     alone = [_complete(client, p).choices[0].text for p in prompts]
-    n = 2
-    whole = _complete(client, prompts, n=n)
-    assert [c.index for c in whole.choices] == list(range(len(prompts) * n))
-    for c in whole.choices:
-        assert c.text == alone[c.index // n], c  # choice i of prompt p has index p * n + i
-        assert c.finish_reason == "length"
-    assert whole.usage.completion_tokens == 4 * n * len(prompts)
+    whole = _complete(client, prompts)  # greedy: each prompt answers as it does alone
+    assert [c.text for c in whole.choices] == alone and [c.index for c in whole.choices] == [0, 1, 2]
     assert whole.usage.prompt_tokens == sum(len(tok.encode(p)) for p in prompts)
-
     texts: dict[int, str] = {}
-    finished: dict[int, str] = {}
     usage = None
-    for chunk in _complete(client, prompts, n=n, stream=True, stream_options={"include_usage": True}):
+    for chunk in _complete(client, prompts, stream=True, stream_options={"include_usage": True}):
         usage = chunk.usage or usage
         for c in chunk.choices:
             texts[c.index] = texts.get(c.index, "") + c.text
+    assert texts == dict(enumerate(alone)) and usage.total_tokens == whole.usage.total_tokens
+
+    # n > 1 (sampled: vLLM allows n > 1 only when sampling): choice i of prompt p has index p * n + i.
+    n = 2
+    sampled = dict(max_tokens=4, temperature=1.0, extra_body={"ignore_eos": True})
+    echoed = client.completions.create(model=SERVED_MODEL, prompt=prompts, n=n, echo=True, **sampled)
+    assert [c.index for c in echoed.choices] == list(range(len(prompts) * n))
+    assert all(c.text.startswith(prompts[c.index // n]) for c in echoed.choices)
+    assert all(c.finish_reason == "length" for c in echoed.choices)
+    assert echoed.usage.completion_tokens == 4 * n * len(prompts)
+    finished: dict[int, str] = {}
+    starts: dict[int, str] = {}
+    for chunk in client.completions.create(model=SERVED_MODEL, prompt=prompts, n=n, echo=True, stream=True, **sampled):
+        for c in chunk.choices:
+            starts.setdefault(c.index, c.text)
             if c.finish_reason:
                 finished[c.index] = c.finish_reason
-    assert texts == {c.index: c.text for c in whole.choices}
     assert finished == {i: "length" for i in range(len(prompts) * n)}
-    assert usage.total_tokens == whole.usage.total_tokens
+    assert all(starts[i].startswith(prompts[i // n]) for i in starts)
 
     token_lists = [tok.encode(p) for p in prompts[:2]]
     by_ids = _complete(client, token_lists, echo=True)
-    assert [c.text for c in by_ids.choices] == [tok.decode(ids) + a for ids, a in zip(token_lists, alone)]
+    assert [c.text for c in by_ids.choices] == [tok.decode(ids) + a for ids, a in zip(token_lists, alone[:2])]
 
 
 def test_echo_with_logprobs_scores_the_prompt(client, tok):
@@ -118,28 +125,26 @@ def test_echo_with_logprobs_scores_the_prompt(client, tok):
 
 BAD_INPUT = [
     # Found by the gateway.
-    ({"prompt": [1, -5]}, "prompt"),
-    ({"prompt": [[1, 2], []]}, "prompt"),
-    ({"prompt": ["x"] * 65}, "prompt"),
-    ({"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
-    ({"prompt": "x", "logit_bias": {"five": 1}}, "logit_bias"),
-    # Found by the worker, which knows the vocabulary.
-    ({"prompt": [1, 10**6]}, None),
-    ({"prompt": ["fine", [2, 10**6]]}, None),
-    ({"prompt": "x", "logit_bias": {str(10**6): 5}}, None),
+    ({"prompt": [1, -5]}, "prompt", "token ids"),
+    ({"prompt": [[1, 2], []]}, "prompt", "must not be empty"),
+    ({"prompt": ["x"] * 65}, "prompt", "at most 64 prompts"),
+    ({"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias", "between -100 and 100"),
+    ({"prompt": "x", "logit_bias": {"five": 1}}, "logit_bias", "token ids"),
+    # Found by the worker, which knows the vocabulary (and vLLM's own rules).
+    ({"prompt": [1, 10**6]}, None, "out of vocabulary"),
+    ({"prompt": ["fine", [2, 10**6]]}, "prompt", "only strings or only lists"),
+    ({"prompt": [[3], [2, 10**6]]}, None, "out of vocabulary"),
+    ({"prompt": "x", "logit_bias": {str(10**6): 5}}, None, "out-of-vocab"),
+    ({"prompt": "x", "n": 2}, None, "greedy"),  # n > 1 at temperature 0: vLLM refuses it
 ]
 
 
 @pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize("body,param", BAD_INPUT)
-def test_bad_input_is_an_openai_400(client, body, param, stream):
-    prompt = body.pop("prompt")
+@pytest.mark.parametrize("body,param,words", BAD_INPUT)
+def test_bad_input_is_an_openai_400(client, body, param, words, stream):
+    extra = {k: v for k, v in body.items() if k != "prompt"}
     with pytest.raises(openai.BadRequestError) as err:
-        _complete(client, prompt, stream=stream, extra_body=body)  # extra_body: past the SDK's own types
+        _complete(client, body["prompt"], stream=stream, extra_body=extra)  # extra_body: past the SDK's types
     e = err.value.body
-    assert err.value.status_code == 400 and e["message"]
-    if param is not None:
-        assert e["param"] == param and e["type"] == "invalid_request_error"
-    else:
-        assert "vocab" in e["message"]
-    body["prompt"] = prompt  # parametrize shares the dict between both stream cases
+    assert err.value.status_code == 400 and e["type"] == "invalid_request_error"
+    assert e["param"] == param and words in e["message"], e
