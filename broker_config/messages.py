@@ -99,7 +99,9 @@ class TopLogprob(_Wire):
 
 class TokenLogprob(_Wire):
     token: str
-    logprob: float | None  # None only for a prompt's first token, which has no context
+    # None only for a prompt's first token, which has no context. A default, since frames are
+    # encoded without None fields: a required field would make that frame undecodable.
+    logprob: float | None = None
     top_logprobs: list[TopLogprob] = Field(default_factory=list)
 
 

@@ -9,7 +9,8 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from broker_config.messages import ChoiceEnd, Delta, Final, GenerateRequest, TokenLogprob, TopLogprob, Usage
+from broker_config.messages import (ChoiceEnd, Delta, Final, GenerateRequest, TokenLogprob, TopLogprob, Usage,
+                                    decode_frames, encode_frames)
 from gateway.batches.validation import parse_body
 from gateway.errors import APIError, install_error_handlers
 from gateway.formatting import ResponseBuilder
@@ -122,6 +123,7 @@ def test_prompt_logprobs_come_first_in_the_openai_shape():
     gen = [_lp(" is", -0.5)]
     final = Final(request_id="r", choices=[ChoiceEnd(index=0, finish_reason="length", text="The sky is",
                                                      logprobs=gen, prompt_logprobs=prompt)], usage=Usage())
+    assert decode_frames(encode_frames([final])) == [final]  # the first token's None survives the wire
     lp = ResponseBuilder("completion", "r", "tiny").completion(final)["choices"][0]["logprobs"]
     assert lp["tokens"] == ["The", " sky", " is"]
     assert lp["token_logprobs"] == [None, -2.0, -0.5]
