@@ -60,7 +60,7 @@ def dev(
     The API key to accept comes from CHATAI_DEV_API_KEY or --api-key-file (never the command line,
     which every local user can read); without one, a key is generated and written to stack.json.
     """
-    from chatai.dev import DevError, DevStack, resolve_api_key, run
+    from chatai.devstack.stack import DevError, DevStack, resolve_api_key, run
 
     if broker not in ("auto", "system", "private"):
         raise typer.BadParameter("--broker must be auto, system or private")
@@ -71,6 +71,17 @@ def dev(
     stack = DevStack(state_dir=state_dir.resolve(), port=port, api_key=api_key, model=model,
                      served_model_name=served_model_name, broker=broker, tunnel=tunnel, slurm=slurm)
     raise typer.Exit(run(stack, demo=demo))
+
+
+@app.command("make-tiny-model")
+def make_tiny_model_cmd(
+    directory: Annotated[Path, typer.Argument(help="Folder to write the model into.")],
+    seed: Annotated[int, typer.Option(help="Weights seed: same seed, same model.")] = 0,
+) -> None:
+    """Write a tiny random Llama with a real tokenizer and chat template (tests, demo)."""
+    from chatai.devstack.tiny_model import make_tiny_model
+
+    typer.echo(str(make_tiny_model(directory, seed=seed)))
 
 
 _register()

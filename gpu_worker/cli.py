@@ -45,20 +45,8 @@ def worker(
     raise typer.Exit(main(settings))
 
 
-def make_tiny_model_cmd(
-    directory: Path = typer.Argument(..., help="Folder to write the model into."),
-    seed: int = typer.Option(0, help="Weights seed: same seed, same model."),
-) -> None:
-    """Write a tiny random Llama with a real tokenizer and chat template (tests, demo)."""
-    from chatai.tiny_model import make_tiny_model
-
-    path = make_tiny_model(directory, seed=seed)
-    typer.echo(str(path))
-
-
 def register(app: typer.Typer) -> None:
     app.command("worker")(worker)
-    app.command("make-tiny-model")(make_tiny_model_cmd)
 
 
 def standalone() -> None:

@@ -1,8 +1,10 @@
 """Shared fixtures: a real RabbitMQ broker with the project's definitions applied.
 
 The broker comes from, in order: ``RABBITMQ_URL`` plus ``RABBITMQ_NODE`` (an existing broker
-we may administer with rabbitmqctl), a private ``rabbitmq-server`` node started here from
-``broker_config/`` on free ports, or a RabbitMQ container where a Docker engine exists.
+we may administer with rabbitmqctl), a private ``rabbitmq-server`` node (``chatai.devstack``'s,
+from ``broker_config/rabbitmq.conf``) on free ports, or a RabbitMQ container where a Docker engine
+exists. Every process and daemon the fixtures start comes from ``chatai/devstack/``, as for
+``chatai dev``; ``tests/support/`` adds only what is test-specific.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from broker_config.admin import BrokerAdmin
 from broker_config.definitions import DEFAULT_GATEWAY, ROLES, Definitions, new_password
 from broker_config.provision import Limits
 from broker_config.provision import apply as apply_definitions
-from broker_config.local_node import LocalBrokerNode, rabbitmq_installed
+from chatai.devstack.broker_node import LocalBrokerNode, rabbitmq_installed
 
 # The fast tier (`pytest -m "not slow"`, no root, well under a minute) is every test that needs
 # none of these: a real broker, sshd, Slurm or vLLM engine (each reached through one of them).
@@ -94,7 +96,7 @@ def broker() -> BrokerEnv:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
     """The tiny random Llama (real tokenizer and chat template), built once per session."""
-    from chatai.tiny_model import make_tiny_model
+    from chatai.devstack.tiny_model import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model") / "tiny", seed=0)
 
@@ -103,7 +105,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
 def served_worker(broker: BrokerEnv, tiny_model_dir, tmp_path_factory: pytest.TempPathFactory):
     """One real worker process (vLLM CPU engine) serving SERVED_MODEL for the whole session.
 
-    ``.proc`` (Popen), ``.model``, ``.log_path``, ``.worker_id``; stopped with SIGTERM at the end.
+    ``.proc`` (Popen), ``.model``, ``.log_path``, ``.log_text()``, ``.worker_id``; stopped with SIGTERM at the end.
     Tests that kill, drain or idle a worker start their own with ``support.worker_proc``.
     """
     from support.worker_proc import start_worker
@@ -166,7 +168,7 @@ def sshd(broker: BrokerEnv, gw_user, tmp_path_factory: pytest.TempPathFactory):
     """A private OpenSSH sshd with the real breaker configuration; the tunnel may reach only the broker."""
     import pwd
 
-    from circuit_breaker.local_sshd import start_local_sshd
+    from chatai.devstack.sshd import start_local_sshd
 
     s = start_local_sshd(tmp_path_factory.mktemp("sshd"), broker.host, broker.port, rabbit_node=broker.admin.node,
                          broker_user=gw_user.name)

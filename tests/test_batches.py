@@ -21,6 +21,7 @@ import pytest
 
 from gateway.keys import KeyStore
 from support.gateway import GatewayProcess, start_gateway
+from support.waiting import wait_blocking, wait_until
 from support.worker_proc import WorkerProcess, start_worker
 
 BATCH_MODEL = "tiny-batch"
@@ -114,19 +115,23 @@ def submit(client: openai.OpenAI, items: list, endpoint: str = CHAT):
     return client.batches.create(input_file_id=f.id, endpoint=endpoint, completion_window="24h")
 
 
-def wait_until(client: openai.OpenAI, batch_id: str, predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    b = client.batches.retrieve(batch_id)
-    while time.monotonic() < deadline:
-        b = client.batches.retrieve(batch_id)
-        if predicate(b):
-            return b
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}: {b.status} {b.request_counts}")
+def wait_batch(client: openai.OpenAI, batch_id: str, predicate, timeout: float, what: str):
+    """The batch once ``predicate(batch)`` holds. Blocks, also under an async test's loop."""
+    last = None
+
+    def holds():
+        nonlocal last
+        last = client.batches.retrieve(batch_id)
+        return last if predicate(last) else None
+
+    try:
+        return wait_blocking(holds, timeout, what, every=0.3)
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}: {last.status} {last.request_counts}") from None
 
 
 def wait_done(client: openai.OpenAI, batch_id: str, timeout: float = 240.0):
-    return wait_until(client, batch_id, lambda b: b.status in ("completed", "failed", "expired", "cancelled"),
+    return wait_batch(client, batch_id, lambda b: b.status in ("completed", "failed", "expired", "cancelled"),
                       timeout, "the batch to end")
 
 
@@ -156,6 +161,11 @@ def assert_exactly_once(outputs: list[dict], expected: set[str], max_tokens: int
 
 def model_queue(broker) -> dict:
     return next(q for q in broker.admin.list_queues() if q["name"] == f"chatai.model.{BATCH_MODEL}")
+
+
+def results_queues(broker) -> dict[str, dict]:
+    """The gateways' durable batch results queues, by name."""
+    return {q["name"]: q for q in broker.admin.list_queues() if q["name"].endswith(".batch-results")}
 
 
 # ---------------------------------------------------------------------------------- tests
@@ -270,7 +280,7 @@ def test_worker_killed_mid_batch_loses_nothing_and_duplicates_nothing(bgw, worke
     client = bgw.client()
     n = 300
     batch = submit(client, lines(n, prefix="kill", max_tokens=16, ignore_eos=True))
-    wait_until(client, batch.id, lambda b: b.request_counts and b.request_counts.completed >= 10, 120,
+    wait_batch(client, batch.id, lambda b: b.request_counts and b.request_counts.completed >= 10, 120,
                "some results before the kill")
     workers.current.kill()  # SIGKILL to the worker and its engine processes: no goodbye, no acks
     mid = client.batches.retrieve(batch.id)
@@ -288,18 +298,22 @@ def test_worker_killed_mid_batch_loses_nothing_and_duplicates_nothing(bgw, worke
     assert redelivered, "no line was redelivered: the kill did not hit work in flight"
 
 
-def test_gateway_restarted_mid_batch_resumes_exactly_once(own_gateway, tmp_path):
+def test_gateway_restarted_mid_batch_resumes_exactly_once(own_gateway, broker, tmp_path):
     state = tmp_path / "restarting-gw"
     gw = own_gateway(state_dir=state)
     client = gw.client()
     n = 300
     batch = submit(client, lines(n, prefix="restart", max_tokens=16, ignore_eos=True))
-    before = wait_until(client, batch.id, lambda b: b.request_counts and b.request_counts.completed >= 20, 120,
+    before = wait_batch(client, batch.id, lambda b: b.request_counts and b.request_counts.completed >= 20, 120,
                         "some results before the restart")
     assert before.request_counts.completed < n, "finished before the restart"
+    consumed = {name for name, q in results_queues(broker).items() if q["consumers"]}
     gw.proc.kill()  # SIGKILL: no shutdown hooks, unacked results and in-flight lines left as they were
     gw.proc.wait()
-    time.sleep(2.0)  # the worker keeps answering into the durable results queue meanwhile
+    # The worker keeps answering into the durable results queue meanwhile: results wait there.
+    wait_until(lambda: [q for name, q in results_queues(broker).items()
+                        if name in consumed and not q["consumers"] and q["messages_ready"]],
+               60, "results to wait in the stopped gateway's queue")
     gw2 = own_gateway(state_dir=state)
     client2 = openai.OpenAI(base_url=gw2.base_url + "/v1", api_key=gw.api_key, max_retries=0)  # the owner's key
     resumed = client2.batches.retrieve(batch.id)
@@ -314,11 +328,11 @@ def test_cancel_a_running_batch(bgw, workers, broker):
     client = bgw.client()
     n = 400
     batch = submit(client, lines(n, prefix="cancel", max_tokens=16, ignore_eos=True))
-    wait_until(client, batch.id, lambda b: b.request_counts and b.request_counts.completed >= 10, 120,
+    wait_batch(client, batch.id, lambda b: b.request_counts and b.request_counts.completed >= 10, 120,
                "some results before cancelling")
     cancelling = client.batches.cancel(batch.id)
     assert cancelling.status in ("cancelling", "cancelled") and cancelling.cancelling_at
-    done = wait_until(client, batch.id, lambda b: b.status == "cancelled", 30, "cancelled")
+    done = wait_batch(client, batch.id, lambda b: b.status == "cancelled", 30, "cancelled")
     assert done.cancelled_at and done.status == "cancelled"
     counts = done.request_counts
     assert 10 <= counts.completed < n and counts.failed == 0
@@ -330,16 +344,12 @@ def test_cancel_a_running_batch(bgw, workers, broker):
     assert ids | {e["custom_id"] for e in not_run} == {f"cancel-{i}" for i in range(n)}
     assert not ids & {e["custom_id"] for e in not_run}
 
-    # No further work runs for it: the model queue empties, the worker logs no more of its lines.
-    deadline = time.monotonic() + 15
-    while True:
-        q = model_queue(broker)
-        if q["messages"] == 0:
-            break
-        assert time.monotonic() < deadline, f"batch work still queued or running after cancel: {q}"
-        time.sleep(0.3)
+    # No further work runs for it: the model queue empties, and a batch submitted after it runs
+    # to its end through the same dispatcher and worker without one more line of the cancelled one.
+    wait_until(lambda: model_queue(broker)["messages"] == 0, 15, "the model queue to empty after the cancel")
     seen = workers.all_logs().count(f"request_id={batch.id}.")
-    time.sleep(3.0)
+    after = wait_done(client, submit(client, lines(4, prefix="after-cancel")).id)
+    assert after.status == "completed" and after.request_counts.completed == 4
     assert workers.all_logs().count(f"request_id={batch.id}.") == seen
     assert model_queue(broker)["messages"] == 0
     assert client.batches.retrieve(batch.id).request_counts.completed == counts.completed
@@ -372,18 +382,21 @@ async def test_interactive_requests_overtake_a_running_batch(own_gateway, broker
     idle = [await _ttft(aclient) for _ in range(5)]
     # Large and slow enough to outlast the measurement on a fast machine; cancelled at the end.
     batch = submit(client, lines(8000, prefix="load", max_tokens=32, ignore_eos=True))
-    wait_until(client, batch.id, lambda b: b.request_counts and b.request_counts.completed >= 16, 120,
+    wait_batch(client, batch.id, lambda b: b.request_counts and b.request_counts.completed >= 16, 120,
                "the batch to be running")
     loaded, depths, statuses = [], [], []
+    def backlog() -> int | None:
+        """The batch lines queued ahead, once there are enough of them to wait behind."""
+        depth = model_queue(broker)["messages_ready"]
+        if depth >= in_flight // 4:
+            return depth
+        status = client.batches.retrieve(batch.id).status
+        assert status == "in_progress", (f"the batch ended ({status}) before a backlog of {in_flight // 4} lines; "
+                                         f"TTFT so far {[round(x * 1000) for x in loaded]} ms")
+        return None
+
     for _ in range(5):
-        deadline = time.monotonic() + 60
-        while (depth := model_queue(broker)["messages_ready"]) < in_flight // 4:  # a backlog ahead of it
-            status = client.batches.retrieve(batch.id).status
-            assert status == "in_progress" and time.monotonic() < deadline, (
-                f"no backlog of {in_flight // 4} batch lines (only {depth}, batch {status}); "
-                f"TTFT so far {[round(x * 1000) for x in loaded]} ms")
-            time.sleep(0.1)
-        depths.append(depth)
+        depths.append(await wait_until(backlog, 60, f"a backlog of {in_flight // 4} batch lines"))
         loaded.append(await _ttft(aclient))
         statuses.append(client.batches.retrieve(batch.id).status)
     progress = client.batches.retrieve(batch.id).request_counts
@@ -396,7 +409,7 @@ async def test_interactive_requests_overtake_a_running_batch(own_gateway, broker
           f"ratio {loaded_med / idle_med:.1f}x")
     assert loaded_med <= max(5 * idle_med, idle_med + 1.0), "interactive requests waited behind the batch"
     assert set(statuses) == {"in_progress"}, f"the batch ended during the measurement: make it larger {statuses}"
-    wait_until(client, batch.id, lambda b: b.status == "cancelled", 30, "the load batch to be cancelled")
+    wait_batch(client, batch.id, lambda b: b.status == "cancelled", 30, "the load batch to be cancelled")
 
 
 def test_completions_features_in_a_batch_are_accepted_and_refused_as_interactively(bgw):

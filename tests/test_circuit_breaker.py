@@ -1,6 +1,6 @@
 """The circuit breaker against a real OpenSSH sshd and the real broker.
 
-The sshd runs the real breaker configuration (circuit_breaker/local_sshd.py); the attackers are
+The sshd runs the real breaker configuration (chatai/devstack/sshd.py); the attackers are
 asyncssh and the system ``ssh`` client holding the gateway's own key.
 """
 
@@ -13,7 +13,6 @@ import pwd
 import secrets
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import aio_pika
@@ -24,7 +23,7 @@ import pytest
 from broker_config import topology
 from circuit_breaker import hook
 from circuit_breaker.breaker import Breaker
-from circuit_breaker.local_sshd import LocalSshd
+from chatai.devstack.sshd import LocalSshd
 from support.waiting import wait_until
 
 HERE = Path(__file__).resolve().parent
@@ -48,6 +47,12 @@ async def ssh_connect(sshd: LocalSshd, **kw) -> asyncssh.SSHClientConnection:
 
 def attempts_with(b: Breaker, command: str) -> list[dict]:
     return [a for a in b.attempts() if a.get("command") == command]
+
+
+def watch_enforced(sshd: LocalSshd) -> list[bool]:
+    """What the watcher enforced on the broker (tripped or not), oldest first, from the event log."""
+    events = [json.loads(line) for line in (sshd.state_dir / hook.EVENTS_LOG).read_text().splitlines() if line]
+    return [e["tripped"] for e in events if e.get("event") == "enforced" and e.get("by") == "watch"]
 
 
 def raw_log(sshd: LocalSshd) -> str:
@@ -335,6 +340,7 @@ async def test_watch_enforces_an_automatic_trip_on_the_broker(sshd, breaker, bro
             assert found
         finally:
             await wk.close()
+        await wait_until(lambda: watch_enforced(sshd)[-1:] == [True], what="the watcher to record the trip")
         # Reset: the gateway user is back at once, nothing restarted.
         breaker.reset(by="test")
         await wait_until(lambda: not hook.is_tripped(str(sshd.state_dir)), what="reset")
@@ -342,9 +348,8 @@ async def test_watch_enforces_an_automatic_trip_on_the_broker(sshd, breaker, bro
         ch2 = await gw2.channel()
         await ch2.declare_queue(gw_user.reply_queue(f"cb-{secrets.token_hex(3)}"), exclusive=True)
         await gw2.close()
-        time.sleep(0.5)
-        events = (sshd.state_dir / hook.EVENTS_LOG).read_text()
-        assert '"by": "watch"' in events
+        # The watcher enforced the reset too (its latest enforcement, after the trip's).
+        await wait_until(lambda: watch_enforced(sshd)[-1:] == [False], what="the watcher to enforce the reset")
     finally:
         stop.set()
         thread.join(10)

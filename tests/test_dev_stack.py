@@ -8,7 +8,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 pytestmark = pytest.mark.slow  # runs the whole `chatai dev` stack
 from openai import OpenAI
 
-from broker_config.local_node import free_port
+from chatai.devstack.processes import ChildExited, free_port, spawn
 
 
 def _alive(pid: int) -> bool:
@@ -48,8 +47,8 @@ def dev_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     state = tmp_path_factory.mktemp("dev-state")
     key = "sk-chatai-test-" + uuid.uuid4().hex
     port = free_port()
-    out = state.parent / "dev.out"
-    env = dict(os.environ)
+    out = state.with_name(state.name + ".out")  # one per parameter: spawn appends
+    env = {}
     key_args = []
     if "--slurm" in request.param:
         key_file = state.parent / "dev-key"
@@ -58,19 +57,15 @@ def dev_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
         key_args = ["--api-key-file", str(key_file)]
     else:
         env["CHATAI_DEV_API_KEY"] = key
-    proc = subprocess.Popen([sys.executable, "-m", "chatai.cli", "dev", "--state-dir", str(state),
-                             *key_args, "--port", str(port), *request.param], env=env,
-                            stdout=open(out, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while "ready" not in out.read_text(errors="replace"):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"chatai dev did not get ready:\n{out.read_text(errors='replace')[-3000:]}")
-        time.sleep(0.5)
-    yield proc, state, key, out, request.param
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    dev = spawn("chatai dev", [sys.executable, "-m", "chatai.cli", "dev", "--state-dir", str(state), *key_args,
+                               "--port", str(port), *request.param], out, env=env)
+    try:
+        dev.wait_until(lambda: "ready" in dev.log_text(), 300, "chatai dev to print ready", every=0.5)
+    except (TimeoutError, ChildExited) as exc:
+        dev.kill()
+        pytest.fail(f"chatai dev did not get ready ({exc}):\n{dev.log_text()[-3000:]}")
+    yield dev.proc, state, key, out, request.param
+    dev.kill()
 
 
 def test_dev_stack_serves_streams_and_stops_cleanly(dev_stack):

@@ -35,7 +35,8 @@ import pytest
 from broker_config import topology
 from broker_config.messages import Final
 from circuit_breaker import hook
-from circuit_breaker.local_sshd import LocalSshd
+from chatai.devstack.processes import free_port
+from chatai.devstack.sshd import LocalSshd
 from support.amqp_client import TestGatewayClient
 from support.waiting import wait_until
 
@@ -286,7 +287,7 @@ def test_apply_replaces_an_old_direct_replies_exchange(tmp_path):
     nothing; an import would keep it. ``chatai broker apply`` replaces it."""
     from broker_config.admin import BrokerAdmin
     from broker_config.definitions import ROLES, Definitions, new_password
-    from broker_config.local_node import LocalBrokerNode
+    from chatai.devstack.broker_node import LocalBrokerNode
 
     node = LocalBrokerNode.create(name="chatai-upgrade")
     node.start()
@@ -342,12 +343,6 @@ def watched(sshd, broker):
     stop.set()
     thread.join(30)
     b.reset(by="test")
-
-
-def free_port() -> int:
-    from broker_config.local_node import free_port as fp
-
-    return fp()
 
 
 def socks5_connect(port: int, host: str, target_port: int) -> bytes:

@@ -13,21 +13,18 @@ import json
 import os
 import re
 import subprocess
-import time
 import uuid
-from collections import defaultdict
 from pathlib import Path
 
-import aio_pika
 import pytest
 
-from broker_config import topology
-from broker_config.connection import user_of
-from broker_config.messages import ChatMessage, Error, Final, GenerateRequest, SamplingParams, Started, decode_frames
+from broker_config.messages import Error, Final, Started
+from chatai.devstack.slurm_cluster import LocalSlurmCluster
 from slurm_jobs.broker_view import BrokerView
-from slurm_jobs.local_cluster import LocalSlurmCluster
 from slurm_jobs.slurm import Slurm
+from support.amqp_client import TestGatewayClient
 from support.waiting import wait_until
+
 # Models of their own, so that a session-wide worker of other suites (serving "tiny") never
 # takes these tests' requests; the broker fixture adds their queues.
 MODEL = "slurm-tiny"
@@ -113,68 +110,36 @@ def job_log(env: dict[str, str]) -> str:
     return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(logs.glob("*.out")))
 
 
-class Client:
-    """Publishes GenerateRequests as the gateway user and collects every reply frame."""
+class Client(TestGatewayClient):
+    """The gateway's AMQP side (``support.amqp_client``), sending this module's requests."""
 
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.frames: dict[str, list] = defaultdict(list)
-        self.reply_queue = topology.gateway_reply_queue(user_of(url), "slurmtest-" + uuid.uuid4().hex[:8])
-        self._changed = asyncio.Event()
-
-    async def __aenter__(self) -> "Client":
-        self.conn = await aio_pika.connect(self.url)
-        self.channel = await self.conn.channel(publisher_confirms=True)
-        q = await self.channel.declare_queue(self.reply_queue, exclusive=True, auto_delete=True)
-        await q.bind(topology.REPLIES_EXCHANGE, routing_key=self.reply_queue)
-        await q.consume(self._on_frame, no_ack=True)
-        self.requests = await self.channel.get_exchange(topology.REQUESTS_EXCHANGE, ensure=False)
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.conn.close()
-
-    async def _on_frame(self, message) -> None:
-        for frame in decode_frames(message.body):
-            self.frames[frame.request_id].append(frame)
-        self._changed.set()
-
-    async def send(self, model: str = MODEL, stream: bool = False, max_tokens: int = 16, ignore_eos: bool = True) -> str:
-        rid = uuid.uuid4().hex
-        req = GenerateRequest(request_id=rid, model=model, kind="chat", stream=stream, reply_to=self.reply_queue,
-                              messages=[ChatMessage(role="user", content="Tell me about Slurm.")],
-                              sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos, temperature=0.0))
-        await self.requests.publish(
-            aio_pika.Message(req.encode(), content_type="application/json", message_id=rid,
-                             priority=topology.INTERACTIVE_PRIORITY),
-            routing_key=model,
-        )
-        return rid
+    async def send(self, model: str = MODEL, stream: bool = False, max_tokens: int = 16,
+                   ignore_eos: bool = True) -> str:
+        req = self.request(model, content="Tell me about Slurm.", stream=stream, max_tokens=max_tokens,
+                           ignore_eos=ignore_eos, temperature=0.0)
+        await self.publish(req)
+        return req.request_id
 
     def terminals(self, rid: str) -> list:
         return [f for f in self.frames[rid] if isinstance(f, (Final, Error))]
 
-    def done(self, rids) -> bool:
+    def all_done(self, rids) -> bool:
         return all(self.terminals(r) for r in rids)
 
     async def wait_done(self, rids, timeout: float, alive=None) -> None:
         """Wait for a final or error frame of every request; ``alive`` (optional) fails the wait
-        early when it returns False (e.g. no worker job left to answer)."""
-        deadline = time.monotonic() + timeout
-        while not self.done(rids):
-            if alive is not None and not alive():
-                await asyncio.sleep(2)  # frames already on their way
-                if not self.done(rids):
-                    raise AssertionError("no worker left to answer the requests")
-            left = deadline - time.monotonic()
-            if left <= 0:
-                missing = [r for r in rids if not self.terminals(r)]
-                raise AssertionError(f"{len(missing)} of {len(rids)} requests unanswered after {timeout:.0f} s")
-            self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), min(left, 1.0))
-            except asyncio.TimeoutError:
-                pass
+        early when it returns False (e.g. no worker job left to answer), once the frames already
+        on their way have had a few seconds to arrive."""
+        try:
+            await wait_until(lambda: self.all_done(rids) or (alive is not None and not alive()), timeout,
+                             "every request to be answered", every=1.0)
+        except TimeoutError:
+            missing = [r for r in rids if not self.terminals(r)]
+            raise AssertionError(f"{len(missing)} of {len(rids)} requests unanswered after {timeout:.0f} s") from None
+        try:
+            await self.wait_for(lambda: self.all_done(rids), 5)
+        except asyncio.TimeoutError:
+            raise AssertionError("no worker left to answer the requests") from None
 
 
 async def queue_stats(broker, model: str = MODEL):
@@ -373,7 +338,7 @@ async def test_autoscaler_takes_a_model_from_zero_to_n_and_back_to_zero(operator
 async def test_dev_slurm_handle_submits_through_the_template_and_drains_on_stop(tmp_path):
     """The handle ``chatai dev --slurm`` uses: its own Slurm, a submitted array whose script reads
     the broker URL from the 0600 file (not argv), and stop() that drains before it stops Slurm."""
-    from slurm_jobs.dev_slurm import start_dev_slurm
+    from chatai.devstack.dev_slurm import start_dev_slurm
 
     template = tmp_path / "probe.sbatch"
     template.write_text(

@@ -24,10 +24,10 @@ from aiormq.exceptions import AMQPConnectionError
 from broker_config import topology
 from broker_config.connection import connect
 from circuit_breaker import hook
-from circuit_breaker.local_sshd import LocalSshd
+from chatai.devstack.sshd import LocalSshd
 from gateway.settings import GatewaySettings
 from gateway.tunnel import BrokerTunnel
-from support import waiting
+from support.waiting import wait_until
 
 
 @pytest.fixture
@@ -36,10 +36,6 @@ def breaker(sshd, broker):
     b.reset(by="test")
     yield b
     b.reset(by="test")
-
-
-async def wait_until(pred, timeout: float = 15.0, what: str = "condition"):
-    return await waiting.wait_until(pred, timeout, what)
 
 
 def make_tunnel(sshd: LocalSshd, **kw) -> BrokerTunnel:
@@ -113,9 +109,9 @@ async def test_tunnel_and_amqp_reconnect_after_a_drop(sshd, breaker, gw_user):
         conn.reconnect_callbacks.add(lambda *a: back.set())
         # The login node drops the connection (the session process dies).
         uid = __import__("pwd").getpwnam(sshd.user).pw_uid
-        await wait_until(lambda: hook.processes_of(uid), what="the session's process")
+        await wait_until(lambda: hook.processes_of(uid), timeout=15, what="the session's process")
         assert hook.end_sessions(uid) >= 1
-        await wait_until(lambda: tunnel.connects >= 2 and tunnel.state == "up", what="reconnect")
+        await wait_until(lambda: tunnel.connects >= 2 and tunnel.state == "up", timeout=15, what="reconnect")
         await asyncio.wait_for(back.wait(), 20)  # the robust AMQP connection came back through it
         ch = await conn.channel()
         await ch.declare_queue(gw_user.reply_queue(f"tun-{secrets.token_hex(3)}"), exclusive=True)
@@ -169,9 +165,9 @@ async def test_trip_shuts_the_tunnel_and_gateway_user_out_and_reset_brings_them_
 
         await asyncio.to_thread(breaker.trip, "test trip", "test")
         await asyncio.wait_for(lost.wait(), 10)
-        await wait_until(lambda: tunnel.state != "up", what="tunnel down")
+        await wait_until(lambda: tunnel.state != "up", timeout=15, what="tunnel down")
         # New logins are refused while tripped: the tunnel keeps failing with "permission denied".
-        await wait_until(lambda: "permission denied" in (tunnel.last_error or ""), what="login refused")
+        await wait_until(lambda: "permission denied" in (tunnel.last_error or ""), timeout=15, what="login refused")
         assert tunnel.state != "up"
         # The gateway user cannot reach the vhost even without the tunnel.
         with pytest.raises(Exception):
@@ -234,15 +230,15 @@ def test_gateway_through_the_tunnel_pauses_on_trip_and_resumes_on_reset(sshd, br
         breaker.reset(by="test")
         gw.wait_for(lambda h: h["broker"]["connected"] and h["tunnel"]["state"] == "up", timeout=30,
                     what="the gateway to come back")
-        deadline = time.monotonic() + 30
-        while True:  # answers again (heartbeats may take a moment to arrive again)
+
+        def answer():
             try:
-                resp = client.chat.completions.create(**chat)
-                break
+                return client.chat.completions.create(**chat)
             except openai.APIStatusError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+                return None
+
+        # It answers again (the worker's heartbeats may take a moment to arrive again).
+        resp = wait_until(answer, 30, "the gateway to answer again", every=0.5)
         assert resp.choices[0].message.content is not None
         assert "tiny" in [m.id for m in client.models.list().data]
         assert time.monotonic() - t0 < 30

@@ -16,6 +16,7 @@ from broker_config import topology
 from broker_config.messages import Delta, Error, Final, Started
 from conftest import SERVED_MODEL
 from support.amqp_client import TestGatewayClient
+from support.waiting import wait_until
 from support.worker_proc import start_worker
 
 KILL_MODEL = "tiny-kill"
@@ -50,11 +51,10 @@ def assert_well_formed(frames, attempt: int = 1):
 
 
 async def wait_log(worker, text: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in worker.log_text():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{text!r} not in the worker log:\n{worker.log_tail()}")
-        await asyncio.sleep(0.1)
+    try:
+        await wait_until(lambda: text in worker.log_text(), timeout, f"{text!r} in the worker log")
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}:\n{worker.log_tail()}") from None
 
 
 def queue_counts(broker, model: str) -> dict:

@@ -102,7 +102,7 @@ def test_tiny_model_is_reproducible_and_has_a_chat_template(tmp_path):
 
     from transformers import AutoTokenizer
 
-    from chatai.tiny_model import make_tiny_model
+    from chatai.devstack.tiny_model import make_tiny_model
 
     a, b = make_tiny_model(tmp_path / "a", seed=5), make_tiny_model(tmp_path / "b", seed=5)
     digest = lambda p: hashlib.sha256((p / "model.safetensors").read_bytes()).hexdigest()  # noqa: E731

@@ -90,7 +90,7 @@ def compare(
     work = scratch_dir("chatai-bench-")
     try:
         if model is None:
-            from chatai.tiny_model import make_tiny_model
+            from chatai.devstack.tiny_model import make_tiny_model
 
             model = make_tiny_model(work / "tiny-model", seed=0)
         overrides = {"max_num_seqs": max_num_seqs} if max_num_seqs else {}

@@ -11,19 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
-from broker_config.local_node import free_port
+from chatai.devstack.processes import free_port, http_ok, spawn
 from gpu_worker.settings import WorkerSettings
 
 # Worker options that shape the engine, passed to the worker as flags (same names as its CLI).
@@ -37,36 +33,6 @@ class Endpoint:
     model: str
     pid: int  # the process that relays the tokens (vLLM's server, or the gateway)
     worker_pid: int | None = None  # chatai's worker, when it runs as a child here
-
-
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[2]} exited with {proc.returncode}; log {log}:\n"
-                               f"{log.read_text(errors='replace')[-2000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s; log {log}")
-
-
-def _stop(proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    """SIGTERM the process group (vLLM's engine core is a child), then SIGKILL what is left."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
 
 
 def vllm_server_argv(settings: WorkerSettings, port: int) -> list[str]:
@@ -90,15 +56,14 @@ def vllm_server_argv(settings: WorkerSettings, port: int) -> list[str]:
 @contextmanager
 def vllm_server(settings: WorkerSettings, log_dir: Path, timeout: float = 600.0) -> Iterator[Endpoint]:
     port = free_port()
-    log = log_dir / "vllm-server.log"
-    proc = subprocess.Popen(vllm_server_argv(settings, port), env={**os.environ, **settings.engine_env()},
-                            stdout=open(log, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
+    server = spawn("vllm-server", vllm_server_argv(settings, port), log_dir / "vllm-server.log",
+                   env=settings.engine_env())
     try:
-        _wait_http(f"http://127.0.0.1:{port}/v1/models", proc, timeout, log)
-        yield Endpoint(f"http://127.0.0.1:{port}/v1", "none", settings.served_model_name or "", proc.pid)
+        server.wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/v1/models"), timeout, "vLLM's server to answer",
+                        every=0.5)
+        yield Endpoint(f"http://127.0.0.1:{port}/v1", "none", settings.served_model_name or "", server.pid)
     finally:
-        _stop(proc)
+        server.stop(timeout=30, group=True)  # SIGTERM the group: vLLM's engine core is a child
 
 
 def worker_flags(settings: WorkerSettings, names: tuple[str, ...] = ENGINE_FLAGS) -> list[str]:
@@ -118,7 +83,7 @@ def chatai_stack(settings: WorkerSettings, state_dir: Path, tunnel: bool = True,
     Always on a private broker node: a shared local RabbitMQ may carry another stack's workers
     for the same model, whose tokens would then be counted as this one's.
     """
-    from chatai.dev import DevStack
+    from chatai.devstack.stack import DevStack
 
     stack = DevStack(state_dir=state_dir, port=free_port(), model=settings.model,
                      served_model_name=settings.served_model_name or "tiny", tunnel=tunnel, broker="private",

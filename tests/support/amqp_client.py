@@ -1,90 +1,79 @@
-"""A minimal stand-in for the gateway's AMQP side, with the gateway user's rights only.
+"""The gateway's own AMQP side (``gateway.broker.GatewayBroker``), recording every frame for tests.
 
-It publishes GenerateRequests and Cancels, owns an exclusive reply queue bound to the replies
-exchange and a heartbeat queue bound to the workers fanout, and sorts incoming frames per
-request, so worker tests can await exactly the frames they expect.
+It has exactly what a gateway process has: its reply and heartbeat queues, wired by the gateway's
+code with the gateway user's rights, and its publishing of GenerateRequests (confirms, mandatory)
+and Cancels. It files incoming frames per request and keeps every heartbeat, so worker tests can
+await exactly the frames they expect.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
 
-import aio_pika
-from aio_pika.abc import AbstractIncomingMessage
-
 from broker_config import topology
-from broker_config.connection import user_of
-from broker_config.messages import (
-    CONTENT_TYPE,
-    Cancel,
-    Delta,
-    Error,
-    Final,
-    GenerateRequest,
-    Heartbeat,
-    Started,
-    decode_frames,
-)
+from broker_config.messages import Delta, Error, Final, GenerateRequest, Heartbeat, Started
+from gateway.broker import GatewayBroker, Subscription
 
 AnyFrame = Started | Delta | Final | Error
+
+
+class _HeartbeatLog:
+    """Stands in for the gateway's worker registry: keeps every heartbeat, in arrival order."""
+
+    def __init__(self, on_change: Callable[[], None]) -> None:
+        self.heartbeats: list[Heartbeat] = []
+        self._on_change = on_change
+
+    def update(self, hb: Heartbeat) -> None:
+        self.heartbeats.append(hb)
+        self._on_change()
 
 
 class TestGatewayClient:
     __test__ = False  # not a pytest class
 
     def __init__(self, url: str, gateway_id: str | None = None) -> None:
-        self.url = url
-        self.gateway_id = gateway_id or f"test-{uuid.uuid4().hex[:8]}"
-        self.user = user_of(url)  # like a gateway: its broker user names its queues
-        self.reply_queue = topology.gateway_reply_queue(self.user, self.gateway_id)
+        self._changed = asyncio.Event()
+        self._beats = _HeartbeatLog(self._changed.set)
+        self.broker = GatewayBroker(url, self._beats, gateway_id=gateway_id or f"test-{uuid.uuid4().hex[:8]}")
+        self.user = self.broker.user  # like a gateway: its broker user names its queues
+        self.reply_queue = self.broker.reply_queue_name
+        self.heartbeats = self._beats.heartbeats
         self.frames: dict[str, list[AnyFrame]] = defaultdict(list)
-        self.heartbeats: list[Heartbeat] = []
-        self._cond: asyncio.Condition | None = None
-        self._conn = None
-        self._channel = None
+        self._pumps: list[asyncio.Task] = []
+        self._subscribed: set[str] = set()
 
     async def __aenter__(self) -> "TestGatewayClient":
-        self._cond = asyncio.Condition()
-        self._conn = await aio_pika.connect_robust(self.url)
-        self._channel = await self._conn.channel(publisher_confirms=True)
-        replies = await self._channel.declare_queue(self.reply_queue, exclusive=True, auto_delete=True)
-        await replies.bind(topology.REPLIES_EXCHANGE, routing_key=self.reply_queue)
-        await replies.consume(self._on_reply, no_ack=True)
-        beats = await self._channel.declare_queue(topology.gateway_workers_queue(self.user, self.gateway_id),
-                                                  exclusive=True, auto_delete=True)
-        await beats.bind(topology.WORKERS_EXCHANGE, routing_key="")
-        await beats.consume(self._on_heartbeat, no_ack=True)
-        self._requests = await self._channel.get_exchange(topology.REQUESTS_EXCHANGE, ensure=False)
-        self._control = await self._channel.get_exchange(topology.CONTROL_EXCHANGE, ensure=False)
+        self.broker.start()
+        await asyncio.wait_for(self.broker.ready.wait(), 60)
         return self
 
     async def __aexit__(self, *exc) -> None:
-        await self._conn.close()
+        for task in self._pumps:
+            task.cancel()
+        await self.broker.close()
 
-    async def _notify(self) -> None:
-        async with self._cond:
-            self._cond.notify_all()
-
-    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        for frame in decode_frames(message.body):
-            self.frames[frame.request_id].append(frame)
-        await self._notify()
-
-    async def _on_heartbeat(self, message: AbstractIncomingMessage) -> None:
-        self.heartbeats.append(Heartbeat.model_validate_json(message.body))
-        await self._notify()
+    async def _pump(self, sub: Subscription) -> None:
+        """File the frames of one request as the gateway routes them to it."""
+        try:
+            while True:
+                frame = await sub.frames.get()  # (not inline: the key exists only once a frame came)
+                self.frames[sub.request_id].append(frame)
+                self._changed.set()
+        finally:
+            sub.close()
 
     async def wait_for(self, predicate: Callable[[], object], timeout: float = 60.0):
         """Wait until predicate() is truthy (re-checked on every incoming frame/heartbeat)."""
         async def _wait():
-            async with self._cond:
-                while not (result := predicate()):
-                    await self._cond.wait()
-                return result
+            while True:
+                self._changed.clear()
+                if result := predicate():
+                    return result
+                await self._changed.wait()
 
         return await asyncio.wait_for(_wait(), timeout)
 
@@ -101,14 +90,15 @@ class TestGatewayClient:
 
     async def publish(self, req: GenerateRequest, *, ttl: float | None = None,
                       priority: int = topology.INTERACTIVE_PRIORITY) -> GenerateRequest:
-        msg = aio_pika.Message(req.encode(), content_type=CONTENT_TYPE, priority=priority,
-                               expiration=ttl, message_id=req.request_id, user_id=self.user)
-        await self._requests.publish(msg, routing_key=req.model)
+        """Publish as the gateway does (confirmed, mandatory); its frames are filed from now on."""
+        if req.request_id not in self._subscribed:
+            self._subscribed.add(req.request_id)
+            self._pumps.append(asyncio.create_task(self._pump(self.broker.subscribe(req.request_id))))
+        await self.broker.publish_request(req, priority=priority, ttl=ttl)
         return req
 
-    async def cancel(self, request_id: str) -> None:
-        msg = aio_pika.Message(Cancel(request_id=request_id).encode(), content_type=CONTENT_TYPE, user_id=self.user)
-        await self._control.publish(msg, routing_key="", mandatory=False)
+    async def cancel(self, request_id: str, reason: str = "test") -> None:
+        await self.broker.cancel(request_id, reason)
 
     def done(self, request_id: str, attempt: int | None = None) -> list[AnyFrame] | None:
         """The frames of a request once its final or error frame arrived (of that attempt)."""
@@ -143,7 +133,3 @@ class TestGatewayClient:
             return None
 
         return await self.wait_for(find, timeout)
-
-
-def now() -> float:
-    return time.time()

@@ -1,28 +1,24 @@
-"""Start a real gateway process for tests, the way an operator would (``chatai gateway``)."""
+"""A real gateway process for tests (``chatai devstack``'s), with an API key and SDK clients."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 from openai import AsyncOpenAI, OpenAI
 
-from broker_config.local_node import free_port
+from chatai.devstack import processes
 from gateway.keys import KeyStore
 
 
 @dataclass
-class GatewayProcess:
-    proc: subprocess.Popen
-    port: int
-    api_key: str
-    state_dir: Path
-    log_path: Path
+class GatewayProcess(processes.Child):
+    """The gateway's process (``.proc``, ``.log_path``) and what a client needs to reach it."""
+
+    port: int = 0
+    api_key: str = ""
+    state_dir: Path = Path()
 
     @property
     def base_url(self) -> str:
@@ -38,54 +34,41 @@ class GatewayProcess:
         return httpx.get(self.base_url + "/health", timeout=5).json()
 
     def wait_for(self, predicate, timeout: float = 30.0, what: str = "condition") -> dict:
-        """Poll /health until ``predicate(health)`` holds."""
-        deadline = time.monotonic() + timeout
+        """Poll /health until ``predicate(health)`` holds; returns that health. Blocks, even when
+        called from a coroutine (``await asyncio.to_thread(gw.wait_for, ...)`` keeps a loop going)."""
         last: dict = {}
-        while time.monotonic() < deadline:
+
+        def holds() -> dict | None:
+            nonlocal last
             try:
                 last = self.health()
-                if predicate(last):
-                    return last
             except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {what}; last health: {last}")
+                return None
+            return last if predicate(last) else None
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        try:
+            return processes.wait_until(holds, timeout, what)
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}; last health: {last}") from None
+
+    def stop(self, timeout: float = 20.0, group: bool = False) -> int | None:
+        return super().stop(timeout, group)
 
 
 def start_gateway(state_dir: Path, broker_url: str, *, extra_env: dict[str, str] | None = None,
                   args: list[str] | None = None, direct: bool = True, timeout: float = 30.0) -> GatewayProcess:
+    """A gateway with a fresh key, answering /health (``direct``: no tunnel, straight to the broker)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     keys = KeyStore(state_dir / "gateway.db")
     api_key = keys.create("tests")[1]
     keys.close()
-    port = free_port()
-    log_path = state_dir / "gateway.log"
-    env = {**os.environ, "CHATAI_GATEWAY_BROKER_URL": broker_url, "CHATAI_GATEWAY_STATE_DIR": str(state_dir),
-           **(extra_env or {})}
-    argv = [sys.executable, "-m", "chatai.cli", "gateway", "--port", str(port), *(args or [])]
-    if direct:
-        argv.append("--broker-direct")
-    proc = subprocess.Popen(argv, env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)
-    gw = GatewayProcess(proc, port, api_key, state_dir, log_path)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"gateway exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
-        try:
-            if httpx.get(gw.base_url + "/health", timeout=1).status_code == 200:
-                return gw
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    gw.stop()
-    raise RuntimeError(f"gateway did not become healthy: {log_path.read_text()[-2000:]}")
+    port = processes.free_port()
+    child = processes.start_gateway(state_dir, port, broker_url, state_dir / "gateway.log",
+                                    args=[*(args or []), *(["--broker-direct"] if direct else [])], env=extra_env)
+    gw = GatewayProcess(child.name, child.proc, child.log_path, port=port, api_key=api_key, state_dir=state_dir)
+    try:
+        gw.wait_until(lambda: processes.http_ok(gw.base_url + "/health"), timeout, "the gateway to answer /health")
+    except BaseException:
+        gw.stop()
+        raise
+    return gw

@@ -21,11 +21,10 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from broker_config.local_node import free_port
+from chatai.devstack.processes import free_port, spawn, wait_until
 
 
 class LocalClusterError(RuntimeError):
@@ -172,15 +171,15 @@ class LocalSlurmCluster:
             f"--pid-file={b / 'munge' / 'munged.pid'}", f"--log-file={b / 'log' / 'munged.log'}",
             f"--seed-file={b / 'munge' / 'munged.seed'}",
         ])
-        self._await(lambda: self.munge_socket.exists(), timeout, "munged did not create its socket")
+        self._await(lambda: self.munge_socket.exists(), timeout, "munged's socket")
         self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf_path)])
-        self._await(self._ctld_up, timeout, "slurmctld did not answer")
+        self._await(self._ctld_up, timeout, "slurmctld to answer")
         for n in self.nodes:
             cmd = ["slurmd", "-D", "-f", str(self.conf_path)]
             if len(self.nodes) > 1:
                 cmd += ["-N", n.name]
             self._spawn(f"slurmd-{n.name}", cmd)
-        self._await(self._nodes_idle, timeout, "nodes did not become idle")
+        self._await(self._nodes_idle, timeout, "the nodes to become idle")
         return self
 
     def stop(self) -> None:
@@ -190,7 +189,7 @@ class LocalSlurmCluster:
             try:
                 subprocess.run(["scancel", "--full", "--signal=KILL", "--user=root"], env=self.client_env(),
                                capture_output=True, timeout=10)
-                self._await(lambda: not self._jobs_left(), 5, "jobs did not end")
+                self._await(lambda: not self._jobs_left(), 5, "the jobs to end")
             except (LocalClusterError, subprocess.TimeoutExpired):
                 pass  # the sweep below takes care of them
         for name in reversed(list(self.processes)):
@@ -222,10 +221,7 @@ class LocalSlurmCluster:
         return proc
 
     def _spawn(self, name: str, cmd: list[str]) -> None:
-        log = open(self.base_dir / "log" / f"{name}.out", "ab")
-        self.processes[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.client_env(),
-                                                start_new_session=True)
-        log.close()
+        self.processes[name] = spawn(name, cmd, self.base_dir / "log" / f"{name}.out", env=self.env).proc
 
     def _check_alive(self) -> None:
         for name, proc in self.processes.items():
@@ -237,12 +233,10 @@ class LocalSlurmCluster:
                 raise LocalClusterError(f"{name} exited with {proc.returncode}: {tail}")
 
     def _await(self, cond, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while not cond():
-            self._check_alive()
-            if time.monotonic() > deadline:
-                raise LocalClusterError(f"{what} within {timeout:.0f} s (logs in {self.base_dir / 'log'})")
-            time.sleep(0.2)
+        try:
+            wait_until(cond, timeout, what, every=0.2, check=self._check_alive)
+        except TimeoutError as exc:
+            raise LocalClusterError(f"{exc} (logs in {self.base_dir / 'log'})") from None
 
     def _jobs_left(self) -> bool:
         p = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, env=self.client_env(),

@@ -28,7 +28,8 @@ from broker_config.admin import BrokerAdmin, BrokerAdminError
 from broker_config.cli import load_or_create_passwords
 from broker_config.definitions import Definitions
 from broker_config.provision import apply as apply_definitions
-from broker_config.local_node import LocalBrokerNode, rabbitmq_installed
+from chatai.devstack.broker_node import LocalBrokerNode, rabbitmq_installed
+from chatai.devstack.processes import Child, ChildExited, start_gateway, start_worker, wait_until
 from gateway.keys import KeyStore
 
 
@@ -85,10 +86,10 @@ class DevStack:
     key_limits: dict[str, int | None] = field(default_factory=dict)  # the generated key's own limits
     ready_timeout: float = 300.0
 
-    processes: dict[str, subprocess.Popen] = field(default_factory=dict, init=False)
+    processes: dict[str, Child] = field(default_factory=dict, init=False)
     node: LocalBrokerNode | None = field(default=None, init=False)
-    sshd: object | None = field(default=None, init=False)  # circuit_breaker.local_sshd.LocalSshd
-    dev_slurm: object | None = field(default=None, init=False)  # slurm_jobs.dev_slurm.DevSlurm
+    sshd: object | None = field(default=None, init=False)  # chatai.devstack.sshd.LocalSshd
+    dev_slurm: object | None = field(default=None, init=False)  # chatai.devstack.dev_slurm.DevSlurm
     _watch_stop: threading.Event = field(default_factory=threading.Event, init=False)
     _admin: BrokerAdmin | None = field(default=None, init=False)
     broker_port: int = field(default=5672, init=False)
@@ -99,13 +100,6 @@ class DevStack:
     @property
     def logs(self) -> Path:
         return self.state_dir / "logs"
-
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "ab")
-        proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-        self.processes[name] = proc
-        return proc
 
     def _start_broker(self) -> BrokerAdmin:
         if self.broker in ("auto", "system"):
@@ -138,7 +132,7 @@ class DevStack:
 
     def _start_tunnel_end(self) -> dict[str, str]:
         """The login node's side, here: a private sshd with the breaker; the gateway's tunnel settings."""
-        from circuit_breaker.local_sshd import sshd_available, start_local_sshd
+        from chatai.devstack.sshd import sshd_available, start_local_sshd
 
         if self.tunnel is None:
             self.tunnel = sshd_available()
@@ -161,7 +155,7 @@ class DevStack:
 
     def _submit_slurm_worker(self, model_dir: Path, worker_url: str) -> None:
         """The worker as an operator runs it: ``chatai scale up`` against a private Slurm here."""
-        from slurm_jobs.dev_slurm import start_dev_slurm
+        from chatai.devstack.dev_slurm import start_dev_slurm
 
         self.dev_slurm = start_dev_slurm(self.state_dir)
         job_id = self.dev_slurm.scale_up(self.served_model_name, model_dir, worker_url, workers=1,
@@ -196,20 +190,20 @@ class DevStack:
         if self.slurm:
             self._submit_slurm_worker(model_dir, self.broker_url("worker", passwords))
         else:
-            self._spawn("worker", [sys.executable, "-m", "chatai.cli", "worker", "--model", str(model_dir),
-                                   "--served-model-name", self.served_model_name, *self.worker_args],
-                        {**self.worker_env, "CHATAI_WORKER_BROKER_URL": self.broker_url("worker", passwords)})
+            self.processes["worker"] = start_worker(model_dir, self.served_model_name,
+                                                    self.broker_url("worker", passwords), self.logs / "worker.log",
+                                                    args=self.worker_args, env=self.worker_env)
         tunnel_env = self._start_tunnel_end()
-        self._spawn("gateway", [sys.executable, "-m", "chatai.cli", "gateway", "--port", str(self.port),
-                                "--state-dir", str(gw_state), *([] if tunnel_env else ["--broker-direct"])],
-                    {"CHATAI_GATEWAY_BROKER_URL": self.broker_url("gateway", passwords), **tunnel_env})
+        self.processes["gateway"] = start_gateway(gw_state, self.port, self.broker_url("gateway", passwords),
+                                                  self.logs / "gateway.log",
+                                                  args=[] if tunnel_env else ["--broker-direct"], env=tunnel_env)
         info = {
             "gateway_url": f"http://127.0.0.1:{self.port}/v1",
             "api_key": self.api_key,
             "model": self.served_model_name,
             "broker_url": self.broker_url("gateway", passwords),
             "broker_node": self.node.node if self.node else None,
-            "pids": {name: p.pid for name, p in self.processes.items()},
+            "pids": {name: c.pid for name, c in self.processes.items()},
             "logs": str(self.logs),
             **self.extra,
         }
@@ -219,25 +213,28 @@ class DevStack:
         stack.write_text(json.dumps(info, indent=2))
         return info
 
+    def serving(self) -> bool:
+        """True once the gateway's /health says a worker is ready for the served model."""
+        try:
+            body = httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).json()
+        except (httpx.HTTPError, ValueError):
+            return False
+        return bool(body.get("models", {}).get(self.served_model_name, {}).get("ready"))
+
     def wait_until_serving(self) -> None:
-        deadline = time.monotonic() + self.ready_timeout
-        url = f"http://127.0.0.1:{self.port}/health"
-        while time.monotonic() < deadline:
-            self.check_children()
-            try:
-                body = httpx.get(url, timeout=2).json()
-                if body.get("models", {}).get(self.served_model_name, {}).get("ready"):
-                    return
-            except (httpx.HTTPError, ValueError):
-                pass
-            time.sleep(0.5)
-        raise DevError(f"the stack did not serve '{self.served_model_name}' within {self.ready_timeout:.0f} s; "
-                       f"see the logs in {self.logs}")
+        try:
+            wait_until(self.serving, self.ready_timeout, f"the stack to serve '{self.served_model_name}'", every=0.5,
+                       check=self.check_children)
+        except TimeoutError as exc:
+            raise DevError(f"{exc}; see the logs in {self.logs}") from None
 
     def check_children(self) -> None:
-        for name, proc in self.processes.items():
-            if proc.poll() is not None:
-                raise DevError(f"the {name} exited with code {proc.returncode}; see {self.logs / (name + '.log')}")
+        for child in self.processes.values():
+            try:
+                child.check()
+            except ChildExited:
+                raise DevError(f"the {child.name} exited with code {child.proc.returncode}; "
+                               f"see {child.log_path}") from None
 
     def demo(self) -> None:
         """Stream one answer through the whole stack with the official SDK: the proof it serves."""
@@ -257,18 +254,15 @@ class DevStack:
         # Workers first (SIGTERM: they drain and give requests back), then the rest.
         if self.dev_slurm is not None:
             self.dev_slurm.stop()
-        order = sorted(self.processes, key=lambda n: 0 if n.startswith("worker") else 1)
-        for name in order:
-            proc = self.processes[name]
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for name in order:
-            proc = self.processes[name]
+        order = sorted(self.processes.values(), key=lambda c: 0 if c.name.startswith("worker") else 1)
+        for child in order:
+            child.signal(signal.SIGTERM)
+        for child in order:
             try:
-                proc.wait(timeout=60)
+                child.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                pass
+            child.kill()  # what did not stop, and anything it left behind in its session
         self._watch_stop.set()
         if self.sshd is not None:
             self.sshd.stop()

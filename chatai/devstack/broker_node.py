@@ -1,4 +1,4 @@
-"""A private RabbitMQ node for development and tests, started from this folder's rabbitmq.conf.
+"""A private RabbitMQ node for development and tests, started from ``broker_config/rabbitmq.conf``.
 
 It runs as its own Erlang node on free ports with its data under a directory of its own, so it
 neither needs nor disturbs a system broker.
@@ -9,20 +9,15 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-CONF_TEMPLATE = Path(__file__).with_name("rabbitmq.conf")
+import broker_config
+from chatai.devstack.processes import free_port, wait_until
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+CONF_TEMPLATE = Path(broker_config.__file__).with_name("rabbitmq.conf")
 
 
 def rabbitmq_installed() -> bool:
@@ -82,15 +77,19 @@ class LocalBrokerNode:
         subprocess.run(["rabbitmq-server", "-detached"], env=env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # await_startup answers "unavailable" until the node has registered with epmd: poll it.
-        deadline = time.monotonic() + timeout
-        while True:
+        last = ""
+
+        def started() -> bool:
+            nonlocal last
             probe = subprocess.run(["rabbitmqctl", "-n", self.node, "--timeout", "10", "await_startup"],
                                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            if probe.returncode == 0:
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"RabbitMQ node {self.node} did not start: {probe.stderr.strip()[-500:]}")
-            time.sleep(0.5)
+            last = probe.stderr.strip()[-500:]
+            return probe.returncode == 0
+
+        try:
+            wait_until(started, timeout, f"RabbitMQ node {self.node} to start", every=0.5)
+        except TimeoutError as exc:
+            raise RuntimeError(f"{exc}: {last}") from None
 
     def stop(self, remove: bool = True) -> None:
         subprocess.run(["rabbitmqctl", "-n", self.node, "stop"], env=self._env(),

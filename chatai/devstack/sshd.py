@@ -20,11 +20,10 @@ import secrets
 import shutil
 import socket
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from broker_config.local_node import free_port
+from chatai.devstack.processes import free_port, wait_until
 from circuit_breaker import hook
 from circuit_breaker.install import BreakerSpec, Layout, install
 
@@ -138,6 +137,15 @@ class LocalSshd:
         self.stop()
 
 
+def _ssh_banner(port: int) -> bool:
+    """True once an SSH server answers on 127.0.0.1:``port`` with its version banner."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            return s.recv(64).startswith(b"SSH-")
+    except OSError:
+        return False
+
+
 def _keygen(path: Path, comment: str) -> str:
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
                    check=True, capture_output=True)
@@ -185,19 +193,11 @@ def start_local_sshd(state_dir: Path, broker_host: str, broker_port: int, *, fro
         sshd.process = subprocess.Popen([SSHD, "-D", "-f", str(layout.sshd_config), "-E", str(log_path)],
                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while True:
+        def exited() -> None:
             if sshd.process.poll() is not None:
                 raise RuntimeError(f"sshd exited: {log_path.read_text()[-2000:] if log_path.exists() else ''}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                    if s.recv(64).startswith(b"SSH-"):
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("sshd did not start listening")
-            time.sleep(0.1)
+
+        wait_until(lambda: _ssh_banner(port), timeout, "sshd to listen", check=exited)
     except BaseException:
         sshd.stop()
         raise

@@ -16,12 +16,12 @@ daemons stop). Usage::
 from __future__ import annotations
 
 import shlex
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from chatai.devstack.processes import wait_until
+from chatai.devstack.slurm_cluster import LocalSlurmCluster, start_local_cluster
 from slurm_jobs.jobs import WorkerJobs
-from slurm_jobs.local_cluster import LocalSlurmCluster, start_local_cluster
 from slurm_jobs.settings import SlurmSettings
 from slurm_jobs.slurm import Job, Slurm
 
@@ -78,10 +78,8 @@ class DevSlurm:
             jobs = self.jobs()
             for model in jobs.jobs_by_model():
                 jobs.drain(model)
-            deadline = time.monotonic() + timeout
-            while jobs.jobs() and time.monotonic() < deadline:
-                time.sleep(0.5)
-        except Exception:  # noqa: BLE001 - stopping must go on even if slurmctld is gone
+            wait_until(lambda: not jobs.jobs(), timeout, "the dev workers to drain", every=0.5)
+        except Exception:  # noqa: BLE001 - stopping must go on (timed out, or slurmctld is gone)
             pass
         finally:
             self.cluster.stop()
