@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from broker_config.admin import BrokerAdmin, BrokerAdminError
-from broker_config.definitions import DEFAULT_GATEWAY, ROLES, Definitions, new_password
+from broker_config.definitions import DEFAULT_GATEWAY, ROLES, Definitions, load_or_create_passwords
 from broker_config.provision import Limits
 from broker_config.provision import apply as apply_to_broker
 
@@ -25,22 +24,6 @@ SecretsOpt = Annotated[
     Path,
     typer.Option(help="JSON file with a password per broker user; created with fresh passwords if missing."),
 ]
-
-
-def load_or_create_passwords(path: Path, users: list[str] | tuple[str, ...] = (DEFAULT_GATEWAY, *ROLES)) -> dict[str, str]:
-    """Passwords for the broker users, kept in a file only its owner can read."""
-    if path.exists():
-        passwords = json.loads(path.read_text())
-    else:
-        passwords = {}
-    missing = [u for u in users if u not in passwords]
-    if missing:
-        passwords.update({u: new_password() for u in missing})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch(mode=0o600, exist_ok=True)
-        path.chmod(0o600)
-        path.write_text(json.dumps(passwords, indent=2))
-    return passwords
 
 
 def _definitions(model: list[str], gateway: list[str] | None, secrets: Path, max_queue_length: int) -> Definitions:

@@ -20,6 +20,20 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def check_url(url: str) -> str:
+    """``url`` if it is an AMQP URL with a host; else ValueError with a message that never
+    repeats the URL (a mistyped one may still hold a password). A malformed URL would otherwise
+    make the robust connection retry forever."""
+    try:
+        parts = urlsplit(url.strip())
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+        raise ValueError("malformed broker URL: expected amqp://USER:PASSWORD@HOST:PORT/VHOST")
+    return url.strip()
+
+
 def user_of(url: str) -> str:
     """The broker user a URL logs in as: for a gateway, its deployment name."""
     return unquote(urlsplit(url).username or "")
@@ -40,6 +54,7 @@ async def connect(url: str, name: str, heartbeat: int = 30, reconnect_interval: 
     ``transport``: open the byte stream another way than TCP to the URL's host and port (the
     gateway's SSH tunnel, see gateway/tunnel.py); the URL then only gives credentials and vhost.
     """
+    check_url(url)
     extra: dict[str, Any] = {}
     if transport is not None:
         extra["connection_class"] = functools.partial(_ThroughTransport, transport=transport)

@@ -13,6 +13,7 @@ import json
 import re
 import secrets
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from broker_config import topology as t
 
@@ -147,3 +148,19 @@ class Definitions:
 
     def to_json(self) -> str:
         return json.dumps(self.render(), indent=2)
+
+
+def load_or_create_passwords(path: Path, users: list[str] | tuple[str, ...] = (DEFAULT_GATEWAY, *ROLES)) -> dict[str, str]:
+    """Passwords for the broker users, kept in a file only its owner can read."""
+    if path.exists():
+        passwords = json.loads(path.read_text())
+    else:
+        passwords = {}
+    missing = [u for u in users if u not in passwords]
+    if missing:
+        passwords.update({u: new_password() for u in missing})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600, exist_ok=True)
+        path.chmod(0o600)
+        path.write_text(json.dumps(passwords, indent=2))
+    return passwords

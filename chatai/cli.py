@@ -42,6 +42,40 @@ def _register() -> None:
     register_worker(app)
 
 
+OPERATOR_COMMANDS = ("scale", "autoscale", "breaker", "status")
+
+
+@app.callback()
+def main(ctx: typer.Context) -> None:
+    """Private OpenAI-compatible LLM serving from a Slurm GPU cluster."""
+    if ctx.invoked_subcommand in OPERATOR_COMMANDS:
+        from chatai.discovery import apply_defaults
+
+        # A running `chatai dev` stack's broker, breaker and Slurm become these commands' defaults.
+        apply_defaults(ctx.invoked_subcommand, quiet=ctx.invoked_subcommand == "status")
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    gateway_url: Annotated[Optional[str], typer.Option(envvar="CHATAI_STATUS_GATEWAY_URL",
+                                                       help="Gateway base URL for its /health (default: the running chatai dev stack's).")] = None,
+    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="Also show this model.")] = None,
+    listen: Annotated[float, typer.Option(help="Most seconds to listen for worker heartbeats.")] = 6.0,
+) -> None:
+    """Breaker, tunnel, broker queues, workers and Slurm jobs in one view; each part that cannot
+    be reached says so in one line. Finds a running `chatai dev` stack by itself."""
+    from chatai.status import collect, render
+
+    data = collect(gateway_url=gateway_url, models=list(model or []), listen=listen)
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(data, indent=2))
+    else:
+        render(data)
+
+
 @app.command()
 def dev(
     port: Annotated[int, typer.Option(help="Gateway port.")] = 8000,

@@ -1,4 +1,8 @@
-"""``chatai breaker``: status, trip, reset, watch and install (run as root on the login node)."""
+"""``chatai breaker``: status, trip, reset, watch and install (run as root on the login node).
+
+Without ``--config`` or ``CHATAI_BREAKER_CONFIG``, a running ``chatai dev`` stack's breaker is
+used (see :mod:`chatai.discovery`), else the installed ``/etc/chatai-breaker/config.json``.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +29,10 @@ DEFAULT = Path("/etc/chatai-breaker/config.json")
 def _breaker(config: Path, node: str | None, no_broker: bool):
     from circuit_breaker.breaker import Breaker
 
+    if not config.exists():
+        typer.echo(f"breaker: not configured (no {config}; run `chatai breaker install` on the login node, "
+                   "or start `chatai dev`, which these commands find by themselves)", err=True)
+        raise typer.Exit(2)
     try:
         return Breaker.from_config(config, rabbit_node=node, use_broker=not no_broker)
     except (OSError, ValueError) as exc:
@@ -77,32 +85,12 @@ def watch(config: ConfigOpt = DEFAULT, node: NodeOpt = None,
     _breaker(config, node, False).watch(interval=interval, reapply=reapply)
 
 
-@app.command()
-def install(
-    public_key: Annotated[list[Path], typer.Option(help="The gateway's public key file; repeatable.")] = [],  # noqa: B006
-    tunnel_user: str = "chatai-tunnel",
-    keys_user: str = "chatai-breaker",
-    broker_host: str = "127.0.0.1",
-    broker_port: int = 5672,
-    from_: Annotated[str | None, typer.Option("--from", help='from="..." patterns for the key')] = None,
-    rabbit_node: str | None = None,
-    broker_user: str = "gateway",
-    sshd_log: Annotated[str | None, typer.Option(help="sshd's log, followed by the watcher "
-                                                 "(default: as installed, else /var/log/auth.log).")] = None,
-    sshd_config: Path = Path("/etc/ssh/sshd_config"),
-    snippet: Path = Path("/etc/ssh/sshd_config.d/chatai-breaker.conf"),
-) -> None:
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                               "help_option_names": []})
+def install(ctx: typer.Context) -> None:
     """Create the tunnel account, the hook, the key file, the sshd snippet (validated with sshd -t)
-    and the watcher's systemd unit (enabled and started where systemd runs)."""
-    from circuit_breaker.install import BreakerSpec, InstallError, Layout
-    from circuit_breaker.install import install as do_install
+    and the watcher's systemd unit (enabled and started where systemd runs). The options are
+    install.sh's, declared once in circuit_breaker/install.py: see `chatai breaker install --help`."""
+    from circuit_breaker.install import main
 
-    spec = BreakerSpec(tunnel_user=tunnel_user, keys_user=keys_user, broker_host=broker_host,
-                       broker_port=broker_port, from_=from_, rabbit_node=rabbit_node, broker_user=broker_user,
-                       sshd_log=sshd_log, public_keys=[p.read_text().strip() for p in public_key])
-    try:
-        result = do_install(spec, Layout(sshd_snippet=snippet, sshd_config=sshd_config))
-    except InstallError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from exc
-    typer.echo(json.dumps(result, indent=2))
+    raise typer.Exit(main(ctx.args, prog="chatai breaker install"))

@@ -29,7 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -72,20 +72,28 @@ class Layout:
         return self.state_dir / "home"
 
 
+def _opt(default: object, help: str) -> object:
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class BreakerSpec:
-    tunnel_user: str = "chatai-tunnel"
-    keys_user: str = "chatai-breaker"
-    broker_host: str = "127.0.0.1"  # the broker as the login node sees it
-    broker_port: int = 5672
-    from_: str | None = None  # optional from="..." pattern list for the gateway's address
-    rabbit_node: str | None = None  # for the broker side of a trip (rabbitmqctl -n)
-    vhost: str = "chatai"
-    broker_user: str = "gateway"
-    public_keys: list[str] = field(default_factory=list)  # the gateway's public key(s), bare
-    python: str = "/usr/bin/python3"
-    sshd_log: str | None = None  # sshd's log, read by the watcher; None: as installed, else DEFAULT_SSHD_LOG
-    chatai: str | None = None  # the chatai command for the watcher's unit; None: from PATH
+    """What to install; each field is also an option of the installer (``--tunnel-user`` ...),
+    declared here once: :func:`add_spec_options` derives them, with this help."""
+
+    tunnel_user: str = _opt("chatai-tunnel", "the account the gateway's tunnel logs in as")
+    keys_user: str = _opt("chatai-breaker", "the unprivileged account that runs the AuthorizedKeysCommand")
+    broker_host: str = _opt("127.0.0.1", "the broker as the login node sees it")
+    broker_port: int = _opt(5672, "the broker's AMQP port")
+    from_: str | None = _opt(None, 'restrict the key to these client addresses (from="...")')
+    rabbit_node: str | None = _opt(None, "RabbitMQ node name for rabbitmqctl -n (the broker side of a trip)")
+    vhost: str = _opt("chatai", "the broker's vhost")
+    broker_user: str = _opt("gateway", "the gateway's broker user, shut out on a trip")
+    public_keys: list[str] = field(default_factory=list)  # the gateway's public key(s), bare (--public-key FILE)
+    python: str = _opt("/usr/bin/python3", "the Python that runs the hook")
+    sshd_log: str | None = _opt(None, f"sshd's log file, followed by the watcher (default: as installed, "
+                                f"else {DEFAULT_SSHD_LOG})")
+    chatai: str | None = _opt(None, "the chatai command for the watcher's systemd unit (default: from PATH)")
 
     @property
     def permit_open(self) -> str:
@@ -300,31 +308,25 @@ def check_effective(spec: BreakerSpec, layout: Layout) -> None:
                            f"(add 'Include {layout.sshd_snippet}' near its top); effective: {wrong}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Install the chatai circuit breaker (idempotent, run as root).")
-    p.add_argument("--tunnel-user", default="chatai-tunnel")
-    p.add_argument("--keys-user", default="chatai-breaker")
-    p.add_argument("--broker-host", default="127.0.0.1")
-    p.add_argument("--broker-port", type=int, default=5672)
+def add_spec_options(p: argparse.ArgumentParser) -> None:
+    """One option per :class:`BreakerSpec` field (``from_`` is ``--from``)."""
+    for f in fields(BreakerSpec):
+        if f.metadata:
+            p.add_argument("--" + f.name.rstrip("_").replace("_", "-"), dest=f.name, default=f.default,
+                           type=int if f.type == "int" else str, help=f.metadata["help"])
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    p = argparse.ArgumentParser(prog=prog, description="Install the chatai circuit breaker (idempotent, run as root).")
+    add_spec_options(p)
     p.add_argument("--public-key", action="append", default=[], help="file with the gateway's public key")
-    p.add_argument("--from", dest="from_", help='restrict the key to these client addresses (from="...")')
-    p.add_argument("--rabbit-node", help="RabbitMQ node name for rabbitmqctl -n")
-    p.add_argument("--broker-user", default="gateway")
-    p.add_argument("--vhost", default="chatai")
-    p.add_argument("--python", default="/usr/bin/python3")
-    p.add_argument("--sshd-log", help=f"sshd's log file, followed by the watcher (default: as installed, "
-                   f"else {DEFAULT_SSHD_LOG})")
-    p.add_argument("--chatai", help="the chatai command for the watcher's systemd unit (default: from PATH)")
     p.add_argument("--unit", type=Path, default=Path("/etc/systemd/system/chatai-breaker-watch.service"))
     p.add_argument("--sshd-config", type=Path, default=Path("/etc/ssh/sshd_config"))
     p.add_argument("--snippet", type=Path, default=Path("/etc/ssh/sshd_config.d/chatai-breaker.conf"))
     p.add_argument("--prefix", type=Path, help="put etc/, state/, libexec/ and the snippet under this "
                    "root-owned directory instead of the system paths (private sshds, tests)")
     args = p.parse_args(argv)
-    spec = BreakerSpec(tunnel_user=args.tunnel_user, keys_user=args.keys_user, broker_host=args.broker_host,
-                       broker_port=args.broker_port, from_=args.from_, rabbit_node=args.rabbit_node,
-                       broker_user=args.broker_user, vhost=args.vhost, python=args.python,
-                       sshd_log=args.sshd_log, chatai=args.chatai,
+    spec = BreakerSpec(**{f.name: getattr(args, f.name) for f in fields(BreakerSpec) if f.metadata},
                        public_keys=[Path(k).read_text().strip() for k in args.public_key])
     if args.prefix:
         layout = Layout.under(args.prefix, sshd_config=args.sshd_config)

@@ -6,12 +6,14 @@ import logging
 import os
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Column, Table
 
+from broker_config.connection import check_url
+from broker_config.settings_cli import settings_options
 from gateway.keys import KeyStore
 from gateway.settings import GatewaySettings
 
@@ -93,25 +95,16 @@ def keys_revoke(key_id: str, state_dir: StateDir = None) -> None:
     typer.echo(f"revoked {key_id}")
 
 
-def serve(
-    host: Annotated[Optional[str], typer.Option(help="Listen address.")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Listen port.")] = None,
-    state_dir: StateDir = None,
-    broker_direct: Annotated[bool, typer.Option("--broker-direct", help="Connect to the broker without the SSH tunnel.")] = False,
-    queue_timeout: Annotated[Optional[float], typer.Option(help="Seconds a request may wait for a worker.")] = None,
-    log_level: str = "info",
-) -> None:
+@settings_options(GatewaySettings, ("host", "port", "state_dir", "broker_direct", "queue_timeout"))
+def serve(overrides: dict[str, Any], log_level: str = "info") -> None:
     """Serve the OpenAI-compatible API. Broker credentials come from CHATAI_GATEWAY_BROKER_URL."""
     import uvicorn
 
     from gateway.app import create_app
 
-    overrides = {k: v for k, v in dict(host=host, port=port, state_dir=state_dir, queue_timeout=queue_timeout).items()
-                 if v is not None}
-    if broker_direct:
-        overrides["broker_direct"] = True
     try:
         settings = GatewaySettings(**overrides)
+        check_url(settings.broker_url.get_secret_value())  # else the connector would retry it forever
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

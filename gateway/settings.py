@@ -13,15 +13,16 @@ from gateway.limits import Limits
 class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CHATAI_GATEWAY_", extra="ignore")
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    state_dir: Path = Path(".chatai-gateway")  # API keys and batch database, batch files
+    host: str = Field("127.0.0.1", description="Listen address.")
+    port: int = Field(8000, description="Listen port.")
+    state_dir: Path = Field(Path(".chatai-gateway"), description="API keys, batch database and files.")
 
     # The broker, with this gateway deployment's broker user (its name is the deployment's
     # namespace on the broker). With a tunnel configured (the default deployment), its host and
     # port are not used: AMQP runs over the SSH connection, in-process.
     broker_url: SecretStr = SecretStr("amqp://gateway:gateway@127.0.0.1:5672/chatai")
-    broker_direct: bool = False  # connect without the SSH tunnel: must be asked for explicitly
+    broker_direct: bool = Field(False, description="Connect to the broker without the SSH tunnel "
+                                "(must be asked for explicitly).")
 
     # The SSH tunnel to the login node (see circuit_breaker/ and docs/).
     tunnel_host: str | None = None
@@ -33,7 +34,7 @@ class GatewaySettings(BaseSettings):
     tunnel_remote_port: int = 5672
     tunnel_keepalive: float = 15.0
 
-    queue_timeout: float = 30.0  # how long an interactive request may wait for a worker to start it
+    queue_timeout: float = Field(30.0, description="Seconds an interactive request may wait for a worker.")
     stream_idle_timeout: float = 120.0  # longest silence from a worker mid-generation
     max_request_bytes: int = 4 * 1024 * 1024  # any body but a file upload (BATCH_MAX_FILE_BYTES)
     # A bearer token Prometheus must send for /metrics (its `authorization: credentials_file`).

@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import SecretStr, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -38,44 +38,49 @@ def default_worker_id() -> str:
 class WorkerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CHATAI_WORKER_", extra="ignore")
 
-    broker_url: SecretStr = SecretStr("amqp://worker:worker@127.0.0.1:5672/chatai")
+    broker_url: SecretStr = Field(SecretStr("amqp://worker:worker@127.0.0.1:5672/chatai"),
+                                  description="Prefer CHATAI_WORKER_BROKER_URL: argv shows in ps.")
 
     # The engine.
-    model: Path | None = None  # a Hugging Face model folder
-    served_model_name: str | None = None  # the queue to consume; default: the folder's name
+    model: Path | None = Field(None, description="Model folder (Hugging Face layout).")
+    served_model_name: str | None = Field(None, description="Model name clients ask for; the queue to consume "
+                                          "(default: the folder's name).")
     # Engine concurrency = AMQP prefetch = advertised capacity. None: vLLM's own default for this
     # hardware, the one its OpenAI server uses (256 on most GPUs, 1024 on 70+ GB ones, 128 on CPU).
-    max_num_seqs: int | None = None
-    max_model_len: int | None = None  # None: the model's own context length
-    dtype: str | None = None  # None: float32 on CPU (bf16 crashes there), auto on GPU
-    gpu_memory_utilization: float | None = None  # None: 0.9 on GPU, 0.1 on CPU (means CPU RAM)
-    kv_cache_space_gb: float = 1.0  # VLLM_CPU_KVCACHE_SPACE, CPU backend only
-    enforce_eager: bool = True  # no compilation: start-up in seconds matters for backfill jobs
-    tensor_parallel_size: int = 1
-    trust_remote_code: bool = False
+    max_num_seqs: int | None = Field(None, description="Engine concurrency = prefetch = capacity.")
+    max_model_len: int | None = Field(None, description="Context length (default: the model's).")
+    # None: float32 on CPU (bf16 crashes there), auto on GPU
+    dtype: str | None = Field(None, description="float32 on CPU, auto on GPU by default.")
+    gpu_memory_utilization: float | None = Field(None, description="Default 0.9 on GPU, 0.1 on CPU (CPU RAM).")
+    kv_cache_space_gb: float = Field(1.0, description="KV cache GiB (CPU backend only).")
+    # no compilation: start-up in seconds matters for backfill jobs
+    enforce_eager: bool = Field(True, description="Skip graph compilation (start in seconds).")
+    tensor_parallel_size: int = Field(1, description="GPUs per engine.")
+    trust_remote_code: bool = Field(False, description="Let the model folder run its own code.")
 
     # Lifecycle.
-    heartbeat_interval: float = 5.0
-    idle_timeout: float = 0.0  # seconds with nothing in flight and nothing received; 0 = never
-    drain_grace: float = 30.0  # after SIGTERM, time to finish held work before returning the rest
-    job_end_margin: float = 30.0  # extra time kept before the Slurm job's end
-    job_end_poll: float = 60.0  # how often to re-read the job's end time (it may be extended)
+    heartbeat_interval: float = Field(5.0, description="Seconds between heartbeats.")
+    idle_timeout: float = Field(0.0, description="Exit 0 after this many idle seconds; 0 = never.")
+    drain_grace: float = Field(30.0, description="Seconds to finish held work after SIGTERM.")
+    job_end_margin: float = Field(30.0, description="Extra seconds kept before the Slurm job ends.")
+    job_end_poll: float = Field(60.0, description="Seconds between re-reads of the job's end time.")
     # RabbitMQ consumer priority (x-priority): a queue feeds higher-priority workers first and
     # lower ones only when those are full, e.g. reserved nodes before backfill scavengers.
-    consumer_priority: int = 0
-    cancel_memory: float = 300.0  # seconds a cancelled id is remembered, for cancels that overtake
+    consumer_priority: int = Field(0, description="Higher-priority workers get requests first.")
+    cancel_memory: float = Field(300.0, description="Seconds a cancelled id is remembered.")
 
     # "vllm" serves the model. "synthetic" is a load-test tool (gpu_worker/synthetic.py): filler
     # tokens on a fixed step clock, no model, for measuring the relay path alone.
-    engine: Literal["vllm", "synthetic"] = "vllm"
-    synthetic_step_ms: float = 20.0
-    synthetic_tokens_per_step: int = 1
+    engine: Literal["vllm", "synthetic"] = Field("vllm", description="vllm, or synthetic: a load-test token "
+                                                 "source, no model.")
+    synthetic_step_ms: float = Field(20.0, description="Synthetic engine: ms between steps.")
+    synthetic_tokens_per_step: int = Field(1, description="Synthetic engine: tokens per request per step.")
 
     # Reply coalescing: the first delta at once, then at most every ms / tokens.
-    coalesce_ms: float = 20.0
-    coalesce_tokens: int = 16
+    coalesce_ms: float = Field(20.0, description="Most time between two delta messages.")
+    coalesce_tokens: int = Field(16, description="Most tokens in one delta message.")
 
-    worker_id: str = ""
+    worker_id: str = Field("", description="Default: node-slurmjob-pid or node-pid.")
 
     @model_validator(mode="after")
     def _defaults(self) -> "WorkerSettings":

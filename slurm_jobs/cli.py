@@ -17,9 +17,10 @@ from rich.console import Console
 from rich.table import Table
 
 from broker_config.connection import redact
+from broker_config.settings_cli import settings_options
 from slurm_jobs.autoscale import Autoscaler, Policy
-from slurm_jobs.broker_view import BrokerView
 from slurm_jobs.jobs import WorkerJobs, render_script
+from slurm_jobs.overview import broker_problem, busy_by_job, open_view, slurm_problem, status_rows
 from slurm_jobs.settings import SlurmSettings
 from slurm_jobs.slurm import Slurm, SlurmError
 
@@ -33,36 +34,27 @@ def _settings(**overrides: Any) -> SlurmSettings:
 
 
 def _fail(exc: Exception) -> None:
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    msg = f"slurm: {slurm_problem(exc)}" if isinstance(exc, SlurmError) else str(exc)
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
     raise typer.Exit(1)
 
 
+SUBMIT_FIELDS = ("time", "time_min", "partition", "qos", "nice", "account", "gres", "cpus_per_task", "mem",
+                 "constraint", "requeue", "signal_grace", "drain_grace", "idle_timeout", "worker_args")
+
+
 @app.command()
+@settings_options(SlurmSettings, SUBMIT_FIELDS)
 def up(
     model: ModelOpt,
+    overrides: dict[str, Any],
     workers: Annotated[int, typer.Option("--workers", "-n", min=1, help="Array size: workers to add.")] = 1,
     model_path: Annotated[Optional[str], typer.Option(help="Model directory on the compute nodes.")] = None,
-    time_limit: Annotated[Optional[str], typer.Option("--time", help="--time of each task.")] = None,
-    time_min: Annotated[Optional[str], typer.Option(help="--time-min: backfill may start a task with less.")] = None,
-    partition: Optional[str] = None,
-    qos: Optional[str] = None,
-    nice: Optional[int] = None,
-    account: Optional[str] = None,
-    gres: Annotated[Optional[str], typer.Option(help='e.g. "gpu:1".')] = None,
-    cpus_per_task: Optional[int] = None,
-    mem: Optional[str] = None,
-    requeue: Annotated[Optional[bool], typer.Option("--requeue/--no-requeue")] = None,
-    signal_grace: Annotated[Optional[int], typer.Option(help="Seconds of SIGTERM warning before the time limit.")] = None,
-    drain_grace: Annotated[Optional[int], typer.Option(help="Seconds a worker may take to drain.")] = None,
-    idle_timeout: Annotated[Optional[int], typer.Option(help="Seconds without work before a worker exits.")] = None,
-    worker_args: Annotated[Optional[str], typer.Option(help="Extra `chatai worker` options (shell syntax).")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the batch script instead of submitting it.")] = False,
 ) -> None:
-    """Add N workers for a model: one `sbatch --array=0-(N-1)`."""
+    """Add N workers for a model: one `sbatch --array=0-(N-1)`. Options not given come from CHATAI_SLURM_*."""
     try:
-        s = _settings(time=time_limit, time_min=time_min, partition=partition, qos=qos, nice=nice, account=account,
-                      gres=gres, cpus_per_task=cpus_per_task, mem=mem, requeue=requeue, signal_grace=signal_grace,
-                      drain_grace=drain_grace, idle_timeout=idle_timeout, worker_args=worker_args)
+        s = _settings(**overrides)
         jobs = WorkerJobs(s, Slurm())
         if dry_run:
             typer.echo(render_script(s, model, jobs.model_path(model, model_path)))
@@ -86,13 +78,7 @@ def down(
     if (workers is None) == (not all_):
         _fail(ValueError("give either --workers N or --all"))
     s = _settings()
-    busy: dict[str, int] = {}
-    if not all_:  # let the least busy go first, when heartbeats can be had
-        try:
-            view = asyncio.run(_collect(s, [model], listen=6.0))
-            busy = {hb.slurm_job_id: hb.in_flight for hb in view.book.live() if hb.slurm_job_id}
-        except Exception:  # noqa: BLE001 - draining must not depend on the broker being reachable
-            pass
+    busy = {} if all_ else busy_by_job(s, model, 6.0)  # the least busy go first, when heartbeats can be had
     try:
         gone = WorkerJobs(s, Slurm()).drain(model, None if all_ else workers, busy)
     except (SlurmError, ValueError) as exc:
@@ -100,79 +86,34 @@ def down(
     typer.echo(f"draining {len(gone)} worker(s) of {model}: {' '.join(gone) or '-'}")
 
 
-async def _collect(s: SlurmSettings, models: list[str], listen: float, jobs: set[str] | None = None) -> BrokerView:
-    """Queue stats for models and heartbeats heard within ``listen`` seconds (until every
-    running job in ``jobs`` has been heard, when given)."""
-    view = BrokerView(s.operator_url(), "chatai-scale-status")
-    await view.open()
-    try:
-        if listen > 0:
-            await view.wait_for_heartbeats(listen, jobs)
-        view.stats = {m: await view.queue_stats(m) for m in models}  # type: ignore[attr-defined]
-    finally:
-        await view.close()
-    return view
-
-
-def status_rows(s: SlurmSettings, extra_models: list[str], listen: float) -> dict[str, Any]:
-    """The joined view: per model (queue, consumers, jobs, workers) and per job (with heartbeat)."""
-    by_model = WorkerJobs(s, Slurm()).jobs_by_model()
-    models = sorted(set(s.models) | set(by_model) | set(extra_models))
-    url = s.operator_url()
-    broker_error = None
-    try:
-        running = {j.display_id for js in by_model.values() for j in js if j.running}
-        view = asyncio.run(_collect(s, models, listen if running else 0.0, running))
-        hbs, stats = view.book.live(), view.stats  # type: ignore[attr-defined]
-    except Exception as exc:  # noqa: BLE001 - Slurm's half of the picture is still worth showing
-        broker_error = f"{type(exc).__name__}: {exc}"
-        hbs, stats = [], {}
-    models = sorted(set(models) | {hb.model for hb in hbs})
-    by_job = {hb.slurm_job_id: hb for hb in hbs if hb.slurm_job_id}
-    out: dict[str, Any] = {"broker": redact(url), "broker_error": broker_error, "models": [], "jobs": [],
-                           "workers": []}
-    for m in models:
-        st = stats.get(m)
-        js = by_model.get(m, [])
-        mh = [hb for hb in hbs if hb.model == m]
-        out["models"].append({
-            "model": m, "queue_ready": st.ready if st else None, "consumers": st.consumers if st else None,
-            "running": sum(j.running for j in js), "pending": sum(j.pending for j in js),
-            "workers_ready": sum(hb.state == "ready" for hb in mh),
-            "workers_draining": sum(hb.state == "draining" for hb in mh),
-            "in_flight": sum(hb.in_flight for hb in mh), "capacity": sum(hb.capacity for hb in mh),
-        })
-        for j in js:
-            hb = by_job.get(j.job_id) or by_job.get(j.display_id)
-            out["jobs"].append({
-                "job": j.display_id, "job_id": j.job_id, "model": m, "state": j.state,
-                "reason": j.reason, "node": j.nodes, "elapsed": j.elapsed, "time_left": j.time_left,
-                "worker": hb.worker_id if hb else None, "worker_state": hb.state if hb else None,
-                "in_flight": hb.in_flight if hb else None, "capacity": hb.capacity if hb else None,
-            })
-    seen = {r["worker"] for r in out["jobs"] if r["worker"]}
-    out["workers"] = [hb.model_dump(mode="json") for hb in hbs if hb.worker_id not in seen]  # outside Slurm
-    return out
-
-
 @app.command()
 def status(
     model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="Also show this model.")] = None,
-    listen: Annotated[float, typer.Option(help="Seconds to wait for heartbeats.")] = 6.0,
+    listen: Annotated[float, typer.Option(help="Most seconds to listen for heartbeats (at least one interval "
+                                          "once a worker is heard).")] = 6.0,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Queue depth, consumers, Slurm jobs and live worker heartbeats, joined per model."""
     try:
         data = status_rows(_settings(), list(model or []), listen)
-    except (SlurmError, ValueError, OSError) as exc:
+    except (ValueError, OSError) as exc:
         _fail(exc)
     if as_json:
         typer.echo(json.dumps(data, indent=2))
         return
-    console = Console(width=max(Console().width, 120))
+    print_fleet(Console(width=max(Console().width, 120)), data)
+
+
+def print_fleet(console: Console, data: dict[str, Any]) -> None:
+    """The joined view as tables; one line for each half that could not be reached."""
+    if data["slurm_error"]:
+        console.print(f"[yellow]slurm: {data['slurm_error']}[/yellow]")
     if data["broker_error"]:
-        console.print(f"[red]broker unreachable ({data['broker_error']}): queue and worker columns are empty[/red]")
-    t = Table(title=f"models ({data['broker']})")
+        console.print(f"[red]broker: {data['broker_error']}[/red]")
+    if not data["models"] and not data["workers"]:
+        console.print(f"models: none seen (broker {data['broker'] or '-'}; no worker jobs, queues or heartbeats)")
+        return
+    t = Table(title=f"models ({data['broker'] or 'no broker'})")
     for col in ("model", "queued", "consumers", "jobs run/pend", "workers ready/draining", "in-flight/capacity"):
         t.add_column(col)
     dash = lambda v: "-" if v is None else str(v)  # noqa: E731
@@ -180,6 +121,8 @@ def status(
         t.add_row(r["model"], dash(r["queue_ready"]), dash(r["consumers"]), f"{r['running']}/{r['pending']}",
                   f"{r['workers_ready']}/{r['workers_draining']}", f"{r['in_flight']}/{r['capacity']}")
     console.print(t)
+    if not data["jobs"]:
+        console.print("worker jobs: none" + (" (Slurm not reachable)" if data["slurm_error"] else ""))
     jt = Table(title="worker jobs")
     for col in ("job", "model", "state", "node / reason", "elapsed", "left", "worker", "hb state", "in-flight"):
         jt.add_column(col)
@@ -187,12 +130,15 @@ def status(
         where = r["node"] if r["state"] != "PENDING" else f"({r['reason']})"
         jt.add_row(r["job"], r["model"], r["state"], where, r["elapsed"], r["time_left"], dash(r["worker"]),
                    dash(r["worker_state"]), f"{dash(r['in_flight'])}/{dash(r['capacity'])}")
-    console.print(jt)
+    if data["jobs"]:
+        console.print(jt)
     for w in data["workers"]:
         console.print(f"worker outside Slurm: {w['worker_id']} {w['model']} {w['state']} on {w['node']}")
 
 
+@settings_options(SlurmSettings, SUBMIT_FIELDS)
 def autoscale(
+    overrides: dict[str, Any],
     model: Annotated[list[str], typer.Option("--model", "-m", help="NAME or NAME=PATH; repeat per model.")],
     min_workers: Annotated[int, typer.Option(min=0)] = 0,
     max_workers: Annotated[int, typer.Option(min=1)] = 2,
@@ -206,7 +152,7 @@ def autoscale(
     Workers leave by themselves after their idle timeout, so a model scales to zero; the
     autoscaler never signals a running worker."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    s = _settings()
+    s = _settings(**overrides)
     paths = dict(s.models)
     names = []
     for spec in model:
@@ -215,7 +161,10 @@ def autoscale(
         if path:
             paths[name] = path
     policy = Policy(min_workers, max_workers, backlog_per_worker, cooldown, release_pending_after)
-    asyncio.run(_autoscale(s, {n: policy for n in names}, paths, interval))
+    try:
+        asyncio.run(_autoscale(s, {n: policy for n in names}, paths, interval))
+    except (SlurmError, ValueError) as exc:
+        _fail(exc)
 
 
 async def _autoscale(s: SlurmSettings, policies: dict[str, Policy], paths: dict[str, str], interval: float) -> None:
@@ -226,10 +175,16 @@ async def _autoscale(s: SlurmSettings, policies: dict[str, Policy], paths: dict[
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with BrokerView(s.operator_url(), "chatai-autoscaler") as view:
+    try:
+        view = await open_view(s.operator_url(), "chatai-autoscaler")
+    except Exception as exc:  # noqa: BLE001 - one clear line, not a traceback
+        raise ValueError(f"broker: {broker_problem(exc)}") from None
+    try:
         scaler = Autoscaler(jobs, view, policies, paths, interval)
         logging.getLogger("chatai.autoscale").info(
             "autoscaling %s every %.0f s (broker %s)", ", ".join(policies), interval, redact(view.url))
         await scaler.run(stop)
+    finally:
+        await view.close()
 
 

@@ -135,5 +135,7 @@ class WorkerJobs:
         running = [j for j in self.jobs(model) if j.running]
         running.sort(key=lambda j: (busy.get(j.job_id, busy.get(j.display_id, 0)), -int(j.job_id)))
         chosen = running if left is None else running[:left]
-        self.slurm.signal([j.job_id for j in chosen], "TERM", batch_only=self.settings.cancel_mode == "batch")
+        # By task id ("123_4"), never the bare job id: one task of an array carries the array's
+        # base id as its own, and Slurm applies a base id to every task of the array.
+        self.slurm.signal([j.display_id for j in chosen], "TERM", batch_only=self.settings.cancel_mode == "batch")
         return gone + [j.display_id for j in chosen]

@@ -40,28 +40,29 @@ class SlurmSettings(BaseSettings):
     models: dict[str, str] = Field(default_factory=dict)
 
     # --- scheduling: small, interruptible jobs that fit the backfill scheduler's gaps
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None  # e.g. a scavenger QOS that ordinary jobs may preempt
-    nice: int | None = None  # positive: lower priority than ordinary work
-    time: str = "02:00:00"  # --time: upper bound of one worker's life
-    time_min: str | None = "00:20:00"  # --time-min: backfill may start it with less, down to this
-    requeue: bool = False  # --requeue: a preempted worker comes back by itself
-    gres: str | None = None  # e.g. "gpu:1"
-    cpus_per_task: int | None = None
-    mem: str | None = None  # e.g. "32G"
-    constraint: str | None = None
+    partition: str | None = Field(None, description="sbatch --partition.")
+    account: str | None = Field(None, description="sbatch --account.")
+    qos: str | None = Field(None, description="sbatch --qos, e.g. a scavenger QOS that ordinary jobs may preempt.")
+    nice: int | None = Field(None, description="sbatch --nice; positive: lower priority than ordinary work.")
+    time: str = Field("02:00:00", description="--time of each task: upper bound of one worker's life.")
+    time_min: str | None = Field("00:20:00", description="--time-min: backfill may start a task with less "
+                                 "('none': off).")
+    requeue: bool = Field(False, description="--requeue: a preempted worker comes back by itself.")
+    gres: str | None = Field(None, description='sbatch --gres, e.g. "gpu:1".')
+    cpus_per_task: int | None = Field(None, description="sbatch --cpus-per-task.")
+    mem: str | None = Field(None, description='sbatch --mem, e.g. "32G".')
+    constraint: str | None = Field(None, description="sbatch --constraint (node features).")
     export: str = "ALL"  # sbatch --export; NONE for sites that want a clean job environment
     extra_sbatch: list[str] = Field(default_factory=list)  # any other "--flag=value"
 
     # --- the worker's end of life
-    signal_grace: int = 120  # --signal=B:TERM@N: seconds of warning before the time limit
-    drain_grace: int = 90  # the worker's --drain-grace; must fit in signal_grace
-    idle_timeout: int = 600  # the worker exits after this long without work (scale to zero)
+    signal_grace: int = Field(120, description="Seconds of SIGTERM warning before the time limit.")
+    drain_grace: int = Field(90, description="Seconds a worker may take to drain; less than --signal-grace.")
+    idle_timeout: int = Field(600, description="Seconds without work before a worker exits (scale to zero).")
 
     # --- how the job runs the worker
     chatai: str = Field(default_factory=_default_chatai)  # absolute path on the compute nodes
-    worker_args: str = ""  # extra `chatai worker` / vLLM options, shell syntax
+    worker_args: str = Field("", description="Extra `chatai worker` options (shell syntax).")
     setup: str = ""  # shell lines run before the worker (module load ..., source venv/bin/activate)
     broker_url_file: Path = Path("~/.config/chatai/worker-broker-url")  # mode 0600, one line: amqp://worker:...
     broker_url_env: str = "CHATAI_WORKER_BROKER_URL"  # the variable the worker reads it from

@@ -8,6 +8,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -41,6 +42,21 @@ def _cmdlines_holding(secret: str) -> list[str]:
     return hits
 
 
+def _runtime_dir(state: Path) -> Path:
+    path = state.parent / (state.name + "-run")
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def _operator(state: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """A `chatai` operator command as from another shell: no CHATAI_*/SLURM_* settings, another
+    folder; all it has is the per-user runtime folder where `chatai dev` left its pointer."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHATAI_", "SLURM_"))}
+    env["XDG_RUNTIME_DIR"] = str(_runtime_dir(state))
+    return subprocess.run(["chatai", *args], env=env, cwd=state.parent, capture_output=True, text=True,
+                          timeout=timeout)
+
+
 # The key reaches `chatai dev` as the README passes it (environment), or from a file.
 @pytest.fixture(scope="module", params=[[], ["--slurm"]], ids=["processes", "slurm"])
 def dev_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
@@ -48,7 +64,7 @@ def dev_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     key = "sk-chatai-test-" + uuid.uuid4().hex
     port = free_port()
     out = state.with_name(state.name + ".out")  # one per parameter: spawn appends
-    env = {}
+    env = {"XDG_RUNTIME_DIR": str(_runtime_dir(state))}  # its own pointer file, not the user's
     key_args = []
     if "--slurm" in request.param:
         key_file = state.parent / "dev-key"
@@ -66,6 +82,60 @@ def dev_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
         pytest.fail(f"chatai dev did not get ready ({exc}):\n{dev.log_text()[-3000:]}")
     yield dev.proc, state, key, out, request.param
     dev.kill()
+
+
+def _fleet(state: Path) -> dict:
+    proc = _operator(state, "status", "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _ready_jobs(data: dict) -> list[str]:
+    return [j["job"] for j in data["jobs"] if j["model"] == "tiny" and j["worker_state"] == "ready"]
+
+
+def test_operator_commands_find_the_running_stack_by_themselves(dev_stack):
+    """Issue 12: `chatai status`, `breaker status` and (with --slurm) `scale up/down` work on the
+    running stack with no flags, and every live worker shows in the status view."""
+    proc, state, key, out, args = dev_stack
+    pointer = _runtime_dir(state) / "chatai" / "dev-stack"
+    assert stat.S_IMODE(pointer.stat().st_mode) == 0o600
+    assert pointer.read_text().strip() == str((state / "stack.json").resolve())
+
+    data = _fleet(state)
+    assert data["stack"] == str((state / "stack.json").resolve())
+    assert data["breaker"]["error"] is None and data["breaker"]["tripped"] is False
+    assert data["gateway"]["error"] is None and data["gateway"]["tunnel"]["state"] == "up"
+    assert data["broker_error"] is None and data["broker"].startswith("amqp://operator:***@")
+    (tiny,) = [m for m in data["models"] if m["model"] == "tiny"]
+    assert tiny["consumers"] >= 1 and tiny["workers_ready"] >= 1 and tiny["capacity"] > 0
+    if "--slurm" in args:  # jobs of the stack's private Slurm, each joined with its heartbeat
+        assert data["slurm_error"] is None and len(_ready_jobs(data)) == 1
+    else:  # (the system RabbitMQ, when the stack uses it, may carry other stacks' workers too)
+        assert [w for w in data["workers"] if w["model"] == "tiny" and w["state"] == "ready"], data["workers"]
+    text = _operator(state, "status").stdout
+    assert "breaker: closed" in text and "tunnel up" in text and "tiny" in text
+
+    breaker = _operator(state, "breaker", "status")
+    assert breaker.returncode == 0 and "closed" in breaker.stdout, breaker.stderr + breaker.stdout
+    assert "using the running chatai dev stack" in breaker.stderr
+
+    if "--slurm" not in args:
+        return
+    up = _operator(state, "scale", "up", "--model", "tiny", "--workers", "1")
+    assert up.returncode == 0 and "submitted array job" in up.stdout, up.stderr + up.stdout
+    deadline = time.monotonic() + 300
+    while len(_ready_jobs(data)) < 2:  # each status call listens for the workers' heartbeats
+        assert time.monotonic() < deadline, f"the second worker never showed as ready: {data}"
+        data = _fleet(state)
+    (tiny,) = [m for m in data["models"] if m["model"] == "tiny"]
+    assert tiny["running"] == 2 and tiny["workers_ready"] >= 2 and tiny["consumers"] >= 2
+    down = _operator(state, "scale", "down", "--model", "tiny", "--workers", "1")
+    assert down.returncode == 0 and "draining 1 worker(s)" in down.stdout, down.stderr + down.stdout
+    while len([j for j in data["jobs"] if j["model"] == "tiny"]) != 1:
+        assert time.monotonic() < deadline + 120, f"the drained worker never left: {data}"
+        data = _fleet(state)
+    assert len(_ready_jobs(data)) == 1  # the other worker serves on
 
 
 def test_dev_stack_serves_streams_and_stops_cleanly(dev_stack):
@@ -107,6 +177,7 @@ def test_dev_stack_serves_streams_and_stops_cleanly(dev_stack):
     assert proc.wait(timeout=90) == 0
     assert "stopped" in out.read_text(errors="replace")
     assert not [pid for pid in pids if _alive(pid)], "a child of chatai dev outlived it"
+    assert not (_runtime_dir(state) / "chatai" / "dev-stack").exists()  # the pointer goes with the stack
 
     # Privacy: the prompt appears in none of the stack's logs.
     log_dirs = [Path(stack["logs"])] + ([Path(stack["slurm"]["worker_logs"])] if "slurm" in stack else [])

@@ -367,6 +367,34 @@ async def test_dev_slurm_handle_submits_through_the_template_and_drains_on_stop(
     assert not slurm.cluster.processes
 
 
+async def test_scale_down_of_one_task_leaves_the_rest_of_its_array_running(slurm_cluster, tmp_path):
+    """Draining one worker signals that task alone. The last task of an array carries the
+    array's base id as its own job id, and Slurm applies a base id to every task: a drain by
+    bare job id ended the whole array (or, in the drain test, the next array)."""
+    from slurm_jobs.jobs import WorkerJobs
+    from slurm_jobs.settings import SlurmSettings
+
+    template = tmp_path / "probe.sbatch"
+    template.write_text("#!/bin/bash\n{{ sbatch_directives }}\ntrap 'exit 0' TERM\n"
+                        "while true; do sleep 0.2; done\n")
+    settings = SlurmSettings(template=template, time="00:10:00", time_min=None, cpus_per_task=1,
+                             log_dir=tmp_path / "logs", broker_url_file=tmp_path / "unused", models={})
+    jobs = WorkerJobs(settings, Slurm())
+    array = jobs.submit("probe", 2, "/models/probe")
+    try:
+        await wait_until(lambda: len([j for j in jobs.jobs("probe") if j.running]) == 2, 30, "both tasks to run")
+        (base_task,) = [j for j in jobs.jobs("probe") if j.job_id == array]  # the task holding the base id
+        gone = jobs.drain("probe", 1, busy={j.display_id: 1 for j in jobs.jobs("probe") if j.display_id != base_task.display_id})
+        assert gone == [base_task.display_id]
+        await wait_until(lambda: base_task.display_id not in [j.display_id for j in jobs.jobs("probe")], 30,
+                         "the drained task to end")
+        left = [j for j in jobs.jobs("probe") if j.running]
+        assert len(left) == 1 and left[0].array_job_id == array and left[0].display_id != base_task.display_id
+    finally:
+        jobs.drain("probe")
+        await wait_until(lambda: not jobs.jobs("probe"), 30, "the probe array to end")
+
+
 # Attack 9: secrets in the operator's environment must not reach sbatch (--export=ALL would copy
 # them into slurmctld's state, the job's environment and the accounting records).
 SECRET_VARS = ["DB_PASSWORD", "MYSQL_PWD", "GPG_PASSPHRASE", "APP_SECRET", "GITHUB_TOKEN", "HF_TOKEN",

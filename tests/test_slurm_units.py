@@ -143,12 +143,23 @@ def test_scale_down_cancels_pending_first_then_terms_the_least_busy_and_never_ki
     fake = FakeSlurm(jobs)
     gone = WorkerJobs(SlurmSettings(), fake).drain("tiny", 2, busy={"10_1": 3, "10_2": 0})
     assert fake.cancelled == ["10_3"]  # pending: nothing to drain
-    assert fake.signalled == [("TERM", ["12"], True)]  # the idle one, by SIGTERM to the batch shell
+    assert fake.signalled == [("TERM", ["10_2"], True)]  # the idle one, by SIGTERM to the batch shell, by task id
     assert gone == ["10_3", "10_2"]
     fake = FakeSlurm(jobs)
     WorkerJobs(SlurmSettings(cancel_mode="full"), fake).drain("tiny", None)
-    assert [(s, sorted(i), b) for s, i, b in fake.signalled] == [("TERM", ["11", "12"], False)]
+    assert [(s, sorted(i), b) for s, i, b in fake.signalled] == [("TERM", ["10_1", "10_2"], False)]
     assert all(sig == "TERM" for sig, _, _ in fake.signalled)
+
+
+def test_scale_down_addresses_the_task_never_the_array_base_id():
+    """One task of an array carries the array's base id as its job id (here "10" for 10_3);
+    `scancel 10` would reach every task of array 10, so the drain names the task: 10_3."""
+    from slurm_jobs.jobs import WorkerJobs
+
+    jobs = [_job("10", "3", "RUNNING"), _job("11", "1", "RUNNING")]
+    fake = FakeSlurm(jobs)
+    gone = WorkerJobs(SlurmSettings(), fake).drain("tiny", 1, busy={"10_1": 5})
+    assert fake.signalled == [("TERM", ["10_3"], True)] and gone == ["10_3"]
 
 
 def test_scrub_removes_secret_names_and_values_from_the_real_environment(monkeypatch):

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import httpx
 
+from chatai import discovery
 from broker_config.admin import BrokerAdmin, BrokerAdminError
-from broker_config.cli import load_or_create_passwords
+from broker_config.definitions import load_or_create_passwords
 from broker_config.definitions import Definitions
 from broker_config.provision import apply as apply_definitions
 from chatai.devstack.broker_node import LocalBrokerNode, rabbitmq_installed
@@ -201,6 +202,7 @@ class DevStack:
             "gateway_url": f"http://127.0.0.1:{self.port}/v1",
             "api_key": self.api_key,
             "model": self.served_model_name,
+            "model_path": str(Path(model_dir).resolve()),
             "broker_url": self.broker_url("gateway", passwords),
             "broker_node": self.node.node if self.node else None,
             "pids": {name: c.pid for name, c in self.processes.items()},
@@ -211,6 +213,7 @@ class DevStack:
         stack.touch(mode=0o600, exist_ok=True)
         stack.chmod(0o600)  # it holds the API key and broker credentials
         stack.write_text(json.dumps(info, indent=2))
+        discovery.publish(stack)  # operator commands (chatai status, scale, breaker) find it
         return info
 
     def serving(self) -> bool:
@@ -251,6 +254,7 @@ class DevStack:
         print(flush=True)
 
     def stop(self) -> None:
+        discovery.withdraw(self.state_dir / "stack.json")
         # Workers first (SIGTERM: they drain and give requests back), then the rest.
         if self.dev_slurm is not None:
             self.dev_slurm.stop()
