@@ -53,8 +53,9 @@ class SamplingParams(_Wire):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # number of top alternatives per token; None = no logprobs
-    prompt_logprobs: bool = False
+    prompt_logprobs: bool = False  # completions with echo: logprobs of the prompt tokens as well
     echo: bool = False  # completions: prepend the prompt to the text
+    logit_bias: dict[int, float] | None = None  # token id -> bias added to its logit (-100..100)
     ignore_eos: bool = False  # vLLM extension, handy for load tests
 
 
@@ -66,12 +67,26 @@ class GenerateRequest(_Wire):
     model: str
     kind: Literal["chat", "completion"]
     messages: list[ChatMessage] | None = None  # kind == "chat"
-    prompt: str | None = None  # kind == "completion"
+    prompt: str | None = None  # kind == "completion": one text prompt
+    # kind == "completion", instead of ``prompt``: token ids, or several prompts. Choice i of
+    # prompt p has index p * n + i in the replies, as in OpenAI's API.
+    prompts: list[str | list[int]] | None = None
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     stream: bool = False  # False: the worker sends no deltas, only the final frame with the text
     reply_to: str  # routing key on the replies exchange
     deadline: float | None = None  # unix time; a worker drops a request it receives later
     batch_id: str | None = None
+
+    def prompt_list(self) -> list[str | list[int]]:
+        """The completion prompts, each a text or token ids (empty for chat)."""
+        if self.prompts is not None:
+            return list(self.prompts)
+        return [self.prompt] if self.prompt is not None else []
+
+    @property
+    def choice_count(self) -> int:
+        """Choices in the reply: n per prompt."""
+        return self.sampling.n * max(1, len(self.prompt_list()))
 
 
 # ---------------------------------------------------------------- replies (worker -> gateway)
@@ -84,7 +99,9 @@ class TopLogprob(_Wire):
 
 class TokenLogprob(_Wire):
     token: str
-    logprob: float
+    # None only for a prompt's first token, which has no context. A default, since frames are
+    # encoded without None fields: a required field would make that frame undecodable.
+    logprob: float | None = None
     top_logprobs: list[TopLogprob] = Field(default_factory=list)
 
 
@@ -114,6 +131,8 @@ class Delta(_Frame):
     text: str
     tokens: int
     logprobs: list[TokenLogprob] | None = None
+    # Echo with logprobs: the prompt's tokens, in the choice's first delta only.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class ChoiceEnd(_Wire):
@@ -121,6 +140,7 @@ class ChoiceEnd(_Wire):
     finish_reason: Literal["stop", "length", "abort"] | None
     text: str | None = None  # whole text, only for non-streamed requests
     logprobs: list[TokenLogprob] | None = None  # only for non-streamed requests
+    prompt_logprobs: list[TokenLogprob] | None = None  # echo with logprobs, non-streamed requests
     stop_reason: str | int | None = None
 
 

@@ -1,8 +1,9 @@
 """``chatai batch``: submit prompt files to a gateway and fetch the results, from any laptop.
 
-It speaks only HTTP to the gateway's OpenAI-compatible Files and Batches API (httpx, no broker,
-no cluster access), with the API key from ``--api-key`` or ``CHATAI_API_KEY`` and the address
-from ``--base-url`` or ``CHATAI_BASE_URL``. Input is OpenAI batch JSONL, or plain prompts one a
+It is a client of the gateway's OpenAI-compatible Files and Batches API, built on the official
+``openai`` SDK (``client.files``, ``client.batches``; no broker, no cluster access), with the API
+key from ``--api-key`` or ``CHATAI_API_KEY`` and the address from ``--base-url`` or
+``CHATAI_BASE_URL``. Input is OpenAI batch JSONL, or plain prompts one a
 line, which become chat requests for ``--model``.
 """
 
@@ -12,9 +13,10 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from collections.abc import Callable
+from typing import Annotated, Any, Optional, TypeVar
 
-import httpx
+import openai
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -30,8 +32,11 @@ ApiKey = Annotated[Optional[str], typer.Option("--api-key", envvar="CHATAI_API_K
                                                help="API key (env CHATAI_API_KEY).")]
 
 
+T = TypeVar("T")
+
+
 class Gateway:
-    """A thin client of /v1/files and /v1/batches; errors become a clear message and exit 1."""
+    """An OpenAI SDK client of /v1/files and /v1/batches; errors become a clear message and exit 1."""
 
     def __init__(self, base_url: str | None, api_key: str | None, timeout: float = 60.0) -> None:
         if not api_key:
@@ -40,28 +45,26 @@ class Gateway:
         base = (base_url or "http://127.0.0.1:8000").rstrip("/")
         if not base.endswith("/v1"):
             base += "/v1"
-        self.http = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout)
+        self.client = openai.OpenAI(base_url=base, api_key=api_key, timeout=timeout)
 
-    def call(self, method: str, path: str, **kw: Any) -> httpx.Response:
+    def call(self, action: Callable[..., T], *args: Any, **kw: Any) -> T:
+        """Run one SDK call; a failure is printed in one line (method, path, status, the
+        gateway's message) and ends the command with exit 1."""
         try:
-            resp = self.http.request(method, path, **kw)
-        except httpx.HTTPError as exc:
-            err.print(f"[red]Cannot reach the gateway at {self.http.base_url}: {type(exc).__name__}[/]")
-            raise typer.Exit(1) from None
-        if resp.status_code >= 400:
-            try:
-                message = resp.json()["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                message = resp.text[:300]
-            err.print(f"[red]{method} {path} failed ({resp.status_code}): {message}[/]")
-            raise typer.Exit(1)
-        return resp
+            return action(*args, **kw)
+        except openai.APIStatusError as exc:
+            body = exc.body if isinstance(exc.body, dict) else {}
+            message = body.get("message") or exc.response.text[:300]
+            err.print(f"[red]{exc.request.method} {exc.request.url.path} failed ({exc.status_code}): {message}[/]")
+        except openai.APIConnectionError as exc:
+            err.print(f"[red]Cannot reach the gateway at {self.client.base_url}: {type(exc.__cause__ or exc).__name__}[/]")
+        raise typer.Exit(1)
 
     def batch(self, batch_id: str) -> dict[str, Any]:
-        return self.call("GET", f"/batches/{batch_id}").json()
+        return self.call(self.client.batches.retrieve, batch_id).to_dict()
 
     def download(self, file_id: str, dest: Path) -> int:
-        data = self.call("GET", f"/files/{file_id}/content").content
+        data = self.call(self.client.files.content, file_id).content
         dest.write_bytes(data)
         return data.count(b"\n")
 
@@ -151,11 +154,10 @@ def submit(
     lines, endpoint = to_batch_lines(file.read_text(encoding="utf-8"), model, max_tokens, temperature)
     gw = Gateway(base_url, api_key)
     data = ("\n".join(lines) + "\n").encode()
-    uploaded = gw.call("POST", "/files", data={"purpose": "batch"},
-                       files={"file": (file.name if file.suffix == ".jsonl" else file.name + ".jsonl", data,
-                                       "application/jsonl")}).json()
-    b = gw.call("POST", "/batches", json={"input_file_id": uploaded["id"], "endpoint": endpoint,
-                                          "completion_window": "24h"}).json()
+    name = file.name if file.suffix == ".jsonl" else file.name + ".jsonl"
+    uploaded = gw.call(gw.client.files.create, file=(name, data, "application/jsonl"), purpose="batch")
+    b = gw.call(gw.client.batches.create, input_file_id=uploaded.id, endpoint=endpoint,  # type: ignore[arg-type]
+                completion_window="24h").to_dict()
     typer.echo(b["id"])
     if not (wait_ or output):
         err.print(f"submitted {len(lines)} requests; follow with: chatai batch status {b['id']}")
@@ -182,7 +184,7 @@ def list_(limit: Annotated[int, typer.Option(help="How many, newest first.")] = 
           base_url: BaseUrl = None, api_key: ApiKey = None) -> None:
     """List your batches, newest first."""
     gw = Gateway(base_url, api_key)
-    rows = gw.call("GET", "/batches", params={"limit": limit}).json()["data"]
+    rows = [b.to_dict() for b in gw.call(gw.client.batches.list, limit=limit).data]
     table = Table("id", "status", "completed", "failed", "total", "created")
     for b in rows:
         done, failed, total = _counts(b)
@@ -195,7 +197,7 @@ def list_(limit: Annotated[int, typer.Option(help="How many, newest first.")] = 
 def cancel(batch_id: str, base_url: BaseUrl = None, api_key: ApiKey = None) -> None:
     """Cancel a batch: nothing new starts; finished results stay downloadable."""
     gw = Gateway(base_url, api_key)
-    typer.echo(_summary(gw.call("POST", f"/batches/{batch_id}/cancel").json()))
+    typer.echo(_summary(gw.call(gw.client.batches.cancel, batch_id).to_dict()))
 
 
 @app.command("download")

@@ -29,15 +29,20 @@ def _chat_logprobs(items: list[TokenLogprob] | None) -> dict[str, Any] | None:
         for i in items]}
 
 
-def _text_logprobs(items: list[TokenLogprob] | None, offset: int = 0) -> dict[str, Any] | None:
+def _text_logprobs(items: list[TokenLogprob] | None, prompt: list[TokenLogprob] | None = None,
+                   offset: int = 0) -> dict[str, Any] | None:
+    """OpenAI's completions shape; with echo, the prompt's tokens come first (the first of them
+    has no logprob: null, as in OpenAI's and vLLM's replies)."""
     if items is None:
         return None
+    items = [*(prompt or []), *items]
     offsets, pos = [], offset
     for i in items:
         offsets.append(pos)
         pos += len(i.token)
     return {"tokens": [i.token for i in items], "token_logprobs": [i.logprob for i in items],
-            "top_logprobs": [{a.token: a.logprob for a in i.top_logprobs} for i in items],
+            "top_logprobs": [None if i.logprob is None else {a.token: a.logprob for a in i.top_logprobs}
+                             for i in items],
             "text_offset": offsets}
 
 
@@ -72,7 +77,7 @@ class ResponseBuilder:
         if self.kind == "chat":
             return {"index": c.index, "message": {"role": "assistant", "content": c.text or ""},
                     "logprobs": _chat_logprobs(c.logprobs), "finish_reason": _finish(c.finish_reason)}
-        return {"index": c.index, "text": c.text or "", "logprobs": _text_logprobs(c.logprobs),
+        return {"index": c.index, "text": c.text or "", "logprobs": _text_logprobs(c.logprobs, c.prompt_logprobs),
                 "finish_reason": _finish(c.finish_reason)}
 
     # ------------------------------------------------------------------ stream chunks
@@ -98,7 +103,7 @@ class ResponseBuilder:
         else:
             offset = self._text_offsets.get(d.index, 0)
             self._text_offsets[d.index] = offset + len(d.text)
-            choice = {"index": d.index, "text": d.text, "logprobs": _text_logprobs(d.logprobs, offset),
+            choice = {"index": d.index, "text": d.text, "logprobs": _text_logprobs(d.logprobs, d.prompt_logprobs, offset),
                       "finish_reason": None}
         return self._chunk([choice])
 

@@ -253,7 +253,7 @@ class Consumer:
                 await stream.started(0)  # no-op unless the engine ended it before any output
                 if _delivery_lost(job):
                     raise DeliveryLost()
-                await stream.final(req.sampling.n)
+                await stream.final(req.choice_count)
                 await _settle(job)
             except RequestFailed as exc:
                 outcome = f"error {exc.status} {exc.code}"
@@ -283,6 +283,7 @@ class Consumer:
                 outcome = f"error 500 {type(exc).__name__}"
                 log.exception("request_id=%s failed", req.request_id)
                 try:
+                    await stream.started(0)  # without it the gateway would wait for a start, then say 503
                     await stream.error(500, "internal_error", "the worker failed on this request")
                     await _settle(job)
                 except Exception:

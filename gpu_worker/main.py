@@ -136,6 +136,7 @@ async def run(settings: WorkerSettings) -> int:
         except Exception:  # closing a dead connection must not hide the real error
             pass
         if engine is not None:
+            gc.unfreeze()  # start-up's heap was frozen (freeze_heap): let shutdown's collection reach it
             engine.shutdown()
     return 1 if fatal else 0
 

@@ -134,6 +134,7 @@ class _Choice:
     text: list[str] = field(default_factory=list)  # pending (streamed) or whole (non-streamed)
     tokens: int = 0  # pending tokens for streams
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None  # echo with logprobs: sent once, with the next delta
     total_tokens: int = 0
     finish_reason: str | None = None
     stop_reason: str | int | None = None
@@ -210,6 +211,8 @@ class ReplyStream:
             if c.logprobs is not None:
                 ch.has_logprobs = True
                 ch.logprobs.extend(c.logprobs)
+            if c.prompt_logprobs is not None:
+                ch.prompt_logprobs = c.prompt_logprobs
             if c.finish_reason is not None:
                 ch.finish_reason, ch.stop_reason = c.finish_reason, c.stop_reason
         if self.req.stream and self._pending_tokens and not step.finished:
@@ -231,7 +234,9 @@ class ReplyStream:
             if not ch.tokens and not ch.text:
                 continue
             self._outbox.append(Delta(**self._frame_kw(), index=index, text="".join(ch.text), tokens=ch.tokens,
-                                      logprobs=list(ch.logprobs) if ch.has_logprobs else None))
+                                      logprobs=list(ch.logprobs) if ch.has_logprobs else None,
+                                      prompt_logprobs=ch.prompt_logprobs))
+            ch.prompt_logprobs = None
             ch.text.clear()
             ch.logprobs.clear()
             ch.tokens = 0
@@ -261,6 +266,7 @@ class ReplyStream:
             if not self.req.stream:
                 end.text = "".join(ch.text)
                 end.logprobs = list(ch.logprobs) if ch.has_logprobs else None
+                end.prompt_logprobs = ch.prompt_logprobs
             choices.append(end)
         completion = self.completion_tokens()
         usage = Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion,

@@ -53,7 +53,7 @@ class SyntheticEngine:
             raise RequestFailed(400, "invalid_request_error", "the synthetic engine needs max_tokens")
         if self._clock is None:
             self._clock = asyncio.create_task(self._run_clock(), name="synthetic-engine-clock")
-        n, left = req.sampling.n, req.sampling.max_tokens
+        n, left = req.choice_count, req.sampling.max_tokens
         self._running += 1
         try:
             while left > 0:

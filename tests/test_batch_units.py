@@ -122,11 +122,12 @@ def test_request_ids_are_parsed_strictly():
 def test_completions_endpoint_lines(tmp_path: Path):
     path = tmp_path / "in.jsonl"
     path.write_text(_line("a", url="/v1/completions", body={"model": "tiny", "prompt": "Once", "max_tokens": 3})
-                    + "\n" + _line("b", url="/v1/completions", body={"model": "tiny", "prompt": ["x", "y"]}))
+                    + "\n" + _line("b", url="/v1/completions", body={"model": "tiny", "prompt": ["x", [1]]}))
     parsed = parse_file(path, "/v1/completions", 10)
     (_, _, s1, r1, _), (_, _, s2, _, e2) = parsed.lines
     assert s1 == "pending" and r1["prompt"] == "Once" and r1["kind"] == "completion"
     assert s2 == "failed" and e2["response"]["status_code"] == 400
+    assert e2["response"]["body"]["error"]["param"] == "prompt"
 
 
 @pytest.fixture

@@ -412,6 +412,44 @@ async def test_interactive_requests_overtake_a_running_batch(own_gateway, broker
     wait_batch(client, batch.id, lambda b: b.status == "cancelled", 30, "the load batch to be cancelled")
 
 
+def test_completions_features_in_a_batch_are_accepted_and_refused_as_interactively(bgw):
+    """Several prompts, token ids, logit_bias, echo with logprobs: the same validation as the
+    endpoint (tests/test_openai_features.py), the same answers' shape, the same 400s."""
+    client = bgw.client()
+
+    def line(cid: str, **body) -> dict:
+        return {"custom_id": cid, "method": "POST", "url": "/v1/completions",
+                "body": {"model": BATCH_MODEL, "max_tokens": 3, "ignore_eos": True, **body}}
+
+    items = [
+        line("several", prompt=["The cluster", "A GPU"], n=2),
+        line("ids", prompt=[[5, 6, 7], [8, 9]]),
+        line("bias", prompt="x", logit_bias={"5": 100}, logprobs=0),
+        line("echo", prompt="The cluster is", echo=True, logprobs=1),
+        line("bias-out-of-range", prompt="x", logit_bias={"5": 101}),
+        line("too-many", prompt=["p"] * 65),
+        line("negative-id", prompt=[1, -1]),
+        line("out-of-vocab", prompt=[1, 10**6]),  # only the worker knows the vocabulary
+    ]
+    done = wait_done(client, submit(client, items, endpoint="/v1/completions").id, timeout=120)
+    assert done.status == "completed" and done.request_counts.completed == 4
+    out = {o["custom_id"]: o["response"]["body"] for o in read(client, done.output_file_id)}
+    assert [c["index"] for c in out["several"]["choices"]] == [0, 1, 2, 3]
+    assert out["several"]["usage"]["completion_tokens"] == 12
+    assert len(out["ids"]["choices"]) == 2 and out["ids"]["usage"]["prompt_tokens"] == 5
+    assert len(set(out["bias"]["choices"][0]["logprobs"]["tokens"])) == 1  # token 5, three times
+    echo = out["echo"]["choices"][0]
+    assert echo["text"].startswith("The cluster is")
+    assert echo["logprobs"]["token_logprobs"][0] is None
+    assert len(echo["logprobs"]["tokens"]) == out["echo"]["usage"]["prompt_tokens"] + 3
+    errors = {e["custom_id"]: e["response"] for e in read(client, done.error_file_id)}
+    assert set(errors) == {"bias-out-of-range", "too-many", "negative-id", "out-of-vocab"}
+    assert all(r["status_code"] == 400 for r in errors.values())
+    assert errors["bias-out-of-range"]["body"]["error"]["param"] == "logit_bias"
+    assert errors["too-many"]["body"]["error"]["param"] == "prompt"
+    assert "vocab" in errors["out-of-vocab"]["body"]["error"]["message"]
+
+
 def test_cli_submit_plain_prompts_wait_and_download(bgw, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(f"Say something about the number {i}." for i in range(20)) + "\n\n")

@@ -209,6 +209,7 @@ def test_gateway_through_the_tunnel_pauses_on_trip_and_resumes_on_reset(sshd, br
         canary = f"CANARY-{secrets.token_hex(8)}"
         chat = dict(model="tiny", messages=[{"role": "user", "content": f"hello {canary}"}], max_tokens=4)
         assert client.chat.completions.create(**chat).choices[0].message.content is not None
+        assert "tiny" in [m.id for m in client.models.list().data]
         gateway_pid, worker_pid = gw.proc.pid, served_worker.proc.pid
 
         breaker.trip(reason="test trip", by="test")
@@ -219,6 +220,11 @@ def test_gateway_through_the_tunnel_pauses_on_trip_and_resumes_on_reset(sshd, br
         assert err.value.status_code == 503
         assert "paused" in err.value.message.lower()
         assert httpx.get(gw.base_url + "/health", timeout=5).status_code == 503
+        # The model list does not pretend either (docs/api.md): the same 503, not a stale or empty list.
+        for ask in (client.models.list, lambda: client.models.retrieve("tiny")):
+            with pytest.raises(openai.APIStatusError) as err:
+                ask()
+            assert err.value.status_code == 503 and err.value.body["code"] == "service_paused"
 
         t0 = time.monotonic()
         breaker.reset(by="test")
@@ -234,6 +240,7 @@ def test_gateway_through_the_tunnel_pauses_on_trip_and_resumes_on_reset(sshd, br
         # It answers again (the worker's heartbeats may take a moment to arrive again).
         resp = wait_until(answer, 30, "the gateway to answer again", every=0.5)
         assert resp.choices[0].message.content is not None
+        assert "tiny" in [m.id for m in client.models.list().data]
         assert time.monotonic() - t0 < 30
         assert gw.proc.poll() is None and gw.proc.pid == gateway_pid
         assert served_worker.proc.poll() is None and served_worker.proc.pid == worker_pid

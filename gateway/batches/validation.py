@@ -78,13 +78,8 @@ def parse_body(kind: str, body: Any) -> dict[str, Any]:
     if req.stream:
         raise APIError(400, "Batch requests cannot be streamed; remove 'stream'.", code="invalid_request",
                        param="stream")
-    fields: dict[str, Any] = {"model": req.model, "kind": kind,
-                              "sampling": req.sampling().model_dump(mode="json", exclude_none=True)}
-    if isinstance(req, ChatCompletionRequest):
-        fields["messages"] = [m.model_dump(mode="json", exclude_none=True) for m in req.wire_messages()]
-    else:
-        fields["prompt"] = req.prompt_text
-    return fields
+    return {"model": req.model, "kind": kind, "sampling": req.sampling().model_dump(mode="json", exclude_none=True),
+            **req.wire_fields()}
 
 
 @dataclass

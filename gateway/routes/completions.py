@@ -60,6 +60,16 @@ async def _collect(frames: AsyncGenerator) -> Final:
         await frames.aclose()
 
 
+async def _prepend(first: object, frames: AsyncGenerator) -> AsyncGenerator:
+    """``first``, then the rest of ``frames``; closing this closes ``frames``."""
+    try:
+        yield first
+        async for frame in frames:
+            yield frame
+    finally:
+        await frames.aclose()
+
+
 class LeasedStream(StreamingResponse):
     """A stream that holds its key's concurrency slot until the last byte is sent or the client
     leaves, then charges the tokens the request used."""
@@ -94,18 +104,21 @@ async def _serve(kind: str, body: ChatCompletionRequest | CompletionRequest, req
     try:
         body.check_supported()
         lease = ctx.admit(key_id)
-        fields = ({"messages": body.wire_messages()} if isinstance(body, ChatCompletionRequest)
-                  else {"prompt": body.prompt_text})
         gen = Generation.build(ctx.broker, ctx.timeouts, model=body.model, kind=kind,
-                               sampling=body.sampling(), stream=body.stream, **fields)
+                               sampling=body.sampling(), stream=body.stream, **body.wire_fields())
         builder = ResponseBuilder(kind, gen.request.request_id, body.model, body.include_usage)
         frames = gen.frames()
         if body.stream:
             try:
                 await until_disconnected(request, frames.__anext__())  # the worker's "started"
+                # ...and its first output, which travels in the same message: an error the worker
+                # finds in the request (a token id beyond the vocabulary, a prompt too long) then
+                # still gets its HTTP status instead of an error event in a 200 stream.
+                first = await until_disconnected(request, frames.__anext__())
             except BaseException:
                 await frames.aclose()
                 raise
+            frames = _prepend(first, frames)
             REQUESTS.labels(endpoint, model_label(body.model), "200").inc()
             response = LeasedStream(event_stream(frames, builder, body.n), media_type="text/event-stream",
                                     headers={**SSE_HEADERS, **lease.headers}, gen=gen, lease=lease)
