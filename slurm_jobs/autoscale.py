@@ -134,7 +134,7 @@ class Autoscaler:
         """One round over all models; returns what was decided (for logs and tests)."""
         now = time.time()
         by_model = await asyncio.to_thread(self.jobs.jobs_by_model)
-        heartbeats = self.view.book.live(now)
+        heartbeats = self.view.book.live()
         decisions = {}
         for model, policy in self.policies.items():
             obs = await self.observe(model, by_model, heartbeats, now)

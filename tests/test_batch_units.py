@@ -13,7 +13,8 @@ import pytest
 
 from broker_config.messages import ChoiceEnd, Error, Final, Started, Usage
 from gateway.batches.config import BatchSettings
-from gateway.batches.dispatcher import Dispatcher, output_file_ids, parse_request_id, request_id
+from gateway.batches.dispatcher import Dispatcher
+from gateway.batches.ids import output_file_ids, parse_request_id, request_id
 from gateway.batches.files import FileStore
 from gateway.batches.service import BatchService
 from gateway.batches.store import BatchStore
@@ -131,7 +132,8 @@ def test_completions_endpoint_lines(tmp_path: Path):
 
 @pytest.fixture
 def service(tmp_path: Path) -> BatchService:
-    settings = BatchSettings(db_path=tmp_path / "gw.db", files_dir=tmp_path / "files")
+    settings = BatchSettings(db_path=tmp_path / "gw.db", files_dir=tmp_path / "files",
+                             results_queue="chatai.gw.gateway.test.batch-results")
     store = BatchStore(settings.db_path)
     files = FileStore(settings.files_dir)
     svc = BatchService(settings, store, files, Dispatcher(None, store, files, settings))  # type: ignore[arg-type]
@@ -156,7 +158,7 @@ def _final(bid: str, line: int, reason: str = "length", text: str = "hello") -> 
 
 def test_each_line_is_recorded_once_however_often_its_result_arrives(service: BatchService):
     bid = _started_batch(service)
-    d = service.dispatcher
+    d = service.dispatcher.collector
     assert parse_request_id(request_id(bid, 2)) == (bid, 2)
     d.handle_result(Started(request_id=request_id(bid, 1), worker_id="w").encode())  # ignored
     for _ in range(3):  # the broker redelivers; a re-published copy also answers
@@ -183,7 +185,7 @@ def test_each_line_is_recorded_once_however_often_its_result_arrives(service: Ba
 
 def test_results_commit_as_a_group_and_a_bad_frame_is_dropped_alone(service: BatchService):
     bid = _started_batch(service, n=4)
-    d = service.dispatcher
+    d = service.dispatcher.collector
     d.handle_results([_final(bid, 1), _final(bid, 1), _final(bid, 2)])
     assert service.store.get_batch(bid)["completed"] == 2 and d.duplicates == 1
     with service.store.tx() as db:  # line 4 is broken: its result cannot be built
@@ -196,7 +198,7 @@ def test_results_commit_as_a_group_and_a_bad_frame_is_dropped_alone(service: Bat
 
 def test_an_aborted_line_runs_again_unless_the_batch_is_cancelled(service: BatchService):
     bid = _started_batch(service)
-    d = service.dispatcher
+    d = service.dispatcher.collector
     service.store.mark_publishing(bid, [1, 2])
     service.store.mark_queued(bid, [1])
     service.store.mark_queued(bid, [2])
@@ -209,12 +211,12 @@ def test_an_aborted_line_runs_again_unless_the_batch_is_cancelled(service: Batch
 
 async def test_finalize_writes_files_in_line_order_and_forgets_the_lines(service: BatchService):
     bid = _started_batch(service, n=4)
-    d = service.dispatcher
+    d = service.dispatcher.collector
     d.handle_result(_final(bid, 3))
     d.handle_result(_final(bid, 1))
     d.handle_result(Error(request_id=request_id(bid, 2), status=400, message="refused").encode())
     service.store.set_status(bid, "cancelling", only_from=("in_progress",))
-    d._finalize(bid, "cancelled")
+    service.dispatcher.feeder.finalize(bid, "cancelled")
     b = service.store.get_batch(bid)
     assert b["status"] == "cancelled" and b["cancelled_at"] and b["ended_at"]
     out_id, err_id = output_file_ids(bid)
@@ -226,7 +228,7 @@ async def test_finalize_writes_files_in_line_order_and_forgets_the_lines(service
     assert errs[1]["error"]["code"] == "batch_cancelled"
     assert service.store.get_file(out_id, "key_1")["purpose"] == "batch_output"
     assert service.store.count_lines(bid, ("pending", "done", "failed", "cancelled")) == 0
-    d._finalize(bid, "cancelled")  # a second finalize (restart) changes nothing
+    service.dispatcher.feeder.finalize(bid, "cancelled")  # a second finalize (restart) changes nothing
     assert service.store.get_batch(bid)["cancelled_at"] == b["cancelled_at"]
 
 
@@ -263,8 +265,8 @@ async def test_a_batch_past_its_window_expires_with_its_results_kept(service: Ba
     lines = [(i, f"c{i}", "pending", {"model": "tiny", "kind": "chat", "messages": [], "sampling": {}}, None)
              for i in (1, 2)]
     assert service.store.start_batch(bid, lines, "tiny")
-    service.dispatcher.handle_result(_final(bid, 1))
-    await service.dispatcher.tick()
+    service.dispatcher.collector.handle_result(_final(bid, 1))
+    await service.dispatcher.feeder.tick()
     b = service.store.get_batch(bid)
     assert b["status"] == "expired" and b["expired_at"]
     out = [json.loads(x) for x in service.files.path(b["output_file_id"]).read_text().splitlines()]
