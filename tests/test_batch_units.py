@@ -273,3 +273,38 @@ async def test_a_batch_past_its_window_expires_with_its_results_kept(service: Ba
     errs = [json.loads(x) for x in service.files.path(b["error_file_id"]).read_text().splitlines()]
     assert [o["custom_id"] for o in out] == ["c1"]
     assert [(e["custom_id"], e["error"]["code"]) for e in errs] == [("c2", "batch_expired")]
+
+
+def test_cancelling_open_lines_leaves_results_alone(service: BatchService):
+    bid = _started_batch(service, n=3)
+    service.dispatcher.collector.handle_result(_final(bid, 1))
+    assert service.store.cancel_open_lines(bid, line_no=2) == 1
+    assert [service.store.get_line(bid, n).state for n in (1, 2, 3)] == ["done", "cancelled", "pending"]
+    assert service.store.get_line(bid, 2).request is None  # the prompt is not kept for a line that never runs
+    assert service.store.cancel_open_lines(bid) == 1  # only line 3 was still open
+    assert service.store.get_line(bid, 3).state == "cancelled"
+
+
+def test_ending_a_batch_happens_once(service: BatchService):
+    bid = _started_batch(service, n=1)
+    out = ("file-x-output", "x.jsonl", 10, 2**31)
+    assert service.store.end_batch(bid, "completed", [out], {"output_file_id": "file-x-output"})
+    b = service.store.get_batch(bid)
+    assert (b["status"], b["output_file_id"]) == ("completed", "file-x-output")
+    assert b["completed_at"] and b["finalizing_at"] and b["ended_at"]
+    assert service.store.get_file("file-x-output", "key_1")["purpose"] == "batch_output"
+    assert service.store.get_line(bid, 1) is None
+    assert not service.store.end_batch(bid, "cancelled", [], {})  # already ended: nothing changes
+    assert service.store.get_batch(bid)["status"] == "completed"
+
+
+def test_a_failing_part_of_a_transaction_rolls_back_alone(service: BatchService):
+    bid = _started_batch(service, n=2)
+    with service.store.tx():
+        with pytest.raises(ValueError):
+            with service.store.part():
+                service.store.cancel_open_lines(bid, line_no=1)
+                raise ValueError("this part goes")
+        with service.store.part():
+            service.store.cancel_open_lines(bid, line_no=2)
+    assert [service.store.get_line(bid, n).state for n in (1, 2)] == ["pending", "cancelled"]
