@@ -21,7 +21,8 @@ from broker_config.messages import Delta, Error, Final, Started, decode_frame
 from broker_config.timing import Backoff, retry_async
 from gateway.batches.config import BatchSettings
 from gateway.batches.ids import parse_request_id
-from gateway.batches.store import OPEN, BatchStore
+from gateway.batches.states import OPEN
+from gateway.batches.store import BatchStore
 from gateway.batches.validation import api_error_line, response_line
 from gateway.cluster_errors import WorkerFailed
 from gateway.formatting import ResponseBuilder

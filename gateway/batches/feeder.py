@@ -35,7 +35,8 @@ from broker_config.timing import Backoff
 from gateway.batches.config import BatchSettings
 from gateway.batches.files import FileStore
 from gateway.batches.ids import output_file_ids, request_id
-from gateway.batches.store import ACTIVE, IN_FLIGHT, OPEN, BatchStore, LineRow, now
+from gateway.batches.states import ACTIVE, IN_FLIGHT, OPEN
+from gateway.batches.store import BatchStore, LineRow, now
 from gateway.batches.validation import BatchFileError, api_error_line, error_line, parse_file
 from gateway.broker_port import BrokerPort
 from gateway.cluster_errors import ModelNotFound, TryLater

@@ -36,13 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from gateway import private
+from gateway.batches.states import ACTIVE, IN_FLIGHT, OPEN, TERMINAL
 
 log = logging.getLogger("chatai.gateway.batches")
 
-ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
-TERMINAL = ("failed", "completed", "expired", "cancelled")
-IN_FLIGHT = ("publishing", "queued")
-OPEN = ("pending", "publishing", "queued")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS batch_files (
