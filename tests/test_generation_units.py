@@ -17,17 +17,8 @@ import pytest
 from broker_config.messages import ChoiceEnd, Delta, Error, Final, GenerateRequest, Started, Usage
 from broker_config.timing import await_until
 from gateway.broker_port import BrokerPort, Subscription
-from gateway.cluster_errors import (
-    ClusterError,
-    ClusterOverloaded,
-    ClusterUnavailable,
-    ModelNotFound,
-    NoWorkerAvailable,
-    QueueFull,
-    WorkerFailed,
-    WorkerLost,
-    WorkerTimeout,
-)
+from gateway.cluster_errors import ClusterError, ClusterUnavailable, ModelNotFound, NoWorkerAvailable, QueueFull
+from gateway.cluster_errors import ClusterOverloaded, WorkerFailed, WorkerLost, WorkerTimeout
 from gateway.errors import to_api_error
 from gateway.generation import Generation, Timeouts
 

@@ -429,14 +429,11 @@ class BatchStore:
 
     def cancel_open_lines(self, batch_id: str, line_no: int | None = None) -> int:
         """Lines without a result (all of the batch's, or one) will never run: drop their requests."""
-        sql = (f"UPDATE batch_lines SET state = 'cancelled', request = NULL WHERE batch_id = ? AND "
-               f"state IN ({','.join('?' * len(OPEN))})")
-        args: list[Any] = [batch_id, *OPEN]
-        if line_no is not None:
-            sql += " AND line_no = ?"
-            args.append(line_no)
+        one = (line_no,) if line_no is not None else ()
         with self.tx() as db:
-            return db.execute(sql, args).rowcount
+            return db.execute(f"UPDATE batch_lines SET state = 'cancelled', request = NULL WHERE batch_id = ? AND "
+                              f"state IN ({','.join('?' * len(OPEN))}){' AND line_no = ?' if one else ''}",
+                              (batch_id, *OPEN, *one)).rowcount
 
     def end_batch(self, batch_id: str, status: str, outputs: list[tuple[str, str, int, int]],
                   fields: dict[str, Any]) -> bool:
