@@ -25,12 +25,11 @@ from collections.abc import Callable
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
 from aio_pika.exceptions import DeliveryError, PublishError
-
 from aiormq import TransportFactory
 from pamqp.commands import Basic
 
 from broker_config import topology as t
-from broker_config.connection import connect, redact, user_of
+from broker_config.connection import connect, publish, redact, user_of
 from broker_config.messages import CONTENT_TYPE, Cancel, GenerateRequest, Heartbeat, decode_frames
 from broker_config.timing import Backoff, retry_async
 from gateway.broker_port import Subscription
@@ -178,7 +177,7 @@ class GatewayBroker:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT,
         )
         try:
-            await self._requests.publish(message, routing_key=request.model, mandatory=True, timeout=10)
+            await publish(self._requests, message, routing_key=request.model, mandatory=True, timeout=10)
         except DeliveryError as exc:
             if isinstance(exc, PublishError) or isinstance(exc.frame, Basic.Return):  # unroutable
                 raise ModelNotFound(request.model) from None

@@ -46,6 +46,8 @@ from gateway.metrics import (
     TUNNEL_UP,
 )
 
+from gateway.quickack import QuickAckDialer
+
 log = logging.getLogger("chatai.gateway.tunnel")
 
 STATES = ("connecting", "up", "down")
@@ -177,6 +179,7 @@ class BrokerTunnel:
             password=None, gss_host=None, keepalive_interval=self.keepalive,
             keepalive_count_max=self.keepalive_count_max, login_timeout=self.connect_timeout,
             connect_timeout=self.connect_timeout,
+            tunnel=QuickAckDialer(),  # a plain TCP socket that acks at once: see gateway.quickack
         )
 
     async def _run(self) -> None:
