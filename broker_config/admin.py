@@ -10,14 +10,18 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass
 
 from broker_config import topology as t
+from broker_config.timing import Backoff, retry
 
 
 class BrokerAdminError(RuntimeError):
     pass
+
+
+class _Unreachable(BrokerAdminError):
+    """rabbitmqctl could not talk to the node (worth another try), as opposed to a refusal."""
 
 
 # What rabbitmqctl says when it could not talk to the node (as opposed to the node refusing).
@@ -43,20 +47,19 @@ class BrokerAdmin:
         """
         exe = self.rabbitmqctl if self.prefix else shutil.which(self.rabbitmqctl) or self.rabbitmqctl
         cmd = [*self.prefix, exe, "-q"] + (["-n", self.node] if self.node else []) + list(args)
-        for attempt in range(1, self.attempts + 1):
+
+        def once() -> str:
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout, input=stdin)
             except subprocess.TimeoutExpired:
-                if attempt == self.attempts:
-                    raise BrokerAdminError(f"rabbitmqctl {args[0]} timed out {self.attempts} times") from None
-                continue
+                raise _Unreachable(f"rabbitmqctl {args[0]} timed out {self.attempts} times") from None
             if proc.returncode == 0:
                 return proc.stdout
             message = proc.stderr.strip() or proc.stdout.strip()
-            if attempt == self.attempts or not any(m in message for m in _UNREACHABLE):
-                raise BrokerAdminError(f"rabbitmqctl {args[0]} failed: {message}")
-            time.sleep(1.0)
-        raise AssertionError("unreachable")
+            error = _Unreachable if any(m in message for m in _UNREACHABLE) else BrokerAdminError
+            raise error(f"rabbitmqctl {args[0]} failed: {message}")
+
+        return retry(once, Backoff.fixed(1.0), attempts=self.attempts, retry_on=(_Unreachable,))
 
     def import_definitions(self, document: dict) -> None:
         # Through standard input: the document holds password hashes, and Debian's rabbitmqctl

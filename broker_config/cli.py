@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from broker_config import topology as t
 from broker_config.admin import BrokerAdmin, BrokerAdminError
 from broker_config.definitions import DEFAULT_GATEWAY, ROLES, Definitions, load_or_create_passwords
 from broker_config.provision import Limits
@@ -42,7 +43,7 @@ def render(
     model: ModelsOpt,
     gateway: GatewaysOpt = [],  # noqa: B006 - typer needs a list default
     secrets: SecretsOpt = Path("broker-secrets.json"),
-    max_queue_length: int = 10_000,
+    max_queue_length: int = t.DEFAULT_MAX_QUEUE_LENGTH,
 ) -> None:
     """Print the definitions document (JSON) for these models and gateway deployments."""
     typer.echo(_definitions(model, gateway, secrets, max_queue_length).to_json())
@@ -54,7 +55,7 @@ def apply(
     gateway: GatewaysOpt = [],  # noqa: B006
     secrets: SecretsOpt = Path("broker-secrets.json"),
     node: Annotated[str | None, typer.Option(help="RabbitMQ node name, e.g. rabbit@broker.")] = None,
-    max_queue_length: int = 10_000,
+    max_queue_length: int = t.DEFAULT_MAX_QUEUE_LENGTH,
     max_connections: Annotated[int, typer.Option(help="vhost limit: AMQP connections, all users.")] = 1000,
     max_queues: Annotated[int, typer.Option(help="vhost limit: queues, all users.")] = 2000,
     gateway_max_connections: Annotated[int, typer.Option(help="per gateway deployment: connections.")] = 16,

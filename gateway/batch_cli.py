@@ -22,10 +22,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from broker_config.timing import wait_until
+from gateway.batches.states import TERMINAL
+
 app = typer.Typer(help="Batch jobs: submit prompt files, watch progress, download results.", no_args_is_help=True)
 err = Console(stderr=True)
 
-TERMINAL = {"completed", "failed", "expired", "cancelled"}
 BaseUrl = Annotated[Optional[str], typer.Option("--base-url", envvar="CHATAI_BASE_URL",
                                                 help="Gateway URL, e.g. https://llm.example.org (env CHATAI_BASE_URL).")]
 ApiKey = Annotated[Optional[str], typer.Option("--api-key", envvar="CHATAI_API_KEY", show_default=False,
@@ -111,14 +113,15 @@ def wait(gw: Gateway, batch_id: str, poll: float = 1.0, quiet: bool = False) -> 
                TextColumn("{task.fields[failed]} failed"), TimeElapsedColumn())
     with Progress(*columns, console=err, disable=quiet, transient=False) as progress:
         task = progress.add_task("validating", total=None, failed=0)
-        while True:
+
+        def ended() -> dict[str, Any] | None:
             b = gw.batch(batch_id)
             done, failed, total = _counts(b)
             progress.update(task, description=b["status"], completed=done + failed, total=total or None,
                             failed=failed)
-            if b["status"] in TERMINAL:
-                return b
-            time.sleep(poll)
+            return b if b["status"] in TERMINAL else None
+
+        return wait_until(ended, timeout=None, what="the batch to end", every=poll)
 
 
 def write_results(gw: Gateway, b: dict[str, Any], out: Path) -> None:

@@ -7,7 +7,9 @@ is the gateway deployment's identity: every queue it names lives under
 checks against the connection's user), so a worker honours a cancellation only from the
 deployment that sent the request. Publishing uses
 confirms and ``mandatory``, so an unknown model (no queue bound) and a full queue
-(reject-publish) are known at once and answered 404 / 429 instead of waiting.
+(reject-publish) are known at once (``ModelNotFound`` / ``QueueFull``, which the API answers
+404 / 429) instead of waiting. Nothing here speaks HTTP: failures are
+``gateway.cluster_errors``, mapped to responses by ``gateway/errors.py``.
 """
 
 from __future__ import annotations
@@ -23,39 +25,19 @@ from collections.abc import Callable
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
 from aio_pika.exceptions import DeliveryError, PublishError
+from aiormq import TransportFactory
 from pamqp.commands import Basic
 
 from broker_config import topology as t
-from aiormq import TransportFactory
-
 from broker_config.connection import QueueDepth, connect, publish, queue_depth, redact, user_of
 from broker_config.messages import CONTENT_TYPE, Cancel, GenerateRequest, Heartbeat, decode_frames
-from gateway.errors import APIError, model_not_found
+from broker_config.timing import Backoff, retry_async
+from gateway.broker_port import Subscription
+from gateway.cluster_errors import ClusterUnavailable, ModelNotFound, QueueFull
 from gateway.metrics import BROKER_CONNECTED, MALFORMED_FRAMES, know_model
 from gateway.registry import WorkerRegistry
 
 log = logging.getLogger("chatai.gateway.broker")
-
-
-def broker_unavailable() -> APIError:
-    return APIError(
-        503,
-        "The service is paused: the gateway has no connection to the cluster (the circuit breaker "
-        "may be tripped, or the tunnel or broker is down). Try again later.",
-        code="service_paused",
-    )
-
-
-class Subscription:
-    """The frames of one request, in arrival order."""
-
-    def __init__(self, request_id: str, on_close: Callable[[str], None]) -> None:
-        self.request_id = request_id
-        self.frames: asyncio.Queue = asyncio.Queue()
-        self._on_close = on_close
-
-    def close(self) -> None:
-        self._on_close(self.request_id)
 
 
 class GatewayBroker:
@@ -84,20 +66,13 @@ class GatewayBroker:
         self._connector = asyncio.create_task(self._connect_loop(), name="broker-connect")
 
     async def _connect_loop(self) -> None:
-        delay = self._reconnect_interval
-        while True:
-            try:
-                await self._connect_once()
-                self.last_error = None
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - any failure means "retry later"
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("broker %s unreachable (%s); retrying in %.0f s", redact(self._url),
-                            type(exc).__name__, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+        def failed(exc: Exception, delay: float) -> None:  # any failure means "retry later"
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.warning("broker %s unreachable (%s); retrying in %.0f s", redact(self._url),
+                        type(exc).__name__, delay)
+
+        await retry_async(self._connect_once, Backoff(self._reconnect_interval, 30.0), on_failure=failed)
+        self.last_error = None
 
     async def _connect_once(self) -> None:
         connection = await connect(self._url, name=f"chatai-gateway-{self.gateway_id}",
@@ -175,6 +150,9 @@ class GatewayBroker:
 
     # ------------------------------------------------------------------ sending
 
+    def worker_alive(self, worker_id: str) -> bool:
+        return self.registry.is_alive(worker_id)
+
     def subscribe(self, request_id: str) -> Subscription:
         sub = Subscription(request_id, lambda rid: self._subscriptions.pop(rid, None))
         self._subscriptions[request_id] = sub
@@ -182,9 +160,10 @@ class GatewayBroker:
 
     async def publish_request(self, request: GenerateRequest, *, priority: int, ttl: float | None,
                               persistent: bool = False) -> None:
-        """Put a request on its model's queue; raises APIError 404 / 429 / 503 at once."""
+        """Put a request on its model's queue; raises ModelNotFound / QueueFull / ClusterUnavailable
+        at once when nothing was queued."""
         if not self.connected or self._requests is None:
-            raise broker_unavailable()
+            raise ClusterUnavailable()
         message = aio_pika.Message(
             body=request.encode(),
             content_type=CONTENT_TYPE,
@@ -201,11 +180,10 @@ class GatewayBroker:
             await publish(self._requests, message, routing_key=request.model, mandatory=True, timeout=10)
         except DeliveryError as exc:
             if isinstance(exc, PublishError) or isinstance(exc.frame, Basic.Return):  # unroutable
-                raise model_not_found(request.model) from None
-            raise APIError(429, f"The queue of model '{request.model}' is full; retry later.",
-                           code="queue_full") from None
+                raise ModelNotFound(request.model) from None
+            raise QueueFull(request.model) from None
         except (asyncio.TimeoutError, aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError):
-            raise broker_unavailable() from None
+            raise ClusterUnavailable() from None
         know_model(request.model)  # routed: the model has a queue, so it is one of the definitions'
 
     async def queue_depth(self, model: str) -> QueueDepth | None:

@@ -2,6 +2,8 @@
 
 Every failure a client can see goes through ``APIError``, so the status code, the type and
 the machine-readable code stay consistent across endpoints and the SDK raises the right class.
+The cluster's own failures (``gateway/cluster_errors.py``) become HTTP here and nowhere else
+(``to_api_error``, used by the exception handlers, the SSE error event and batch error lines).
 """
 
 from __future__ import annotations
@@ -12,6 +14,18 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gateway.cluster_errors import (
+    ClusterError,
+    ClusterOverloaded,
+    ClusterUnavailable,
+    ModelNotFound,
+    NoWorkerAvailable,
+    QueueFull,
+    WorkerFailed,
+    WorkerLost,
+    WorkerTimeout,
+)
 
 _TYPES = {
     400: "invalid_request_error",
@@ -53,9 +67,33 @@ def invalid_api_key() -> APIError:
                     code="invalid_api_key")
 
 
+# A cluster failure's HTTP status, OpenAI code and offending parameter.
+_CLUSTER_HTTP: dict[type[ClusterError], tuple[int, str, str | None]] = {
+    ModelNotFound: (404, "model_not_found", "model"),
+    QueueFull: (429, "queue_full", None),
+    ClusterUnavailable: (503, "service_paused", None),
+    ClusterOverloaded: (503, "cluster_overloaded", None),
+    NoWorkerAvailable: (503, "no_worker_available", None),
+    WorkerLost: (502, "worker_lost", None),
+    WorkerTimeout: (504, "worker_timeout", None),
+}
+
+
+def to_api_error(exc: APIError | ClusterError) -> APIError:
+    """The client's view of a failure: an APIError as it is, a cluster failure mapped."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, WorkerFailed):  # the worker chose the status and code
+        return APIError(exc.status, exc.message, code=exc.code)
+    for cls in type(exc).__mro__:
+        if cls in _CLUSTER_HTTP:
+            status, code, param = _CLUSTER_HTTP[cls]
+            return APIError(status, exc.message, code=code, param=param)
+    return APIError(502, exc.message, code="cluster_error")
+
+
 def model_not_found(model: str) -> APIError:
-    return APIError(404, f"The model '{model}' does not exist on this service.", code="model_not_found",
-                    param="model")
+    return to_api_error(ModelNotFound(model))
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -77,6 +115,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return exc.response()
+
+    @app.exception_handler(ClusterError)
+    async def _cluster_error(_: Request, exc: ClusterError) -> JSONResponse:
+        return to_api_error(exc).response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

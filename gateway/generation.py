@@ -5,6 +5,9 @@ in order. The rules of the wire protocol live here: frames of an older attempt a
 a duplicate sequence number is dropped, and a redelivery (a worker died) either restarts the
 request transparently or, when tokens were already streamed to the client, ends it with an
 error, because tokens cannot be unsent.
+
+It speaks to the broker only through ``BrokerPort`` and fails with ``gateway.cluster_errors``
+(the API maps them to HTTP in ``gateway/errors.py``), so these rules are unit-tested in memory.
 """
 
 from __future__ import annotations
@@ -17,27 +20,27 @@ from dataclasses import dataclass, field
 
 from broker_config import topology as t
 from broker_config.messages import Delta, Error, Final, GenerateRequest, Started
-from gateway.broker import GatewayBroker, broker_unavailable
-from gateway.errors import APIError
+from gateway.broker_port import BrokerPort
+from gateway.cluster_errors import (
+    ClusterError,
+    ClusterUnavailable,
+    NoWorkerAvailable,
+    WorkerFailed,
+    WorkerLost,
+    WorkerTimeout,
+)
 from gateway.metrics import CANCELLATIONS, IN_FLIGHT, QUEUE_WAIT, TIME_TO_FIRST_TOKEN, TOKENS, model_label
-
-_LIVENESS_CHECK = 1.0  # seconds between checks that the worker holding a request is still alive
 
 
 def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-def no_worker(model: str, timeout: float) -> APIError:
-    return APIError(503, f"No worker picked up the request within {timeout:g} s: model '{model}' has no free "
-                         "worker right now (workers may be starting, busy or scaled to zero). Try again later.",
-                    code="no_worker_available")
-
-
 @dataclass
 class Timeouts:
-    queue: float
-    idle: float
+    queue: float  # for a worker to start the request (and to restart it after a redelivery)
+    idle: float  # for the next frame of a started request
+    liveness: float = 1.0  # between checks that the broker and the request's worker are still there
 
 
 @dataclass
@@ -51,9 +54,9 @@ class Outcome:
 
 
 class Generation:
-    """Iterate over a request's frames; raises APIError on failures the client must see."""
+    """Iterate over a request's frames; raises ClusterError on failures the client must see."""
 
-    def __init__(self, broker: GatewayBroker, request: GenerateRequest, timeouts: Timeouts) -> None:
+    def __init__(self, broker: BrokerPort, request: GenerateRequest, timeouts: Timeouts) -> None:
         self.broker = broker
         self.request = request
         self.timeouts = timeouts
@@ -61,7 +64,7 @@ class Generation:
         self._done = False
 
     @classmethod
-    def build(cls, broker: GatewayBroker, timeouts: Timeouts, **fields: object) -> "Generation":
+    def build(cls, broker: BrokerPort, timeouts: Timeouts, **fields: object) -> "Generation":
         request = GenerateRequest(request_id=new_request_id(), reply_to=broker.reply_queue_name,
                                   deadline=time.time() + timeouts.queue, **fields)
         return cls(broker, request, timeouts)
@@ -75,7 +78,7 @@ class Generation:
         try:
             try:
                 await self.broker.publish_request(req, priority=t.INTERACTIVE_PRIORITY, ttl=self.timeouts.queue)
-            except APIError:
+            except ClusterError:
                 self._done = True  # nothing was queued: nothing to cancel
                 raise
             attempt, last_seq, started_at = 0, -1, None
@@ -86,9 +89,7 @@ class Generation:
                     continue  # an older attempt's or a duplicate frame
                 if isinstance(frame, Started):
                     if attempt and self.outcome.streamed_tokens:
-                        raise APIError(502, "The worker serving this stream was lost after tokens were sent; "
-                                            "the request was restarted elsewhere but a stream cannot be "
-                                            "rewound. Retry the request.", code="worker_lost")
+                        raise WorkerLost()
                     attempt, last_seq = frame.attempt, frame.seq
                     self.outcome.attempts.append(frame.attempt)
                     self.outcome.worker_id = frame.worker_id
@@ -101,7 +102,7 @@ class Generation:
                     continue  # frames of a newer attempt before its Started: wait for it
                 last_seq = frame.seq
                 if isinstance(frame, Error):
-                    raise APIError(frame.status, frame.message, code=frame.code)
+                    raise WorkerFailed(frame.status, frame.code, frame.message)
                 if isinstance(frame, Delta):
                     if not first_token_seen:
                         first_token_seen = True
@@ -127,7 +128,8 @@ class Generation:
                 task.add_done_callback(_background.discard)
 
     async def _next(self, frames: asyncio.Queue, attempt: int, waiting_for_start: bool):
-        """The next frame, or an APIError when the queue timeout or the worker's silence runs out."""
+        """The next frame; NoWorkerAvailable / WorkerTimeout when the queue timeout or the worker's
+        silence runs out, ClusterUnavailable when the broker connection is gone."""
         if not frames.empty():  # the common case mid-stream: no timer, no task
             return frames.get_nowait()
         limit = self.timeouts.queue if waiting_for_start else self.timeouts.idle
@@ -136,17 +138,16 @@ class Generation:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 if waiting_for_start:
-                    raise no_worker(self.request.model, self.timeouts.queue)
-                raise APIError(504, "The worker stopped sending tokens; the request was abandoned.",
-                               code="worker_timeout")
+                    raise NoWorkerAvailable(self.request.model, self.timeouts.queue)
+                raise WorkerTimeout()
             try:
-                return await asyncio.wait_for(frames.get(), timeout=min(remaining, _LIVENESS_CHECK))
+                return await asyncio.wait_for(frames.get(), timeout=min(remaining, self.timeouts.liveness))
             except asyncio.TimeoutError:
                 pass
             if not self.broker.connected:
-                raise broker_unavailable()
+                raise ClusterUnavailable()
             worker = self.outcome.worker_id
-            if not waiting_for_start and worker and not self.broker.registry.is_alive(worker):
+            if not waiting_for_start and worker and not self.broker.worker_alive(worker):
                 # Its worker is gone: the broker redelivers the request; give that the queue timeout.
                 waiting_for_start = True
                 deadline = time.monotonic() + self.timeouts.queue

@@ -43,3 +43,20 @@ def know_model(name: str) -> None:
 def model_label(name: str) -> str:
     """The ``model`` label value for a model name a client sent."""
     return name if name in _known_models else OTHER_MODEL
+
+# The SSH tunnel (gateway/tunnel.py).
+TUNNEL_UP = Gauge("chatai_tunnel_up", "1 while the SSH tunnel to the cluster is up")
+TUNNEL_STATE = Gauge("chatai_tunnel_state", "1 for the SSH tunnel's current state", ["state"])
+TUNNEL_CONNECT_ATTEMPTS = Counter("chatai_tunnel_connect_attempts", "SSH connection attempts to the login node")
+TUNNEL_CONNECT_FAILURES = Counter("chatai_tunnel_connect_failures", "Failed SSH connection attempts", ["reason"])
+TUNNEL_DISCONNECTS = Counter("chatai_tunnel_disconnects", "SSH tunnel connections lost after being up")
+TUNNEL_FORWARDS = Counter("chatai_tunnel_forwarded_connections", "AMQP connections carried to the broker")
+TUNNEL_FORWARD_FAILURES = Counter("chatai_tunnel_forward_failures",
+                                  "AMQP connections refused: tunnel down or forward refused")
+TUNNEL_ACTIVE_FORWARDS = Gauge("chatai_tunnel_active_forwards", "Forwarded connections open now")
+
+# Batches (gateway/batches/).
+BATCH_LINES_SENT = Counter("chatai_batch_lines_published_total", "Batch lines put on a model queue (re-sends too)",
+                           ["model"])
+BATCH_RESULTS = Counter("chatai_batch_results_total",
+                        "Batch results received, by outcome (completed, failed, duplicate = dropped)", ["outcome"])

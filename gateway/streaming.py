@@ -13,7 +13,8 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from broker_config.messages import Delta, Final
-from gateway.errors import APIError
+from gateway.cluster_errors import ClusterError
+from gateway.errors import APIError, to_api_error
 from gateway.formatting import ResponseBuilder
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -40,8 +41,8 @@ async def event_stream(frames: AsyncGenerator, builder: ResponseBuilder, n: int)
                     yield sse(builder.usage_chunk(frame))
                 yield sse("[DONE]")
                 return
-    except APIError as exc:
-        yield sse(exc.body())
+    except (APIError, ClusterError) as exc:
+        yield sse(to_api_error(exc).body())
     finally:
         # Runs also when the client disconnects: closing the frames cancels the generation.
         await frames.aclose()

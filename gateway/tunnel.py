@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import socket
 import time
 from pathlib import Path
@@ -34,24 +33,24 @@ from typing import Any
 import asyncssh
 from aiormq import TransportFactory
 from aiormq.exceptions import AMQPConnectionError
-from prometheus_client import Counter, Gauge
+
+from broker_config.timing import Backoff
+from gateway.metrics import (
+    TUNNEL_ACTIVE_FORWARDS,
+    TUNNEL_CONNECT_ATTEMPTS,
+    TUNNEL_CONNECT_FAILURES,
+    TUNNEL_DISCONNECTS,
+    TUNNEL_FORWARD_FAILURES,
+    TUNNEL_FORWARDS,
+    TUNNEL_STATE,
+    TUNNEL_UP,
+)
 
 from gateway.quickack import QuickAckDialer
 
 log = logging.getLogger("chatai.gateway.tunnel")
 
 STATES = ("connecting", "up", "down")
-
-TUNNEL_UP = Gauge("chatai_tunnel_up", "1 while the SSH tunnel to the cluster is up")
-TUNNEL_STATE = Gauge("chatai_tunnel_state", "1 for the SSH tunnel's current state", ["state"])
-TUNNEL_CONNECT_ATTEMPTS = Counter("chatai_tunnel_connect_attempts", "SSH connection attempts to the login node")
-TUNNEL_CONNECT_FAILURES = Counter("chatai_tunnel_connect_failures", "Failed SSH connection attempts", ["reason"])
-TUNNEL_DISCONNECTS = Counter("chatai_tunnel_disconnects", "SSH tunnel connections lost after being up")
-TUNNEL_FORWARDS = Counter("chatai_tunnel_forwarded_connections", "AMQP connections carried to the broker")
-TUNNEL_FORWARD_FAILURES = Counter("chatai_tunnel_forward_failures",
-                                  "AMQP connections refused: tunnel down or forward refused")
-TUNNEL_ACTIVE_FORWARDS = Gauge("chatai_tunnel_active_forwards", "Forwarded connections open now")
-
 
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, asyncssh.HostKeyNotVerifiable):
@@ -94,7 +93,7 @@ class BrokerTunnel:
         self.key_path, self.known_hosts_path = Path(key_path), Path(known_hosts_path)
         self.remote_host, self.remote_port = remote_host, remote_port
         self.keepalive, self.keepalive_count_max = keepalive, keepalive_count_max
-        self.backoff_initial, self.backoff_max = backoff_initial, backoff_max
+        self._backoff = Backoff(backoff_initial, backoff_max, jitter=True)
         self.connect_timeout = connect_timeout
         self._started = False
         self.last_error: str | None = None
@@ -166,11 +165,6 @@ class BrokerTunnel:
         else:
             self._up.clear()
 
-    def _backoff(self, attempt: int) -> float:
-        """Exponential backoff with jitter: half fixed, half random."""
-        ceiling = min(self.backoff_max, self.backoff_initial * (2 ** min(attempt, 30)))
-        return ceiling / 2 + random.uniform(0, ceiling / 2)
-
     async def _sleep(self, delay: float) -> None:
         self._wake.clear()
         with contextlib.suppress(asyncio.TimeoutError):
@@ -189,7 +183,6 @@ class BrokerTunnel:
         )
 
     async def _run(self) -> None:
-        attempt = 0
         while not self._closing:
             self._set_state("connecting")
             TUNNEL_CONNECT_ATTEMPTS.inc()
@@ -201,8 +194,7 @@ class BrokerTunnel:
                 TUNNEL_CONNECT_FAILURES.labels(_reason(exc)).inc()
                 self.last_error = _describe(exc)
                 self._set_state("down")
-                delay = self._backoff(attempt)
-                attempt += 1
+                delay = self._backoff.next()
                 log.warning("SSH tunnel to %s:%s failed (%s); retrying in %.1f s", self.host, self.port,
                             self.last_error, delay)
                 await self._sleep(delay)
@@ -223,9 +215,8 @@ class BrokerTunnel:
             self.last_error = self._lost_reason or "connection closed"
             self._set_state("down")
             if time.monotonic() - since > 60:
-                attempt = 0  # it was healthy for a while: start again from a short delay
-            delay = self._backoff(attempt)
-            attempt += 1
+                self._backoff.reset()  # it was healthy for a while: start again from a short delay
+            delay = self._backoff.next()
             log.warning("SSH tunnel lost (%s); reconnecting in %.1f s", self.last_error, delay)
             await self._sleep(delay)
         self._set_state("down")

@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gpu_worker import slurm
+
 
 def _on_gpu() -> bool:
     try:
@@ -27,10 +29,7 @@ def _on_gpu() -> bool:
 def default_worker_id() -> str:
     """Unique and readable: the Slurm array task or job when there is one, else node-pid."""
     node = socket.gethostname().split(".")[0]
-    array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    if array_job and array_task:
-        return f"{node}-{array_job}_{array_task}-{os.getpid()}"
-    if job := os.environ.get("SLURM_JOB_ID"):
+    if job := slurm.job_id():
         return f"{node}-{job}-{os.getpid()}"
     return f"{node}-{os.getpid()}"
 

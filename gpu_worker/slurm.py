@@ -12,17 +12,33 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 
 log = logging.getLogger("chatai.worker.slurm")
 
 
-def job_id() -> str | None:
+@dataclass(frozen=True)
+class SlurmEnv:
+    """What Slurm tells a job about itself through ``SLURM_*`` variables (read only here)."""
+
+    job: str | None  # SLURM_JOB_ID: this job's (or array task's) own unique id
+    array_job: str | None
+    array_task: str | None
+
+    @classmethod
+    def read(cls, env: Mapping[str, str] = os.environ) -> "SlurmEnv":
+        return cls(env.get("SLURM_JOB_ID") or None, env.get("SLURM_ARRAY_JOB_ID") or None,
+                   env.get("SLURM_ARRAY_TASK_ID") or None)
+
+
+def job_id(env: SlurmEnv | None = None) -> str | None:
     """The job as Slurm names it: ``ARRAYJOB_TASK`` for array tasks, else SLURM_JOB_ID."""
-    array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    if array_job and array_task:
-        return f"{array_job}_{array_task}"
-    return os.environ.get("SLURM_JOB_ID") or None
+    env = env or SlurmEnv.read()
+    if env.array_job and env.array_task:
+        return f"{env.array_job}_{env.array_task}"
+    return env.job
 
 
 def parse_end_time(text: str) -> float | None:
@@ -52,7 +68,7 @@ async def _run(*cmd: str) -> str | None:
 
 async def job_end_time(slurm_job_id: str | None = None) -> float | None:
     """Unix time at which Slurm ends this job, or None when unknown or unlimited."""
-    jid = os.environ.get("SLURM_JOB_ID") if slurm_job_id is None else slurm_job_id
+    jid = SlurmEnv.read().job if slurm_job_id is None else slurm_job_id
     if not jid:
         return None
     out = await _run("squeue", "-h", "-j", jid, "-o", "%e")

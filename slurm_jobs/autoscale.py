@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from broker_config.messages import Heartbeat
+from broker_config.timing import run_periodically
 from slurm_jobs.broker_view import BrokerView
 from slurm_jobs.jobs import WorkerJobs
 
@@ -134,7 +135,7 @@ class Autoscaler:
         """One round over all models; returns what was decided (for logs and tests)."""
         now = time.time()
         by_model = await asyncio.to_thread(self.jobs.jobs_by_model)
-        heartbeats = self.view.book.live(now)
+        heartbeats = self.view.book.live()
         decisions = {}
         for model, policy in self.policies.items():
             obs = await self.observe(model, by_model, heartbeats, now)
@@ -153,13 +154,7 @@ class Autoscaler:
         return decisions
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
-        stop = stop or asyncio.Event()
-        while not stop.is_set():
-            try:
-                await self.step()
-            except Exception:  # a failed round (slurmctld busy, broker restarting) is retried
-                log.exception("autoscaler round failed; retrying in %.0f s", self.interval)
-            try:
-                await asyncio.wait_for(stop.wait(), self.interval)
-            except asyncio.TimeoutError:
-                pass
+        """Round after round until ``stop``; a failed round (slurmctld busy, broker restarting) is
+        logged and the next one tries again."""
+        await run_periodically(self.step, self.interval, what="autoscaler round", logger=log,
+                               stop=stop or asyncio.Event())

@@ -10,15 +10,15 @@ bound to the workers fanout exchange.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
 from broker_config import topology as t
 from broker_config.connection import connect, queue_depth
+from broker_config.heartbeats import HeartbeatBook
 from broker_config.messages import Heartbeat
 
 
@@ -27,31 +27,6 @@ class QueueStats:
     model: str
     ready: int | None  # messages waiting; None: the model has no queue on the broker
     consumers: int | None
-
-
-@dataclass
-class HeartbeatBook:
-    """The latest heartbeat of every worker, forgotten after a few missed intervals."""
-
-    expiry_intervals: float = 3.0
-    workers: dict[str, Heartbeat] = field(default_factory=dict)
-    received_at: dict[str, float] = field(default_factory=dict)
-
-    def add(self, hb: Heartbeat, now: float | None = None) -> None:
-        self.workers[hb.worker_id] = hb
-        self.received_at[hb.worker_id] = now if now is not None else time.time()
-
-    def live(self, now: float | None = None) -> list[Heartbeat]:
-        now = now if now is not None else time.time()
-        out = []
-        for wid, hb in list(self.workers.items()):
-            if hb.state == "stopped" or now - self.received_at[wid] > self.expiry_intervals * hb.interval:
-                continue
-            out.append(hb)
-        return out
-
-    def for_model(self, model: str, now: float | None = None) -> list[Heartbeat]:
-        return [hb for hb in self.live(now) if hb.model == model]
 
 
 class BrokerView:

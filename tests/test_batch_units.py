@@ -13,7 +13,8 @@ import pytest
 
 from broker_config.messages import ChoiceEnd, Error, Final, Started, Usage
 from gateway.batches.config import BatchSettings
-from gateway.batches.dispatcher import Dispatcher, output_file_ids, parse_request_id, request_id
+from gateway.batches.dispatcher import Dispatcher
+from gateway.batches.ids import output_file_ids, parse_request_id, request_id
 from gateway.batches.files import FileStore
 from gateway.batches.service import BatchService
 from gateway.batches.store import BatchStore
@@ -132,7 +133,8 @@ def test_completions_endpoint_lines(tmp_path: Path):
 
 @pytest.fixture
 def service(tmp_path: Path) -> BatchService:
-    settings = BatchSettings(db_path=tmp_path / "gw.db", files_dir=tmp_path / "files")
+    settings = BatchSettings(db_path=tmp_path / "gw.db", files_dir=tmp_path / "files",
+                             results_queue="chatai.gw.gateway.test.batch-results")
     store = BatchStore(settings.db_path)
     files = FileStore(settings.files_dir)
     svc = BatchService(settings, store, files, Dispatcher(None, store, files, settings))  # type: ignore[arg-type]
@@ -157,7 +159,7 @@ def _final(bid: str, line: int, reason: str = "length", text: str = "hello") -> 
 
 def test_each_line_is_recorded_once_however_often_its_result_arrives(service: BatchService):
     bid = _started_batch(service)
-    d = service.dispatcher
+    d = service.dispatcher.collector
     assert parse_request_id(request_id(bid, 2)) == (bid, 2)
     d.handle_result(Started(request_id=request_id(bid, 1), worker_id="w").encode())  # ignored
     for _ in range(3):  # the broker redelivers; a re-published copy also answers
@@ -184,7 +186,7 @@ def test_each_line_is_recorded_once_however_often_its_result_arrives(service: Ba
 
 def test_results_commit_as_a_group_and_a_bad_frame_is_dropped_alone(service: BatchService):
     bid = _started_batch(service, n=4)
-    d = service.dispatcher
+    d = service.dispatcher.collector
     d.handle_results([_final(bid, 1), _final(bid, 1), _final(bid, 2)])
     assert service.store.get_batch(bid)["completed"] == 2 and d.duplicates == 1
     with service.store.tx() as db:  # line 4 is broken: its result cannot be built
@@ -197,7 +199,7 @@ def test_results_commit_as_a_group_and_a_bad_frame_is_dropped_alone(service: Bat
 
 def test_an_aborted_line_runs_again_unless_the_batch_is_cancelled(service: BatchService):
     bid = _started_batch(service)
-    d = service.dispatcher
+    d = service.dispatcher.collector
     service.store.mark_publishing(bid, [1, 2])
     service.store.mark_queued(bid, [1])
     service.store.mark_queued(bid, [2])
@@ -210,12 +212,12 @@ def test_an_aborted_line_runs_again_unless_the_batch_is_cancelled(service: Batch
 
 async def test_finalize_writes_files_in_line_order_and_forgets_the_lines(service: BatchService):
     bid = _started_batch(service, n=4)
-    d = service.dispatcher
+    d = service.dispatcher.collector
     d.handle_result(_final(bid, 3))
     d.handle_result(_final(bid, 1))
     d.handle_result(Error(request_id=request_id(bid, 2), status=400, message="refused").encode())
     service.store.set_status(bid, "cancelling", only_from=("in_progress",))
-    d._finalize(bid, "cancelled")
+    service.dispatcher.feeder.finalize(bid, "cancelled")
     b = service.store.get_batch(bid)
     assert b["status"] == "cancelled" and b["cancelled_at"] and b["ended_at"]
     out_id, err_id = output_file_ids(bid)
@@ -227,7 +229,7 @@ async def test_finalize_writes_files_in_line_order_and_forgets_the_lines(service
     assert errs[1]["error"]["code"] == "batch_cancelled"
     assert service.store.get_file(out_id, "key_1")["purpose"] == "batch_output"
     assert service.store.count_lines(bid, ("pending", "done", "failed", "cancelled")) == 0
-    d._finalize(bid, "cancelled")  # a second finalize (restart) changes nothing
+    service.dispatcher.feeder.finalize(bid, "cancelled")  # a second finalize (restart) changes nothing
     assert service.store.get_batch(bid)["cancelled_at"] == b["cancelled_at"]
 
 
@@ -264,11 +266,46 @@ async def test_a_batch_past_its_window_expires_with_its_results_kept(service: Ba
     lines = [(i, f"c{i}", "pending", {"model": "tiny", "kind": "chat", "messages": [], "sampling": {}}, None)
              for i in (1, 2)]
     assert service.store.start_batch(bid, lines, "tiny")
-    service.dispatcher.handle_result(_final(bid, 1))
-    await service.dispatcher.tick()
+    service.dispatcher.collector.handle_result(_final(bid, 1))
+    await service.dispatcher.feeder.tick()
     b = service.store.get_batch(bid)
     assert b["status"] == "expired" and b["expired_at"]
     out = [json.loads(x) for x in service.files.path(b["output_file_id"]).read_text().splitlines()]
     errs = [json.loads(x) for x in service.files.path(b["error_file_id"]).read_text().splitlines()]
     assert [o["custom_id"] for o in out] == ["c1"]
     assert [(e["custom_id"], e["error"]["code"]) for e in errs] == [("c2", "batch_expired")]
+
+
+def test_cancelling_open_lines_leaves_results_alone(service: BatchService):
+    bid = _started_batch(service, n=3)
+    service.dispatcher.collector.handle_result(_final(bid, 1))
+    assert service.store.cancel_open_lines(bid, line_no=2) == 1
+    assert [service.store.get_line(bid, n).state for n in (1, 2, 3)] == ["done", "cancelled", "pending"]
+    assert service.store.get_line(bid, 2).request is None  # the prompt is not kept for a line that never runs
+    assert service.store.cancel_open_lines(bid) == 1  # only line 3 was still open
+    assert service.store.get_line(bid, 3).state == "cancelled"
+
+
+def test_ending_a_batch_happens_once(service: BatchService):
+    bid = _started_batch(service, n=1)
+    out = ("file-x-output", "x.jsonl", 10, 2**31)
+    assert service.store.end_batch(bid, "completed", [out], {"output_file_id": "file-x-output"})
+    b = service.store.get_batch(bid)
+    assert (b["status"], b["output_file_id"]) == ("completed", "file-x-output")
+    assert b["completed_at"] and b["finalizing_at"] and b["ended_at"]
+    assert service.store.get_file("file-x-output", "key_1")["purpose"] == "batch_output"
+    assert service.store.get_line(bid, 1) is None
+    assert not service.store.end_batch(bid, "cancelled", [], {})  # already ended: nothing changes
+    assert service.store.get_batch(bid)["status"] == "completed"
+
+
+def test_a_failing_part_of_a_transaction_rolls_back_alone(service: BatchService):
+    bid = _started_batch(service, n=2)
+    with service.store.tx():
+        with pytest.raises(ValueError):
+            with service.store.part():
+                service.store.cancel_open_lines(bid, line_no=1)
+                raise ValueError("this part goes")
+        with service.store.part():
+            service.store.cancel_open_lines(bid, line_no=2)
+    assert [service.store.get_line(bid, n).state for n in (1, 2)] == ["pending", "cancelled"]

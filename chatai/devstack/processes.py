@@ -13,13 +13,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import httpx
+
+from broker_config import timing
 
 T = TypeVar("T")
 
@@ -33,18 +34,16 @@ def free_port() -> int:
 
 def wait_until(pred: Callable[[], T], timeout: float = 10.0, what: str = "condition", every: float = 0.1,
                check: Callable[[], None] | None = None) -> T:
-    """Poll ``pred`` until it returns something truthy and return that; ``check`` runs before each
-    poll and may raise (a child that died). Raises TimeoutError naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if check is not None:
-            check()
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(every)
+    """``broker_config.timing.wait_until``; ``check`` runs before each poll and may raise (a child
+    that died). Raises TimeoutError naming ``what`` after ``timeout``."""
+    if check is None:
+        return timing.wait_until(pred, timeout, what, every)
+
+    def checked() -> T:
+        check()
+        return pred()
+
+    return timing.wait_until(checked, timeout, what, every)
 
 
 def http_ok(url: str) -> bool:

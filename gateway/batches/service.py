@@ -10,6 +10,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
+from broker_config.timing import run_periodically
 from gateway.batches.config import BatchSettings
 from gateway.batches.dispatcher import Dispatcher
 from gateway.batches.files import FileStore
@@ -46,12 +47,7 @@ class BatchService:
         return files, batches
 
     async def _sweep_loop(self) -> None:
-        while True:
-            try:
-                self.sweep()
-            except Exception:
-                log.exception("expiry sweep failed")
-            await asyncio.sleep(self.settings.sweep_interval)
+        await run_periodically(self.sweep, self.settings.sweep_interval, what="expiry sweep", logger=log)
 
 
 async def start_batches(ctx) -> BatchService:

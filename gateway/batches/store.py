@@ -30,19 +30,16 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gateway import private
+from gateway.batches.states import ACTIVE, IN_FLIGHT, OPEN, TERMINAL
 
 log = logging.getLogger("chatai.gateway.batches")
 
-ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
-TERMINAL = ("failed", "completed", "expired", "cancelled")
-IN_FLIGHT = ("publishing", "queued")
-OPEN = ("pending", "publishing", "queued")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS batch_files (
@@ -122,8 +119,9 @@ class BatchStore:
         self._path = db_path
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
-        self._conns_lock = threading.Lock()
-        self._lock = nullcontext()  # one connection per thread: nothing to share, nothing to lock
+        self._conns_lock = threading.Lock()  # guards the list of connections, for close()
+        # No lock around statements: each thread has its own connection, and SQLite orders the
+        # writers itself (BEGIN IMMEDIATE in tx(), the busy timeout in private.connect).
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
 
@@ -153,25 +151,37 @@ class BatchStore:
 
         Nested use joins the outer transaction, so several results commit together (one fsync).
         """
-        with self._lock:
-            if self._db.in_transaction:
-                yield self._db
-                return
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        db = self._db
+        if db.in_transaction:
+            yield db
+            return
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    @contextmanager
+    def part(self) -> Iterator[None]:
+        """Inside ``tx()``: a part that rolls back alone if it raises (a savepoint), so one bad
+        item of a group commit never takes the others with it."""
+        db = self._db
+        db.execute("SAVEPOINT part")
+        try:
+            yield
+        except BaseException:
+            db.execute("ROLLBACK TO part")
+            db.execute("RELEASE part")
+            raise
+        db.execute("RELEASE part")
 
     def _one(self, sql: str, args: Iterable[Any] = ()) -> sqlite3.Row | None:
-        with self._lock:
-            return self._db.execute(sql, tuple(args)).fetchone()
+        return self._db.execute(sql, tuple(args)).fetchone()
 
     def _all(self, sql: str, args: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._db.execute(sql, tuple(args)).fetchall()
+        return self._db.execute(sql, tuple(args)).fetchall()
 
     def deployment_id(self) -> str:
         """A random id made once per database: names this deployment's results queue."""
@@ -193,8 +203,7 @@ class BatchStore:
         if conn is not None:
             conn.execute(sql, args)
         else:
-            with self._lock:
-                self._db.execute(sql, args)
+            self._db.execute(sql, args)
 
     def uploaded_bytes(self, owner: str) -> int:
         """Bytes of the files ``owner`` uploaded and still has (outputs of its batches not counted)."""
@@ -229,8 +238,7 @@ class BatchStore:
                           extra=("purpose = ?", purpose) if purpose else None)
 
     def delete_file(self, file_id: str) -> bool:
-        with self._lock:
-            deleted = self._db.execute("DELETE FROM batch_files WHERE id = ?", (file_id,)).rowcount == 1
+        deleted = self._db.execute("DELETE FROM batch_files WHERE id = ?", (file_id,)).rowcount == 1
         self.scrub()
         return deleted
 
@@ -314,8 +322,7 @@ class BatchStore:
         if src:
             sql += f" AND status IN ({','.join('?' * len(src))})"
             args.extend(src)
-        with self._lock:
-            return self._db.execute(sql, args).rowcount == 1
+        return self._db.execute(sql, args).rowcount == 1
 
     def start_batch(self, batch_id: str, lines: list[tuple[int, str | None, str, dict | None, dict | None]],
                     model: str | None) -> bool:
@@ -389,18 +396,16 @@ class BatchStore:
 
     def back_to_pending(self, batch_id: str, line_nos: Iterable[int], from_states: Iterable[str] = IN_FLIGHT) -> int:
         s = tuple(from_states)
-        with self._lock:
-            n = 0
-            for line_no in line_nos:
-                n += self._db.execute(
-                    f"UPDATE batch_lines SET state = 'pending', sent_at = NULL WHERE batch_id = ? AND line_no = ? "
-                    f"AND state IN ({','.join('?' * len(s))})", (batch_id, line_no, *s)).rowcount
-            return n
+        n = 0
+        for line_no in line_nos:
+            n += self._db.execute(
+                f"UPDATE batch_lines SET state = 'pending', sent_at = NULL WHERE batch_id = ? AND line_no = ? "
+                f"AND state IN ({','.join('?' * len(s))})", (batch_id, line_no, *s)).rowcount
+        return n
 
     def reset_publishing(self) -> int:
         """At start-up: lines whose publish may or may not have reached the broker go out again."""
-        with self._lock:
-            return self._db.execute("UPDATE batch_lines SET state = 'pending' WHERE state = 'publishing'").rowcount
+        return self._db.execute("UPDATE batch_lines SET state = 'pending' WHERE state = 'publishing'").rowcount
 
     def stale_queued(self, batch_id: str, older_than: float) -> list[int]:
         return [r["line_no"] for r in self._all(
@@ -422,16 +427,38 @@ class BatchStore:
                        f"completion_tokens = completion_tokens + ? WHERE id = ?", (*usage, batch_id))
         return True
 
-    def cancel_open_lines(self, batch_id: str) -> int:
-        with self._lock:
-            return self._db.execute(
-                "UPDATE batch_lines SET state = 'cancelled', request = NULL WHERE batch_id = ? AND "
-                "state IN ('pending', 'publishing', 'queued')", (batch_id,)).rowcount
+    def cancel_open_lines(self, batch_id: str, line_no: int | None = None) -> int:
+        """Lines without a result (all of the batch's, or one) will never run: drop their requests."""
+        one = (line_no,) if line_no is not None else ()
+        with self.tx() as db:
+            return db.execute(f"UPDATE batch_lines SET state = 'cancelled', request = NULL WHERE batch_id = ? AND "
+                              f"state IN ({','.join('?' * len(OPEN))}){' AND line_no = ?' if one else ''}",
+                              (batch_id, *OPEN, *one)).rowcount
+
+    def end_batch(self, batch_id: str, status: str, outputs: list[tuple[str, str, int, int]],
+                  fields: dict[str, Any]) -> bool:
+        """Finish an active batch in one transaction: register its output files (id, filename,
+        bytes, expires_at), move it to the terminal ``status`` with ``fields``, and forget its lines
+        (their prompts and results now live only in the files). False if it was no longer active."""
+        stamp = now()
+        with self.tx() as db:
+            row = db.execute("SELECT owner, status, finalizing_at FROM batches WHERE id = ?", (batch_id,)).fetchone()
+            if row is None or row["status"] not in ACTIVE:
+                return False
+            for file_id, filename, size, expires_at in outputs:
+                self.add_file(file_id, row["owner"], filename, "batch_output", size, expires_at, conn=db)
+            sets = {**fields, "status": status, f"{status}_at": stamp, "ended_at": stamp}
+            if status == "completed":
+                sets["finalizing_at"] = row["finalizing_at"] or stamp
+            db.execute(f"UPDATE batches SET {', '.join(f'{k} = ?' for k in sets)} WHERE id = ?",
+                       (*sets.values(), batch_id))
+            db.execute("DELETE FROM batch_lines WHERE batch_id = ?", (batch_id,))
+        self.scrub()
+        return True
 
     def results(self, batch_id: str, state: str) -> Iterator[tuple[int, str | None, str | None]]:
         """(line_no, custom_id, result JSON) of lines in one state, in input order."""
-        with self._lock:
-            rows = self._db.execute("SELECT line_no, custom_id, result FROM batch_lines WHERE batch_id = ? AND "
-                                    "state = ? ORDER BY line_no", (batch_id, state)).fetchall()
+        rows = self._db.execute("SELECT line_no, custom_id, result FROM batch_lines WHERE batch_id = ? AND "
+                                "state = ? ORDER BY line_no", (batch_id, state)).fetchall()
         for r in rows:
             yield r["line_no"], r["custom_id"], r["result"]

@@ -21,7 +21,8 @@ from typing import Any, BinaryIO
 from pydantic import ValidationError
 from pydantic_core import from_json
 
-from gateway.errors import APIError
+from gateway.cluster_errors import ClusterError
+from gateway.errors import APIError, to_api_error
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
@@ -53,8 +54,10 @@ def response_line(custom_id: str | None, status: int, request_id: str, body: dic
             "response": {"status_code": status, "request_id": request_id, "body": body}, "error": None}
 
 
-def api_error_line(custom_id: str | None, request_id: str, exc: APIError) -> dict[str, Any]:
-    return response_line(custom_id, exc.status, request_id, exc.body())
+def api_error_line(custom_id: str | None, request_id: str, exc: APIError | ClusterError) -> dict[str, Any]:
+    """A line that failed the way an interactive request would (same status and error body)."""
+    error = to_api_error(exc)
+    return response_line(custom_id, error.status, request_id, error.body())
 
 
 def _validation_reason(exc: ValidationError) -> tuple[str, str | None]:

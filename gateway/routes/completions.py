@@ -12,7 +12,8 @@ from starlette.types import Receive, Scope, Send
 
 from broker_config.messages import Final
 from gateway.context import GatewayContext, get_context, require_api_key
-from gateway.errors import APIError
+from gateway.cluster_errors import ClusterError
+from gateway.errors import APIError, to_api_error
 from gateway.formatting import ResponseBuilder
 from gateway.generation import Generation
 from gateway.limits import Lease
@@ -126,8 +127,8 @@ async def _serve(kind: str, body: ChatCompletionRequest | CompletionRequest, req
             return response
         final = await until_disconnected(request, _collect(frames))
         headers = lease.headers
-    except APIError as exc:
-        REQUESTS.labels(endpoint, model_label(body.model), str(exc.status)).inc()
+    except (APIError, ClusterError) as exc:
+        REQUESTS.labels(endpoint, model_label(body.model), str(to_api_error(exc).status)).inc()
         raise
     except ClientGone:
         REQUESTS.labels(endpoint, model_label(body.model), "499").inc()

@@ -1,0 +1,46 @@
+"""The latest heartbeat of every worker, forgotten after a few missed intervals.
+
+One book for everyone who listens to ``chatai.workers``: the gateway's registry (which models
+are served, whether a request's worker still lives) and the operator tools (``chatai scale
+status``, the autoscaler). A worker is live while its last heartbeat is younger than
+``expiry_intervals`` of its own announced interval; a ``stopped`` heartbeat forgets it at once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from broker_config.messages import Heartbeat
+
+
+@dataclass
+class HeartbeatBook:
+    expiry_intervals: float = 3.0
+    clock: Callable[[], float] = time.monotonic
+    _workers: dict[str, tuple[Heartbeat, float]] = field(default_factory=dict)
+
+    def add(self, hb: Heartbeat) -> None:
+        if hb.state == "stopped":
+            self._workers.pop(hb.worker_id, None)
+        else:
+            self._workers[hb.worker_id] = (hb, self.clock())
+
+    def live(self) -> list[Heartbeat]:
+        """Workers heard recently enough (starting, ready or draining); the others are dropped."""
+        now = self.clock()
+        for worker_id in [w for w, (hb, at) in self._workers.items()
+                          if now - at > hb.interval * self.expiry_intervals]:
+            del self._workers[worker_id]
+        return [hb for hb, _ in self._workers.values()]
+
+    def is_alive(self, worker_id: str) -> bool:
+        return any(hb.worker_id == worker_id for hb in self.live())
+
+    def by_model(self) -> dict[str, list[Heartbeat]]:
+        """Served model name -> live workers."""
+        out: dict[str, list[Heartbeat]] = {}
+        for hb in self.live():
+            out.setdefault(hb.model, []).append(hb)
+        return out

@@ -1,0 +1,49 @@
+"""What a request's life on the cluster needs from the broker, and nothing more.
+
+``Generation`` (``gateway/generation.py``) depends on this small interface instead of the AMQP
+adapter, so the protocol rules it enforces (attempts, sequence numbers, a lost worker) are
+tested in memory (``tests/test_generation_units.py``) as well as end to end against the real
+broker. ``gateway.broker.GatewayBroker`` is the one production implementation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Protocol
+
+from broker_config.messages import GenerateRequest
+
+
+class Subscription:
+    """The frames of one request, in arrival order."""
+
+    def __init__(self, request_id: str, on_close: Callable[[str], None]) -> None:
+        self.request_id = request_id
+        self.frames: asyncio.Queue = asyncio.Queue()
+        self._on_close = on_close
+
+    def close(self) -> None:
+        self._on_close(self.request_id)
+
+
+class BrokerPort(Protocol):
+    """Publish a request, receive its frames, cancel it, and know whether a worker lives.
+
+    ``publish_request`` raises ``gateway.cluster_errors`` (ModelNotFound, QueueFull,
+    ClusterUnavailable, ...) when nothing was queued.
+    """
+
+    reply_queue_name: str
+
+    @property
+    def connected(self) -> bool: ...
+
+    def subscribe(self, request_id: str) -> Subscription: ...
+
+    async def publish_request(self, request: GenerateRequest, *, priority: int, ttl: float | None,
+                              persistent: bool = False) -> None: ...
+
+    async def cancel(self, request_id: str, reason: str) -> None: ...
+
+    def worker_alive(self, worker_id: str) -> bool: ...
