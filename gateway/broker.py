@@ -30,6 +30,7 @@ from aiormq import TransportFactory
 
 from broker_config.connection import connect, redact, user_of
 from broker_config.messages import CONTENT_TYPE, Cancel, GenerateRequest, Heartbeat, decode_frames
+from gateway.broker_alarm import BlockedTracker
 from gateway.errors import APIError, model_not_found
 from gateway.metrics import BROKER_CONNECTED, MALFORMED_FRAMES, know_model
 from gateway.registry import WorkerRegistry
@@ -76,6 +77,7 @@ class GatewayBroker:
         self._connector: asyncio.Task | None = None
         self.ready = asyncio.Event()
         self.last_error: str | None = None
+        self.alarm = BlockedTracker()  # the broker's memory/disk alarm, as this connection sees it
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -118,6 +120,7 @@ class GatewayBroker:
             raise
         connection.close_callbacks.add(self._on_connection_lost)
         connection.reconnect_callbacks.add(self._on_reconnected)
+        self.alarm.watch(connection)
         self._connection, self._channel = connection, channel
         self._set_connected(True)
         log.info("connected to broker %s as gateway %s", redact(self._url), self.gateway_id)
@@ -131,11 +134,14 @@ class GatewayBroker:
 
     def _on_connection_lost(self, *_: object) -> None:
         self._set_connected(False)
+        self.alarm.connection_lost()
         log.warning("lost the broker connection; reconnecting")
         # Frames for requests in flight may be gone with the connection: their waiters time out
         # or see their worker vanish, and fail with a clear error.
 
     def _on_reconnected(self, *_: object) -> None:
+        if self._connection is not None:
+            self.alarm.watch(self._connection)  # a new AMQP connection underneath
         self._set_connected(True)
         log.info("broker connection restored")
 
@@ -182,7 +188,8 @@ class GatewayBroker:
 
     async def publish_request(self, request: GenerateRequest, *, priority: int, ttl: float | None,
                               persistent: bool = False) -> None:
-        """Put a request on its model's queue; raises APIError 404 / 429 / 503 at once."""
+        """Put a request on its model's queue; raises APIError 404 / 429 / 503 at once (503
+        ``cluster_overloaded`` while a broker resource alarm blocks publishing)."""
         if not self.connected or self._requests is None:
             raise broker_unavailable()
         message = aio_pika.Message(
@@ -198,7 +205,8 @@ class GatewayBroker:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT,
         )
         try:
-            await self._requests.publish(message, routing_key=request.model, mandatory=True, timeout=10)
+            await self.alarm.guard(self._requests.publish(message, routing_key=request.model, mandatory=True,
+                                                          timeout=10))
         except DeliveryError as exc:
             if isinstance(exc, PublishError) or isinstance(exc.frame, Basic.Return):  # unroutable
                 raise model_not_found(request.model) from None
