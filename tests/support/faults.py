@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import openai
 
@@ -70,17 +72,17 @@ def error_code(exc: openai.APIStatusError) -> str | None:
     return (body.get("error", body) or {}).get("code") if isinstance(body, dict) else None
 
 
-def batch_lines(model: str, n: int, prefix: str, max_tokens: int = 4) -> bytes:
+def batch_lines(model: str, n: int, prefix: str, max_tokens: int = 4, **extra) -> bytes:
     """An OpenAI batch input file of ``n`` chat lines, custom ids ``<prefix>-<i>``."""
     rows = [{"custom_id": f"{prefix}-{i}", "method": "POST", "url": "/v1/chat/completions",
              "body": {"model": model, "max_tokens": max_tokens,
-                      "messages": [{"role": "user", "content": f"Fault line {i}: say something."}]}}
+                      "messages": [{"role": "user", "content": f"Fault line {i}: say something."}], **extra}}
             for i in range(n)]
     return ("\n".join(json.dumps(r) for r in rows) + "\n").encode()
 
 
-def submit_batch(client: openai.OpenAI, model: str, n: int, prefix: str):
-    f = client.files.create(file=("faults.jsonl", batch_lines(model, n, prefix)), purpose="batch")
+def submit_batch(client: openai.OpenAI, model: str, n: int, prefix: str, **line):
+    f = client.files.create(file=("faults.jsonl", batch_lines(model, n, prefix, **line)), purpose="batch")
     return client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
 
 
@@ -98,3 +100,82 @@ def assert_batch_exactly_once(client: openai.OpenAI, batch, n: int, prefix: str)
     assert len(ids) == len(set(ids)), "a custom_id was answered more than once"
     assert set(ids) == {f"{prefix}-{i}" for i in range(n)}
     assert all(o["response"]["status_code"] == 200 for o in out)
+
+
+@contextlib.contextmanager
+def broker_app_stopped(admin) -> Iterator[None]:
+    """``rabbitmqctl stop_app`` (every connection is closed, the node stays up), then
+    ``start_app`` on the way out: a broker restart as an operator does it."""
+    admin._run("stop_app")
+    try:
+        yield
+    finally:
+        admin._run("start_app")
+
+
+@dataclass
+class Outcome:
+    """How one request through the SDK ended."""
+
+    kind: str  # ok | cut (error event after tokens) | refused (HTTP error) | hang | broken
+    status: int | None = None
+    code: str | None = None
+    chunks: int = 0
+    after: float = 0.0  # time.monotonic() when it ended
+
+
+def one_request(client: openai.OpenAI, stream: bool, **body) -> Outcome:
+    chunks = 0
+    try:
+        if stream:
+            for chunk in client.chat.completions.create(stream=True, **body):
+                if chunk.choices and chunk.choices[0].delta.content:
+                    chunks += 1
+        else:
+            client.chat.completions.create(**body)
+            chunks = 1
+        return Outcome("ok", 200, chunks=chunks, after=time.monotonic())
+    except openai.APIStatusError as exc:
+        return Outcome("refused", exc.status_code, error_code(exc), chunks, time.monotonic())
+    except openai.APITimeoutError:
+        return Outcome("hang", chunks=chunks, after=time.monotonic())
+    except openai.APIConnectionError:
+        return Outcome("broken", chunks=chunks, after=time.monotonic())
+    except openai.APIError as exc:  # an error event inside a started stream
+        return Outcome("cut", code=error_code(exc), chunks=chunks, after=time.monotonic())
+
+
+class Traffic:
+    """Clients sending requests back to back in threads until stopped, every outcome kept."""
+
+    def __init__(self, client: openai.OpenAI, *, streams: int, whole: int, **body) -> None:
+        self.client, self.body = client, body
+        self.outcomes: list[Outcome] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._loop, args=(s,), daemon=True)
+                         for s in [True] * streams + [False] * whole]
+
+    def _loop(self, stream: bool) -> None:
+        while not self._stop.is_set():
+            outcome = one_request(self.client, stream, **self.body)
+            self.outcomes.append(outcome)
+            if outcome.kind != "ok":
+                self._stop.wait(0.2)  # pace retries while the service is away
+
+    def __enter__(self) -> "Traffic":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=300)
+        assert not any(t.is_alive() for t in self._threads), "a client never finished"
+
+    def count(self, kind: str) -> int:
+        return sum(1 for o in self.outcomes if o.kind == kind)
+
+    def summary(self) -> str:
+        kinds = ("ok", "cut", "refused", "hang", "broken")
+        return ", ".join(f"{k} {self.count(k)}" for k in kinds) + f" of {len(self.outcomes)}"
