@@ -35,8 +35,8 @@ def test_broker_restart_during_streams_requests_and_a_batch(gateway, served_work
     with Traffic(client, streams=4, whole=2, **LONG) as traffic:
         wait_for(lambda: traffic.count("ok") >= 2 and client.batches.retrieve(batch.id).request_counts.completed,
                  120, "traffic and batch results before the restart")
+        stopped_at = time.monotonic()
         with broker_app_stopped(broker.admin):
-            stopped_at = time.monotonic()
             gateway.wait_for(lambda h: not h["broker"]["connected"], timeout=30, what="the gateway to see the outage")
             for stream in (False, True):
                 t0 = time.monotonic()

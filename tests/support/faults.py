@@ -179,3 +179,42 @@ class Traffic:
     def summary(self) -> str:
         kinds = ("ok", "cut", "refused", "hang", "broken")
         return ", ".join(f"{k} {self.count(k)}" for k in kinds) + f" of {len(self.outcomes)}"
+
+
+@contextlib.contextmanager
+def sshd_down(sshd) -> Iterator[None]:
+    """The login node's sshd dies with every session of the tunnel account (SIGKILL), and is
+    started again, same configuration and host key, on the way out."""
+    import pwd
+    import socket
+    import subprocess
+
+    from circuit_breaker import hook
+
+    argv = list(sshd.process.args)
+    sshd.process.kill()
+    sshd.process.wait(10)
+    hook.end_sessions(pwd.getpwnam(sshd.user).pw_uid)
+    try:
+        yield
+    finally:
+        sshd.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+
+        def listening() -> bool:
+            try:
+                with socket.create_connection((sshd.host, sshd.port), timeout=1) as s:
+                    return s.recv(64).startswith(b"SSH-")
+            except OSError:
+                return False
+
+        wait_for(listening, 30, "sshd to listen again")
+
+
+def metric(base_url: str, name: str) -> float:
+    """One unlabelled sample (or the sum over labels) from a gateway's /metrics."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(base_url + "/metrics", timeout=5).text
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)
