@@ -16,8 +16,7 @@ import socket
 import pytest
 
 from conftest import SERVED_MODEL
-from support.faults import metric, wait_for
-from support.gateway import start_gateway
+from support.faults import gateway_serving, metric, wait_for
 
 # Seconds. The stalled request must still be generating when it runs out: 7,680 tokens take
 # seconds of CPU here (a slower machine only widens the gap).
@@ -27,14 +26,9 @@ LONG = {"max_tokens": 480, "n": 16, "ignore_eos": True}  # 7,680 tokens, far mor
 
 @pytest.fixture
 def stall_gateway(broker, served_worker, tmp_path):
-    gw = start_gateway(tmp_path / "gw", broker.url("gateway"),
-                       extra_env={"CHATAI_GATEWAY_CLIENT_STALL_TIMEOUT": str(STALL_TIMEOUT)})
-    try:
-        gw.wait_for(lambda h: h["models"].get(SERVED_MODEL, {}).get("ready", 0) >= 1, timeout=60,
-                    what="the served worker's heartbeat")
+    env = {"CHATAI_GATEWAY_CLIENT_STALL_TIMEOUT": str(STALL_TIMEOUT)}
+    with gateway_serving(tmp_path / "gw", broker.url("gateway"), SERVED_MODEL, env=env) as gw:
         yield gw
-    finally:
-        gw.stop()
 
 
 def _stalled_stream(gw) -> tuple[socket.socket, str]:

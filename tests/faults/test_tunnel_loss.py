@@ -15,8 +15,7 @@ import pytest
 
 from circuit_breaker import hook
 from conftest import SERVED_MODEL
-from support.faults import Traffic, metric, one_request, sshd_down, wait_for
-from support.gateway import start_gateway
+from support.faults import Traffic, gateway_serving, metric, one_request, sshd_down, wait_for
 
 LONG = dict(model=SERVED_MODEL, messages=[{"role": "user", "content": "Tell me a long story."}], max_tokens=400,
             extra_body={"ignore_eos": True})
@@ -26,13 +25,9 @@ SHORT = dict(model=SERVED_MODEL, messages=[{"role": "user", "content": "Still th
 @pytest.fixture
 def tunnel_gateway(sshd, gw_user, served_worker, tmp_path):
     env = {**sshd.gateway_env(), "CHATAI_GATEWAY_TUNNEL_KEEPALIVE": "2", "CHATAI_GATEWAY_QUEUE_TIMEOUT": "30"}
-    gw = start_gateway(tmp_path / "gw", gw_user.url("203.0.113.1", 9), extra_env=env, direct=False)
-    try:
-        gw.wait_for(lambda h: h["models"].get(SERVED_MODEL, {}).get("ready", 0) >= 1, timeout=60,
-                    what="the worker's heartbeat through the tunnel")
+    # The broker URL's host and port are never used: the gateway goes through the tunnel.
+    with gateway_serving(tmp_path / "gw", gw_user.url("203.0.113.1", 9), SERVED_MODEL, env=env, direct=False) as gw:
         yield gw
-    finally:
-        gw.stop()
 
 
 def _serving(h: dict) -> bool:

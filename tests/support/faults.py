@@ -218,3 +218,18 @@ def metric(base_url: str, name: str) -> float:
 
     text = httpx.get(base_url + "/metrics", timeout=5).text
     return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)
+
+
+@contextlib.contextmanager
+def gateway_serving(state_dir, broker_url: str, model: str, *, env: dict[str, str],
+                    direct: bool = True) -> Iterator:
+    """A gateway process of the test's own settings, handed out once it sees ``model``'s worker."""
+    from support.gateway import start_gateway
+
+    gw = start_gateway(state_dir, broker_url, extra_env=env, direct=direct)
+    try:
+        gw.wait_for(lambda h: h["models"].get(model, {}).get("ready", 0) >= 1, timeout=60,
+                    what=f"a heartbeat of {model}'s worker")
+        yield gw
+    finally:
+        gw.stop()
