@@ -7,7 +7,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aio_pika
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractExchange, AbstractRobustConnection
 from aiormq import TransportFactory
 
 
@@ -45,3 +45,20 @@ async def connect(url: str, name: str, heartbeat: int = 30, reconnect_interval: 
         extra["connection_class"] = functools.partial(_ThroughTransport, transport=transport)
     return await aio_pika.connect_robust(url, client_properties={"connection_name": name}, heartbeat=heartbeat,
                                          reconnect_interval=reconnect_interval, timeout=timeout, **extra)
+
+
+async def publish(exchange: AbstractExchange, message: aio_pika.Message, routing_key: str, *,
+                  mandatory: bool, timeout: float | None = None) -> Any:
+    """``exchange.publish``, but the channel is free for the next publish once this one is queued.
+
+    aio-pika's publish holds the channel's lock until the writer task has put the frames on the
+    socket: two turns of the event loop per message. Publishes from many tasks at once (a
+    gateway taking a burst of requests, a worker streaming to many clients) then queue behind
+    that lock, one loop turn after another; with a busy loop, 1,000 concurrent publishes took
+    6.8-8.9 s against 1.5-2.4 s this way (docs/performance.md). Order is unchanged (aiormq's
+    write queue is FIFO), the confirm is still awaited, and returns and nacks raise as before.
+    """
+    channel = await exchange.channel.get_underlay_channel()
+    return await channel.basic_publish(message.body, exchange=exchange.name, routing_key=routing_key,
+                                       properties=message.properties, mandatory=mandatory, timeout=timeout,
+                                       wait=False)

@@ -5,11 +5,13 @@ Messages are JSON bodies (``application/json``). Reply frames form one stream pe
 Every frame carries the request id, the attempt it belongs to and a sequence number that
 restarts at 0 with each attempt, so a gateway can tell a redelivery from a duplicate.
 
-A reply message to a gateway's own reply queue may carry several consecutive frames of one
-request as a JSON array (``started`` with the first delta, the last delta with ``final``): one
-message instead of two halves the broker's work and, behind an SSH tunnel, keeps the second
-frame from waiting for a TCP acknowledgement (sshd does not disable Nagle's algorithm on a
-connection without a terminal). Batch results stay one frame per message: each is acked alone.
+A reply message to a gateway's own reply queue may carry several frames as a JSON array, in
+order: consecutive frames of one request (``started`` with the first delta, the last delta with
+``final``), and frames of different requests of that gateway that a worker has ready at the same
+moment (one engine step advances every running sequence). The gateway routes each frame by its
+request id. One message instead of many saves the broker, the tunnel and the gateway their
+per-message work, which is what limits a relay of many concurrent streams. Batch results stay
+one frame per message: each is persistent and acked alone.
 """
 
 from __future__ import annotations

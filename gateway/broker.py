@@ -28,7 +28,7 @@ from pamqp.commands import Basic
 from broker_config import topology as t
 from aiormq import TransportFactory
 
-from broker_config.connection import connect, redact, user_of
+from broker_config.connection import connect, publish, redact, user_of
 from broker_config.messages import CONTENT_TYPE, Cancel, GenerateRequest, Heartbeat, decode_frames
 from gateway.broker_alarm import BlockedTracker
 from gateway.errors import APIError, model_not_found
@@ -205,8 +205,8 @@ class GatewayBroker:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT,
         )
         try:
-            await self.alarm.guard(self._requests.publish(message, routing_key=request.model, mandatory=True,
-                                                          timeout=10))
+            await self.alarm.guard(publish(self._requests, message, routing_key=request.model, mandatory=True,
+                                           timeout=10))
         except DeliveryError as exc:
             if isinstance(exc, PublishError) or isinstance(exc.frame, Basic.Return):  # unroutable
                 raise model_not_found(request.model) from None

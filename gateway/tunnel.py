@@ -36,6 +36,8 @@ from aiormq import TransportFactory
 from aiormq.exceptions import AMQPConnectionError
 from prometheus_client import Counter, Gauge
 
+from gateway.quickack import QuickAckDialer
+
 log = logging.getLogger("chatai.gateway.tunnel")
 
 STATES = ("connecting", "up", "down")
@@ -183,6 +185,7 @@ class BrokerTunnel:
             password=None, gss_host=None, keepalive_interval=self.keepalive,
             keepalive_count_max=self.keepalive_count_max, login_timeout=self.connect_timeout,
             connect_timeout=self.connect_timeout,
+            tunnel=QuickAckDialer(),  # a plain TCP socket that acks at once: see gateway.quickack
         )
 
     async def _run(self) -> None:

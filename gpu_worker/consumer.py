@@ -294,9 +294,9 @@ class Consumer:
             self._on_change()
             ttft = f"{(first_token - t0) * 1000:.0f}ms" if first_token else "-"
             log.info(
-                "request_id=%s attempt=%d %s prompt_tokens=%d completion_tokens=%d messages=%d ttft=%s total=%.0fms",
+                "request_id=%s attempt=%d %s prompt_tokens=%d completion_tokens=%d handovers=%d ttft=%s total=%.0fms",
                 req.request_id, job.attempt, outcome, stream.prompt_tokens, stream.completion_tokens(),
-                stream.messages_sent, ttft, (time.monotonic() - t0) * 1000,
+                stream.handovers, ttft, (time.monotonic() - t0) * 1000,
             )
 
     async def return_remaining(self) -> int:

@@ -9,9 +9,12 @@ never holds back the next token.
 
 Deltas are coalesced: the first one of a request leaves at once (time to first token), later ones
 at most every ``coalesce_ms`` or ``coalesce_tokens``, so a loaded worker sends a few messages per
-second per stream, not one per token. Frames that are ready together travel as one message
-(``started`` with the first delta, the last delta with ``final``; see ``broker_config.messages``).
-Non-streamed requests get no deltas: their text travels in the final frame.
+second per stream, not one per token. Frames that are ready together travel as one message: those
+of one request (``started`` with the first delta, the last delta with ``final``), and those of all
+the requests for one gateway that are handed over in the same turn of the event loop (one engine
+step wakes every running request), so a worker with 256 streams sends one message per step and
+gateway, not 256 (see ``broker_config.messages``). Non-streamed requests get no deltas: their
+text travels in the final frame. Batch results go one frame per persistent message.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 import aio_pika
 from aio_pika.abc import AbstractExchange
 
+from broker_config.connection import publish
 from broker_config.messages import (
     CONTENT_TYPE,
     ChoiceEnd,
@@ -41,29 +45,68 @@ from gpu_worker.engine import Step
 
 log = logging.getLogger("chatai.worker.replies")
 
+Frame = Started | Delta | Final | Error
+
+
+@dataclass
+class _Bundle:
+    """Interactive frames for one gateway, waiting for the end of this turn of the event loop."""
+
+    frames: list[Frame]
+    settled: asyncio.Future  # the bundle's publish: done when the broker confirmed it
+
 
 class ReplyPublisher:
-    """Publishes reply messages on one confirming channel, in the order they are handed over.
+    """Publishes reply frames on one confirming channel, in the order they are handed over.
 
-    Every publish runs as a task created at hand-over: tasks start in creation order and
-    aio-pika/aiormq write a channel's frames under a FIFO lock before their first real wait, so
-    the broker receives messages in hand-over order whether or not the caller awaits the confirm.
+    Interactive frames handed over in one turn of the event loop are bundled per gateway and
+    published by a callback at the end of that turn: no added wait, one message for many
+    streams. Every publish runs as a task created at flush time: tasks start in creation order
+    and aio-pika/aiormq write a channel's frames under a FIFO lock before their first real
+    wait, so the broker receives messages in hand-over order whether or not the caller awaits
+    the confirm.
     """
 
     def __init__(self, exchange: AbstractExchange) -> None:
         self._exchange = exchange
         self._unconfirmed: set[asyncio.Task] = set()
+        self._bundles: dict[str, _Bundle] = {}  # by gateway reply queue
+        self.messages_published = 0
 
-    def send(self, req: GenerateRequest, body: bytes) -> asyncio.Task:
+    def send(self, req: GenerateRequest, frames: list[Frame]) -> asyncio.Future:
+        """Hand frames over; the returned future is done when the broker has confirmed them."""
+        if req.batch_id is not None:
+            # Batch results must survive a broker restart and are acked one by one at the gateway.
+            task: asyncio.Future | None = None
+            for frame in frames:
+                task = self._publish(req.reply_to, encode_frames([frame]), persistent=True)
+            assert task is not None, "send() needs at least one frame"
+            return task
+        bundle = self._bundles.get(req.reply_to)
+        if bundle is None:
+            loop = asyncio.get_running_loop()
+            if not self._bundles:
+                loop.call_soon(self._flush)
+            bundle = self._bundles[req.reply_to] = _Bundle([], loop.create_future())
+        bundle.frames.extend(frames)
+        return bundle.settled
+
+    def _flush(self) -> None:
+        bundles, self._bundles = self._bundles, {}
+        for reply_to, bundle in bundles.items():
+            # Interactive text is never written to disk: not persistent.
+            task = self._publish(reply_to, encode_frames(bundle.frames), persistent=False)
+            task.add_done_callback(lambda t, f=bundle.settled: _settle_from(f, t))
+
+    def _publish(self, reply_to: str, body: bytes, persistent: bool) -> asyncio.Task:
         msg = aio_pika.Message(
             body,
             content_type=CONTENT_TYPE,
-            correlation_id=req.request_id,
-            # Batch results must survive a broker restart; interactive text is never written to disk.
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT if req.batch_id else aio_pika.DeliveryMode.NOT_PERSISTENT,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT,
         )
         # mandatory=False: a gateway that went away leaves its frames unroutable; that is no error.
-        task = asyncio.ensure_future(self._exchange.publish(msg, routing_key=req.reply_to, mandatory=False))
+        task = asyncio.ensure_future(publish(self._exchange, msg, routing_key=reply_to, mandatory=False))
+        self.messages_published += 1
         self._unconfirmed.add(task)
         task.add_done_callback(self._settled)
         return task
@@ -73,6 +116,17 @@ class ReplyPublisher:
         if not task.cancelled() and (exc := task.exception()) is not None:
             # The last frame of the request is awaited and fails there too; this only says why.
             log.debug("a reply publish failed: %s", type(exc).__name__)
+
+
+def _settle_from(future: asyncio.Future, task: asyncio.Task) -> None:
+    if future.done():
+        return
+    if task.cancelled():
+        future.cancel()
+    elif (exc := task.exception()) is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(None)
 
 
 @dataclass
@@ -107,17 +161,15 @@ class ReplyStream:
         self._max_tokens = max(1, coalesce_tokens)
         self._clock = clock
         self._seq = 0
-        self._outbox: list[Started | Delta | Final | Error] = []
+        self._outbox: list[Frame] = []
         self._choices: dict[int, _Choice] = {}
         self._pending_tokens = 0
         self._last_flush = 0.0
         self._sent_first = False
         self._timer: asyncio.TimerHandle | None = None
-        # Interactive replies may bundle frames; batch results go one frame per message.
-        self._bundle = req.batch_id is None
         self.prompt_tokens = 0
         self.started_sent = False
-        self.messages_sent = 0
+        self.handovers = 0  # frame groups handed to the publisher (it may bundle them further)
         self.deltas_sent = 0
 
     def _choice(self, index: int) -> _Choice:
@@ -127,17 +179,13 @@ class ReplyStream:
         self._seq += 1
         return {"request_id": self.req.request_id, "attempt": self.attempt, "seq": self._seq - 1}
 
-    def _ship(self) -> asyncio.Task | None:
-        """Hand the outbox to the publisher (one message, or one per frame for batch results)."""
+    def _ship(self) -> asyncio.Future | None:
+        """Hand the outbox to the publisher, which decides how the frames travel."""
         frames, self._outbox = self._outbox, []
         if not frames:
             return None
-        groups = [frames] if self._bundle else [[f] for f in frames]
-        task = None
-        for group in groups:
-            task = self._pub.send(self.req, encode_frames(group))
-            self.messages_sent += 1
-        return task
+        self.handovers += 1
+        return self._pub.send(self.req, frames)
 
     async def started(self, prompt_tokens: int) -> None:
         """Once per attempt; later calls do nothing. A stream's ``started`` waits for its first

@@ -2,34 +2,66 @@
 
 The end-to-end suites prove frames cross a real broker; how many messages a stream becomes
 depends on how fast the machine is, so the rule itself is pinned here with a clock the test
-moves and a publisher that records what would be sent.
+moves and the real ``ReplyPublisher`` on an exchange that records what would be sent.
 """
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
+
+import aio_pika
 
 from broker_config.messages import Delta, Final, GenerateRequest, SamplingParams, Started, decode_frames
 from gpu_worker.engine import ChoiceDelta, Step
-from gpu_worker.replies import ReplyStream
+from gpu_worker.replies import ReplyPublisher, ReplyStream
 from support.waiting import wait_until
 
 
-class RecordingPublisher:
-    """Keeps each message's frames, in hand-over order."""
+@dataclass
+class Published:
+    body: bytes
+    delivery_mode: int
+
+
+class RecordingExchange:
+    """Stands where the broker's replies exchange (and its channel) would be; keeps what is published."""
+
+    name = "chatai.replies"
 
     def __init__(self) -> None:
-        self.messages: list[list] = []
+        self.channel = self
+        self.published: list[tuple[str, Published]] = []
 
-    def send(self, req: GenerateRequest, body: bytes) -> asyncio.Future:
-        self.messages.append(decode_frames(body))
-        done = asyncio.get_running_loop().create_future()
-        done.set_result(None)
-        return done
+    async def get_underlay_channel(self) -> "RecordingExchange":
+        return self
+
+    async def basic_publish(self, body: bytes, *, exchange: str, routing_key: str, properties, mandatory: bool,
+                            timeout: float | None = None, wait: bool = True) -> None:
+        assert exchange == self.name
+        self.published.append((routing_key, Published(body, properties.delivery_mode)))
+
+
+class RecordingPublisher(ReplyPublisher):
+    """The real publisher; its messages decoded, in publish order."""
+
+    def __init__(self) -> None:
+        self.exchange = RecordingExchange()
+        super().__init__(self.exchange)  # type: ignore[arg-type]
+
+    @property
+    def messages(self) -> list[list]:
+        return [decode_frames(m.body) for _, m in self.exchange.published]
 
     @property
     def frames(self) -> list:
         return [f for m in self.messages for f in m]
+
+
+async def next_turns(n: int = 3) -> None:
+    """Let the event loop turn: bundles flush at the end of a turn, publishes run in the next."""
+    for _ in range(n):
+        await asyncio.sleep(0)
 
 
 class Clock:
@@ -40,8 +72,9 @@ class Clock:
         return self.now
 
 
-def request(stream: bool = True, batch_id: str | None = None) -> GenerateRequest:
-    return GenerateRequest(request_id="r1", model="m", kind="chat", reply_to="gw", stream=stream,
+def request(stream: bool = True, batch_id: str | None = None, request_id: str = "r1",
+            reply_to: str = "gw") -> GenerateRequest:
+    return GenerateRequest(request_id=request_id, model="m", kind="chat", reply_to=reply_to, stream=stream,
                            batch_id=batch_id, sampling=SamplingParams(max_tokens=64))
 
 
@@ -52,11 +85,13 @@ def token_step(i: int, finished: bool = False) -> Step:
 
 
 async def run_stream(stream: ReplyStream, steps: int, clock: Clock | None = None, tick: float = 0.0) -> None:
+    """Engine steps as a real engine gives them: one per turn of the event loop."""
     await stream.started(7)
     for i in range(steps):
         if clock is not None:
             clock.now += tick
         await stream.add(token_step(i, finished=i == steps - 1))
+        await next_turns()
     await stream.final(1)
 
 
@@ -79,7 +114,7 @@ async def test_started_travels_with_the_first_delta_and_the_tail_with_the_final(
     assert "".join(d.text for d in deltas) == "".join(f"t{i} " for i in range(64))
     assert_sequenced(pub.frames)
     assert pub.frames[-1].usage.completion_tokens == 64 and pub.frames[-1].usage.prompt_tokens == 7
-    assert stream.messages_sent == len(pub.messages) == 5
+    assert stream.handovers == len(pub.messages) == 5
 
 
 async def test_the_interval_flushes_when_tokens_come_slowly():
@@ -96,7 +131,9 @@ async def test_a_pending_tail_is_flushed_by_the_timer():
     stream = ReplyStream(pub, request(), 1, "w1", coalesce_ms=5, coalesce_tokens=16)
     await stream.started(7)
     await stream.add(token_step(0))  # first delta: at once
+    await next_turns()
     await stream.add(token_step(1))  # within the interval: waits for the timer
+    await next_turns()
     assert [d.tokens for d in pub.frames if isinstance(d, Delta)] == [1]
     await wait_until(lambda: len([f for f in pub.frames if isinstance(f, Delta)]) == 2, timeout=10,
                      what="the timer's flush")
@@ -127,3 +164,36 @@ async def test_an_error_after_started_goes_out_with_it():
     await stream.started(0)
     await stream.error(400, "invalid_request_error", "bad")
     assert [[f.type for f in m] for m in pub.messages] == [["started", "error"]]
+
+
+async def test_frames_of_several_requests_ready_in_one_turn_travel_as_one_message_per_gateway():
+    pub = RecordingPublisher()
+    streams = [ReplyStream(pub, request(request_id=f"r{i}", reply_to=gw), 1, "w1")
+               for i, gw in enumerate(["gw-a", "gw-a", "gw-b", "gw-a"])]
+    for s in streams:  # one engine step: every running request gets its first token
+        await s.started(7)
+        await s.add(token_step(0))
+    await next_turns()
+    assert [key for key, _ in pub.exchange.published] == ["gw-a", "gw-b"]
+    by_gateway = dict(zip(["gw-a", "gw-b"], pub.messages))
+    assert [(f.request_id, f.type) for f in by_gateway["gw-a"]] == [
+        ("r0", "started"), ("r0", "delta"), ("r1", "started"), ("r1", "delta"), ("r3", "started"), ("r3", "delta")]
+    assert [(f.request_id, f.type) for f in by_gateway["gw-b"]] == [("r2", "started"), ("r2", "delta")]
+    assert all(m.delivery_mode == aio_pika.DeliveryMode.NOT_PERSISTENT for _, m in pub.exchange.published)
+    for s in streams:  # each final is awaited until its bundle is confirmed
+        s.cancel_timer()
+    await asyncio.wait_for(asyncio.gather(*(s.final(1) for s in streams)), 10)
+    assert len(pub.exchange.published) == 4  # one more message per gateway for all the finals
+    finals = [f for f in pub.frames if isinstance(f, Final)]
+    assert sorted(f.request_id for f in finals) == ["r0", "r1", "r2", "r3"]
+
+
+async def test_batch_results_are_persistent_and_never_bundled_with_other_requests():
+    pub = RecordingPublisher()
+    a = ReplyStream(pub, request(stream=False, batch_id="batch_1", request_id="b1"), 1, "w1")
+    b = ReplyStream(pub, request(stream=False, batch_id="batch_1", request_id="b2"), 1, "w1")
+    await a.started(7)
+    await b.started(7)
+    await asyncio.wait_for(asyncio.gather(a.final(1), b.final(1)), 10)
+    assert all(len(m) == 1 for m in pub.messages) and len(pub.messages) == 4
+    assert all(m.delivery_mode == aio_pika.DeliveryMode.PERSISTENT for _, m in pub.exchange.published)
