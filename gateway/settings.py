@@ -35,9 +35,6 @@ class GatewaySettings(BaseSettings):
 
     queue_timeout: float = 30.0  # how long an interactive request may wait for a worker to start it
     stream_idle_timeout: float = 120.0  # longest silence from a worker mid-generation
-    # Longest a streaming client may leave sent data unread (its socket full) before the gateway
-    # drops it and cancels the generation: a stalled reader never holds a GPU slot for long.
-    client_stall_timeout: float = 30.0
     max_request_bytes: int = 4 * 1024 * 1024  # any body but a file upload (BATCH_MAX_FILE_BYTES)
     # A bearer token Prometheus must send for /metrics (its `authorization: credentials_file`).
     # None: /metrics is open, for a gateway that only trusted hosts can reach (docs/security.md).

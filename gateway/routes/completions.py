@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncGenerator, Awaitable
 from typing import TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from broker_config.messages import Final
 from gateway.context import GatewayContext, get_context, require_api_key
@@ -21,7 +20,6 @@ from gateway.metrics import REQUESTS, model_label
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.streaming import SSE_HEADERS, event_stream
 
-log = logging.getLogger("chatai.gateway")
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 T = TypeVar("T")
 
@@ -62,44 +60,18 @@ async def _collect(frames: AsyncGenerator) -> Final:
         await frames.aclose()
 
 
-class ClientStalled(Exception):
-    pass
-
-
-_timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
-
-
 class LeasedStream(StreamingResponse):
     """A stream that holds its key's concurrency slot until the last byte is sent or the client
-    leaves, then charges the tokens the request used.
+    leaves, then charges the tokens the request used."""
 
-    A client that stops reading fills its socket and the server's send waits; after
-    ``stall_timeout`` the stream is dropped and the generation cancelled (the event stream's
-    frames are closed here, not whenever the garbage collector gets to them), so a stalled
-    reader holds neither a worker slot nor more gateway memory than its own request's tokens.
-    """
-
-    def __init__(self, *args: object, gen: Generation, lease: Lease, stall_timeout: float, **kwargs: object) -> None:
+    def __init__(self, *args: object, gen: Generation, lease: Lease, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
-        self.gen, self.lease, self.stall_timeout = gen, lease, stall_timeout
+        self.gen, self.lease = gen, lease
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async def bounded_send(message: Message) -> None:
-            try:
-                if _timeout is not None:  # a timer per chunk, no task (wait_for makes one per chunk)
-                    async with _timeout(self.stall_timeout):
-                        await send(message)
-                else:  # Python 3.10
-                    await asyncio.wait_for(send(message), self.stall_timeout)
-            except (TimeoutError, asyncio.TimeoutError):
-                raise ClientStalled from None
-
         try:
-            await super().__call__(scope, receive, bounded_send)
-        except ClientStalled:
-            log.info("a streaming client read nothing for %g s: dropped, generation cancelled", self.stall_timeout)
+            await super().__call__(scope, receive, send)
         finally:
-            await self.body_iterator.aclose()  # type: ignore[union-attr] - event_stream: cancels if unfinished
             self.lease.release(_tokens_used(self.gen))
 
 
@@ -136,8 +108,7 @@ async def _serve(kind: str, body: ChatCompletionRequest | CompletionRequest, req
                 raise
             REQUESTS.labels(endpoint, model_label(body.model), "200").inc()
             response = LeasedStream(event_stream(frames, builder, body.n), media_type="text/event-stream",
-                                    headers={**SSE_HEADERS, **lease.headers}, gen=gen, lease=lease,
-                                    stall_timeout=ctx.settings.client_stall_timeout)
+                                    headers={**SSE_HEADERS, **lease.headers}, gen=gen, lease=lease)
             lease = None  # the response releases it
             return response
         final = await until_disconnected(request, _collect(frames))
