@@ -32,6 +32,7 @@ from broker_config import topology as t
 from broker_config.connection import QueueDepth, connect, publish, queue_depth, redact, user_of
 from broker_config.messages import CONTENT_TYPE, Cancel, GenerateRequest, Heartbeat, decode_frames
 from broker_config.timing import Backoff, retry_async
+from gateway.broker_alarm import BlockedTracker
 from gateway.broker_port import Subscription
 from gateway.cluster_errors import ClusterUnavailable, ModelNotFound, QueueFull
 from gateway.metrics import BROKER_CONNECTED, MALFORMED_FRAMES, know_model
@@ -58,6 +59,7 @@ class GatewayBroker:
         self._connector: asyncio.Task | None = None
         self.ready = asyncio.Event()
         self.last_error: str | None = None
+        self.alarm = BlockedTracker()  # the broker's memory/disk alarm, as this connection sees it
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -93,6 +95,7 @@ class GatewayBroker:
             raise
         connection.close_callbacks.add(self._on_connection_lost)
         connection.reconnect_callbacks.add(self._on_reconnected)
+        self.alarm.watch(connection)
         self._connection, self._channel = connection, channel
         self._set_connected(True)
         log.info("connected to broker %s as gateway %s", redact(self._url), self.gateway_id)
@@ -106,11 +109,14 @@ class GatewayBroker:
 
     def _on_connection_lost(self, *_: object) -> None:
         self._set_connected(False)
+        self.alarm.connection_lost()
         log.warning("lost the broker connection; reconnecting")
         # Frames for requests in flight may be gone with the connection: their waiters time out
         # or see their worker vanish, and fail with a clear error.
 
     def _on_reconnected(self, *_: object) -> None:
+        if self._connection is not None:
+            self.alarm.watch(self._connection)  # a new AMQP connection underneath
         self._set_connected(True)
         log.info("broker connection restored")
 
@@ -161,7 +167,8 @@ class GatewayBroker:
     async def publish_request(self, request: GenerateRequest, *, priority: int, ttl: float | None,
                               persistent: bool = False) -> None:
         """Put a request on its model's queue; raises ModelNotFound / QueueFull / ClusterUnavailable
-        at once when nothing was queued."""
+        at once when nothing was queued (ClusterOverloaded while a broker resource alarm blocks
+        publishing)."""
         if not self.connected or self._requests is None:
             raise ClusterUnavailable()
         message = aio_pika.Message(
@@ -177,7 +184,8 @@ class GatewayBroker:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT,
         )
         try:
-            await publish(self._requests, message, routing_key=request.model, mandatory=True, timeout=10)
+            await self.alarm.guard(publish(self._requests, message, routing_key=request.model, mandatory=True,
+                                           timeout=10))
         except DeliveryError as exc:
             if isinstance(exc, PublishError) or isinstance(exc.frame, Basic.Return):  # unroutable
                 raise ModelNotFound(request.model) from None

@@ -21,7 +21,7 @@ import pytest
 
 from gateway.keys import KeyStore
 from support.gateway import GatewayProcess, start_gateway
-from support.waiting import wait_blocking, wait_until
+from support.waiting import wait_until, wait_until_sync
 from support.worker_proc import WorkerProcess, start_worker
 
 BATCH_MODEL = "tiny-batch"
@@ -125,7 +125,7 @@ def wait_batch(client: openai.OpenAI, batch_id: str, predicate, timeout: float, 
         return last if predicate(last) else None
 
     try:
-        return wait_blocking(holds, timeout, what, every=0.3)
+        return wait_until_sync(holds, timeout, what, every=0.3)
     except TimeoutError as exc:
         raise AssertionError(f"{exc}: {last.status} {last.request_counts}") from None
 

@@ -28,13 +28,15 @@ async def health(ctx: GatewayContext = Depends(get_context)) -> JSONResponse:
     if ctx.tunnel is not None:
         tunnel = {"state": ctx.tunnel.state, "last_error": ctx.tunnel.last_error}
     ok = ctx.broker.connected
+    # A resource alarm on the broker: connected, but it accepts no requests until it clears.
+    blocked = ctx.broker.alarm.status() if ok else None
     body = {
-        "status": "ok" if ok else "unavailable",
-        "broker": {"connected": ok, "last_error": None if ok else ctx.broker.last_error},
+        "status": "overloaded" if blocked else "ok" if ok else "unavailable",
+        "broker": {"connected": ok, "blocked": blocked, "last_error": None if ok else ctx.broker.last_error},
         "tunnel": tunnel,
         "models": models,
     }
-    return JSONResponse(body, status_code=200 if ok else 503)
+    return JSONResponse(body, status_code=200 if ok and not blocked else 503)
 
 
 @router.get("/metrics")

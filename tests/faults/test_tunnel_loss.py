@@ -1,0 +1,72 @@
+"""Losing the SSH tunnel: the login node's sshd killed (and started again), and the tunnel's
+SSH session cut while sshd stays up, each under live streams.
+
+Promised: streams in flight end with a clear error event (or complete), never hang; while
+the tunnel is down, ``/health`` shows it and why, and requests get 503 ``service_paused`` at
+once; the gateway reconnects by itself with backoff (the same process) and serves again.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from conftest import SERVED_MODEL
+from support.faults import Traffic, gateway_serving, metric, one_request, sshd_down, wait_for
+
+LONG = dict(model=SERVED_MODEL, messages=[{"role": "user", "content": "Tell me a long story."}], max_tokens=400,
+            extra_body={"ignore_eos": True})
+SHORT = dict(model=SERVED_MODEL, messages=[{"role": "user", "content": "Still there?"}], max_tokens=4)
+
+
+@pytest.fixture
+def tunnel_gateway(sshd, gw_user, served_worker, tmp_path):
+    env = {**sshd.gateway_env(), "CHATAI_GATEWAY_TUNNEL_KEEPALIVE": "2", "CHATAI_GATEWAY_QUEUE_TIMEOUT": "30"}
+    # The broker URL's host and port are never used: the gateway goes through the tunnel.
+    with gateway_serving(tmp_path / "gw", gw_user.url("203.0.113.1", 9), SERVED_MODEL, env=env, direct=False) as gw:
+        yield gw
+
+
+def _serving(h: dict) -> bool:
+    return h["broker"]["connected"] and h["tunnel"]["state"] == "up" and h["models"].get(SERVED_MODEL, {}).get("ready")
+
+
+def _check(traffic: Traffic, since: float) -> None:
+    print("traffic:", traffic.summary())
+    assert traffic.count("hang") == 0 and traffic.count("broken") == 0, traffic.summary()
+    cut = [o for o in traffic.outcomes if o.kind == "cut"]
+    refused = [o for o in traffic.outcomes if o.kind == "refused"]
+    assert cut, "no stream was in flight when the tunnel went"
+    assert {o.code for o in cut + refused} <= {"service_paused"}, [o.code for o in cut + refused]
+    assert all(o.status in (None, 503) and o.after >= since for o in cut + refused)
+
+
+def test_sshd_killed_and_restarted(tunnel_gateway, sshd):
+    gw = tunnel_gateway
+    client = gw.client(timeout=120)
+    pid = gw.proc.pid
+    failures_before = metric(gw.base_url, "chatai_tunnel_connect_failures_total")
+    with Traffic(client, streams=3, whole=1, **LONG) as traffic:
+        wait_for(lambda: traffic.count("ok") >= 2, 120, "traffic before the fault")
+        down_at = time.monotonic()
+        with sshd_down(sshd):
+            health = gw.wait_for(lambda h: h["tunnel"]["state"] != "up" and not h["broker"]["connected"]
+                                 and h["tunnel"]["last_error"], timeout=30, what="/health to show the outage")
+            print(f"\n/health during the outage: tunnel {health['tunnel']}, status {health['status']}")
+            assert health["status"] == "unavailable"
+            outage = one_request(client, False, **SHORT)
+            assert (outage.kind, outage.status, outage.code) == ("refused", 503, "service_paused")
+            # Reconnect attempts fail while sshd is away: the gateway keeps trying, with backoff.
+            wait_for(lambda: metric(gw.base_url, "chatai_tunnel_connect_failures_total") >= failures_before + 2,
+                     60, "the gateway to retry the login node")
+            down_for = time.monotonic() - down_at
+            tries = metric(gw.base_url, "chatai_tunnel_connect_failures_total") - failures_before
+        back_at = time.monotonic()
+        gw.wait_for(_serving, timeout=90, what="the gateway to reconnect through the tunnel")
+        print(f"{tries:.0f} failed attempts in {down_for:.1f} s down; serving {time.monotonic() - back_at:.1f} s "
+              "after sshd came back")
+        wait_for(lambda: [o for o in traffic.outcomes if o.kind == "ok" and o.after > back_at], 120,
+                 "a request to succeed after sshd came back")
+    _check(traffic, down_at)
+    assert gw.proc.pid == pid and gw.proc.poll() is None
