@@ -12,7 +12,8 @@ import asyncio
 import pytest
 
 from gateway.broker_alarm import BlockedTracker, alarm_kind
-from gateway.errors import APIError
+from gateway.cluster_errors import ClusterOverloaded
+from gateway.errors import to_api_error
 
 
 def test_alarm_kind_from_the_brokers_reason():
@@ -29,12 +30,13 @@ async def test_a_publish_that_meets_a_block_is_given_up_and_later_ones_refused()
     pending = asyncio.ensure_future(tracker.guard(never_confirmed))
     await asyncio.sleep(0)
     tracker._set("low on disk")  # what the connection.blocked handler does
-    with pytest.raises(APIError) as err:
+    with pytest.raises(ClusterOverloaded) as err:
         await pending
-    assert (err.value.status, err.value.code) == (503, "cluster_overloaded")
-    assert "low on disk" in err.value.message and never_confirmed.cancelled()
+    answer = to_api_error(err.value)  # what the client gets
+    assert (answer.status, answer.code) == (503, "cluster_overloaded")
+    assert "low on disk" in answer.message and never_confirmed.cancelled()
     assert tracker.status()["alarm"] == "disk"
-    with pytest.raises(APIError):
+    with pytest.raises(ClusterOverloaded):
         await tracker.guard(asyncio.sleep(0))  # refused without waiting
     tracker._set(None)  # connection.unblocked
     assert tracker.status() is None
