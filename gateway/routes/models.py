@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from gateway.broker import broker_unavailable
+from gateway.cluster_errors import ClusterUnavailable
 from gateway.context import GatewayContext, get_context, require_api_key
 from gateway.errors import model_not_found
 
@@ -24,7 +24,7 @@ def _model(name: str) -> dict:
 
 def _serving(ctx: GatewayContext) -> list[str]:
     if not ctx.broker.connected:
-        raise broker_unavailable()
+        raise ClusterUnavailable()
     return ctx.registry.serving_models()
 
 
