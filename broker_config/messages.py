@@ -16,6 +16,7 @@ one frame per message: each is persistent and acked alone.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
@@ -175,6 +176,28 @@ def decode_frames(body: bytes) -> list[Started | Delta | Final | Error]:
     if body[:1] == b"[":
         return _frames_adapter.validate_json(body)
     return [_frame_adapter.validate_json(body)]
+
+
+def decode_frames_leniently(body: bytes) -> tuple[list[Started | Delta | Final | Error], int]:
+    """The valid frames of a message and how many were not: one bad frame of a bundle (several
+    requests' frames, see the module's docstring) must not take the other requests' frames with it."""
+    try:
+        return decode_frames(body), 0
+    except ValueError:
+        pass
+    try:
+        items = json.loads(body)
+    except ValueError:
+        return [], 1
+    if not isinstance(items, list):
+        return [], 1
+    frames: list[Started | Delta | Final | Error] = []
+    for item in items:
+        try:
+            frames.append(_frame_adapter.validate_python(item))
+        except ValueError:
+            continue
+    return frames, len(items) - len(frames)
 
 
 def encode_frames(frames: list[_Frame]) -> bytes:

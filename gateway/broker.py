@@ -30,7 +30,7 @@ from pamqp.commands import Basic
 
 from broker_config import topology as t
 from broker_config.connection import QueueDepth, connect, publish, queue_depth, redact, user_of
-from broker_config.messages import CONTENT_TYPE, Cancel, GenerateRequest, Heartbeat, decode_frames
+from broker_config.messages import CONTENT_TYPE, Cancel, GenerateRequest, Heartbeat, decode_frames_leniently
 from broker_config.timing import Backoff, retry_async
 from gateway.broker_alarm import BlockedTracker
 from gateway.broker_port import Subscription
@@ -136,12 +136,10 @@ class GatewayBroker:
     # ------------------------------------------------------------------ receiving
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        try:
-            frames = decode_frames(message.body)
-        except ValueError:
-            MALFORMED_FRAMES.labels("replies").inc()
-            log.warning("dropped a malformed reply frame")
-            return
+        frames, malformed = decode_frames_leniently(message.body)
+        if malformed:
+            MALFORMED_FRAMES.labels("replies").inc(malformed)
+            log.warning("dropped %d malformed reply frame(s)", malformed)
         for frame in frames:
             sub = self._subscriptions.get(frame.request_id)
             if sub is not None:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import aio_pika
 
-from broker_config.messages import Delta, Final, GenerateRequest, SamplingParams, Started, decode_frames
+from broker_config.messages import (Delta, Final, GenerateRequest, SamplingParams, Started, decode_frames,
+                                     decode_frames_leniently, encode_frames)
 from gpu_worker.engine import ChoiceDelta, Step
 from gpu_worker.replies import ReplyPublisher, ReplyStream
 from support.waiting import wait_until
@@ -197,3 +198,14 @@ async def test_batch_results_are_persistent_and_never_bundled_with_other_request
     await asyncio.wait_for(asyncio.gather(a.final(1), b.final(1)), 10)
     assert all(len(m) == 1 for m in pub.messages) and len(pub.messages) == 4
     assert all(m.delivery_mode == aio_pika.DeliveryMode.PERSISTENT for _, m in pub.exchange.published)
+
+
+def test_one_malformed_frame_of_a_bundle_does_not_take_the_other_requests_frames_with_it():
+    good = [Started(request_id="r1", seq=0, worker_id="w1", prompt_tokens=3),
+            Delta(request_id="r2", seq=1, index=0, text="hi", tokens=1)]
+    bundle = b"[" + good[0].encode() + b',{"type":"delta","request_id":"r3"},' + good[1].encode() + b"]"
+    frames, malformed = decode_frames_leniently(bundle)
+    assert [(f.request_id, f.type) for f in frames] == [("r1", "started"), ("r2", "delta")]
+    assert malformed == 1
+    assert decode_frames_leniently(b"not json") == ([], 1)
+    assert decode_frames_leniently(encode_frames(good)) == (good, 0)
