@@ -47,7 +47,7 @@ def test_alarm_answers_overloaded_and_service_resumes_when_it_clears(gateway, br
     client = gateway.client(timeout=60)
     assert client.chat.completions.create(**CHAT).choices[0].message.content is not None
     prefix, n = f"alarm-{kind}", 12
-    log_mark = "publishing paused (cluster_overloaded)"
+    log_mark = "publishing paused (ClusterOverloaded)"
     paused_before = gateway.log_path.read_text(errors="replace").count(log_mark)
     with resource_alarm(broker.admin, kind):
         # The first publish runs into the block; the broker says so at once.
