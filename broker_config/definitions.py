@@ -87,7 +87,11 @@ def hash_password(password: str, salt: bytes | None = None) -> str:
 
 
 def new_password() -> str:
-    return secrets.token_urlsafe(24)
+    """A random URL-safe password that never starts with "-": command-line tools (rabbitmqctl,
+    chpasswd wrappers) would read one that does as an option."""
+    while (password := secrets.token_urlsafe(24)).startswith("-"):
+        pass
+    return password
 
 
 @dataclass

@@ -155,3 +155,14 @@ def test_status_names_each_missing_part_in_one_line(tmp_path, monkeypatch):
     for line in ("breaker: not configured", "gateway: not configured", "slurm: not", "broker: malformed"):
         assert sum(ln.startswith(line) for ln in text.splitlines()) == 1, text
     assert "Traceback" not in text and "SRV" not in text and "hunter2" not in text
+
+
+def test_generated_broker_passwords_never_start_with_a_dash(monkeypatch):
+    """rabbitmqctl (and any other tool given one as an argument) would read it as an option."""
+    import secrets
+
+    from broker_config import definitions
+
+    draws = iter(["-starts-with-a-dash", "-again", "fine-password"])
+    monkeypatch.setattr(secrets, "token_urlsafe", lambda n: next(draws))
+    assert definitions.new_password() == "fine-password"
