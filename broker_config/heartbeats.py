@@ -35,6 +35,11 @@ class HeartbeatBook:
             del self._workers[worker_id]
         return [hb for hb, _ in self._workers.values()]
 
+    def first_heard(self) -> float | None:
+        """When (on ``clock``) the longest-known live worker was last heard; None when none is."""
+        self.live()
+        return min((at for _, at in self._workers.values()), default=None)
+
     def is_alive(self, worker_id: str) -> bool:
         return any(hb.worker_id == worker_id for hb in self.live())
 

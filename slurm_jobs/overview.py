@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -62,12 +61,15 @@ async def listen(view: BrokerView, seconds: float, jobs: set[str] | None = None)
     moments; stopping at the first heartbeat missed them)."""
     if seconds <= 0:
         return
-    end = time.time() + seconds
+    book = view.book
+    end = book.clock() + seconds
     if not await view.wait_for_heartbeats(seconds, jobs):
         return
-    first = min(view.book.received_at.values())
-    interval = max(hb.interval for hb in view.book.workers.values())
-    left = min(end, first + interval * 1.2) - time.time()
+    first, heard = book.first_heard(), book.live()
+    if first is None or not heard:
+        return
+    interval = max(hb.interval for hb in heard)
+    left = min(end, first + interval * 1.2) - book.clock()
     if left > 0:
         await asyncio.sleep(left)  # the listening window itself, not a wait for a condition
 
