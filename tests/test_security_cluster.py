@@ -366,7 +366,7 @@ def probe_with_client_forward(sshd: LocalSshd, option: str, use) -> None:
                 return True
             except OSError:
                 return proc.poll() is not None
-        asyncio.run(wait_until(listening, timeout=20, what="ssh's local listener"))
+        wait_until(listening, timeout=20, what="ssh's local listener")
         use(port)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -415,7 +415,7 @@ SESSION_PROBES = {
 
 
 def assert_tripped_without_secrets(b, sshd: LocalSshd, expect: str) -> dict:
-    st = asyncio.run(wait_until(lambda: b.status()["tripped"] and b.status(), timeout=30, what="the breaker to trip"))
+    st = wait_until(lambda: b.status()["tripped"] and b.status(), timeout=30, what="the breaker to trip")
     assert expect in st["reason"], st
     assert st["by"] == "sshd log"
     text = json.dumps(st) + (sshd.state_dir / hook.ATTEMPTS_LOG).read_text() + (sshd.state_dir / hook.EVENTS_LOG).read_text()
@@ -441,7 +441,7 @@ def assert_reset_restores_the_tunnel(b, sshd: LocalSshd, gw_user) -> None:
         finally:
             conn.close()
 
-    asyncio.run(wait_until(through_tunnel, timeout=30, what="AMQP through the tunnel after the reset"))
+    wait_until(through_tunnel, timeout=30, what="AMQP through the tunnel after the reset")
     assert not b.status()["tripped"]  # the legitimate forward trips nothing
 
 
@@ -508,15 +508,15 @@ def test_install_writes_the_watcher_unit_and_it_trips_on_probes(sshd, broker, gw
         lines: list[str] = []
         reader = threading.Thread(target=lambda: lines.extend(iter(watcher.stderr.readline, "")), daemon=True)
         reader.start()
-        asyncio.run(wait_until(lambda: any("sshd's log" in ln for ln in lines), timeout=60,
-                               what="the watcher to follow sshd's log"))
+        wait_until(lambda: any("sshd's log" in ln for ln in lines), timeout=60,
+                               what="the watcher to follow sshd's log")
         r = subprocess.run(sshd.ssh_command("-N", "-o", "ExitOnForwardFailure=yes", "-R", "0:127.0.0.1:9"),
                            capture_output=True, text=True, timeout=30)
         assert r.returncode != 0
         assert_tripped_without_secrets(b, sshd, "tcpip-forward global request")
         # The watcher shut the gateway's broker user out.
-        asyncio.run(wait_until(lambda: not broker.admin.list_user_connections(gw_user.name), timeout=30,
-                               what="gateway connections closed"))
+        wait_until(lambda: not broker.admin.list_user_connections(gw_user.name), timeout=30,
+                               what="gateway connections closed")
     finally:
         watcher.terminate()
         watcher.wait(20)
