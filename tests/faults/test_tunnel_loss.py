@@ -49,6 +49,7 @@ def test_sshd_killed_and_restarted(tunnel_gateway, sshd):
     failures_before = metric(gw.base_url, "chatai_tunnel_connect_failures_total")
     with Traffic(client, streams=3, whole=1, **LONG) as traffic:
         wait_for(lambda: traffic.count("ok") >= 2, 120, "traffic before the fault")
+        wait_for(lambda: traffic.streaming > 0, 120, "a stream with tokens in flight")
         down_at = time.monotonic()
         with sshd_down(sshd):
             health = gw.wait_for(lambda h: h["tunnel"]["state"] != "up" and not h["broker"]["connected"]

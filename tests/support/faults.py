@@ -124,13 +124,16 @@ class Outcome:
     after: float = 0.0  # time.monotonic() when it ended
 
 
-def one_request(client: openai.OpenAI, stream: bool, **body) -> Outcome:
+def one_request(client: openai.OpenAI, stream: bool, on_first_token: Callable[[], None] | None = None,
+                **body) -> Outcome:
     chunks = 0
     try:
         if stream:
             for chunk in client.chat.completions.create(stream=True, **body):
                 if chunk.choices and chunk.choices[0].delta.content:
                     chunks += 1
+                    if chunks == 1 and on_first_token is not None:
+                        on_first_token()
         else:
             client.chat.completions.create(**body)
             chunks = 1
@@ -151,16 +154,26 @@ class Traffic:
     def __init__(self, client: openai.OpenAI, *, streams: int, whole: int, **body) -> None:
         self.client, self.body = client, body
         self.outcomes: list[Outcome] = []
+        self.streaming = 0  # streams that have had tokens and not ended yet
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._loop, args=(s,), daemon=True)
                          for s in [True] * streams + [False] * whole]
 
     def _loop(self, stream: bool) -> None:
         while not self._stop.is_set():
-            outcome = one_request(self.client, stream, **self.body)
+            started = threading.Event()
+            outcome = one_request(self.client, stream, on_first_token=lambda: self._count(started, +1), **self.body)
+            if started.is_set():
+                self._count(started, -1)
             self.outcomes.append(outcome)
             if outcome.kind != "ok":
                 self._stop.wait(0.2)  # pace retries while the service is away
+
+    def _count(self, started: threading.Event, step: int) -> None:
+        with self._lock:
+            self.streaming += step
+        started.set()
 
     def __enter__(self) -> "Traffic":
         for t in self._threads:
