@@ -58,7 +58,9 @@ def _operator(state: Path, *args: str, timeout: float = 120) -> subprocess.Compl
 
 
 # The key reaches `chatai dev` as the README passes it (environment), or from a file.
-@pytest.fixture(scope="module", params=[[], ["--slurm"]], ids=["processes", "slurm"])
+# The Slurm stack gets a broker of its own: every private Slurm numbers its jobs from 1, so on a
+# shared broker another stack's worker for "job 1_0" would answer for this one's.
+@pytest.fixture(scope="module", params=[[], ["--slurm", "--broker", "private"]], ids=["processes", "slurm"])
 def dev_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     state = tmp_path_factory.mktemp("dev-state")
     key = "sk-chatai-test-" + uuid.uuid4().hex
