@@ -22,7 +22,7 @@ from support.worker_proc import start_worker
 KILL_MODEL = "tiny-kill"
 DRAIN_MODEL = "tiny-drain"
 KILL_TOKENS = 8000  # ~16 s on an idle CPU: A must still hold it when the test kills it
-IDLE_TIMEOUT = 25  # long enough for the kill test to reach B first, even on a loaded CPU
+IDLE_TIMEOUT = 90  # long enough for B to outlive the other workers' start-up and still serve the kill test, on a loaded CPU
 # Shorts (800 tokens) finish within the grace down to ~70 tok/s; the long one (30,000) cannot
 # finish in it below ~2,500 tok/s: the engine's speed varies a lot with the machine's load.
 DRAIN_GRACE = 12
@@ -257,7 +257,7 @@ async def test_sigkill_mid_request_is_redelivered_and_idle_worker_exits(gw, brok
     a.kill()  # the worker and its engine, mid-generation, nothing acked
     assert [type(f) for f in gw.frames[req.request_id]] == [Started]
 
-    frames = await gw.result(req.request_id, timeout=120, attempt=2)
+    frames = await gw.result(req.request_id, timeout=300, attempt=2)
     second = [f for f in frames if f.attempt == 2]
     assert_well_formed(second, attempt=2)
     assert second[0].worker_id == b.worker_id
