@@ -35,6 +35,7 @@ from broker_config.messages import (
     Delta,
     Error,
     Final,
+    Frame,
     GenerateRequest,
     Started,
     TokenLogprob,
@@ -44,8 +45,6 @@ from broker_config.messages import (
 from gpu_worker.engine import Step
 
 log = logging.getLogger("chatai.worker.replies")
-
-Frame = Started | Delta | Final | Error
 
 
 @dataclass
@@ -71,7 +70,6 @@ class ReplyPublisher:
         self._exchange = exchange
         self._unconfirmed: set[asyncio.Task] = set()
         self._bundles: dict[str, _Bundle] = {}  # by gateway reply queue
-        self.messages_published = 0
 
     def send(self, req: GenerateRequest, frames: list[Frame]) -> asyncio.Future:
         """Hand frames over; the returned future is done when the broker has confirmed them."""
@@ -106,7 +104,6 @@ class ReplyPublisher:
         )
         # mandatory=False: a gateway that went away leaves its frames unroutable; that is no error.
         task = asyncio.ensure_future(publish(self._exchange, msg, routing_key=reply_to, mandatory=False))
-        self.messages_published += 1
         self._unconfirmed.add(task)
         task.add_done_callback(self._settled)
         return task
