@@ -120,6 +120,8 @@ def test_a_published_stack_is_found_and_becomes_the_operator_defaults(tmp_path, 
 def test_a_stack_whose_processes_are_gone_is_ignored(tmp_path, monkeypatch):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
+    # A `chatai dev` running on this machine must not count: its pointer file lives there.
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     monkeypatch.setenv(discovery.STACK_ENV, str(_stack(tmp_path / "s", dead.pid).parent))
     monkeypatch.chdir(tmp_path)
     assert discovery.find_stack() is None
