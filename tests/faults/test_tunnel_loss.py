@@ -8,8 +8,11 @@ once; the gateway reconnects by itself with backoff (the same process) and serve
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 
+import openai
 import pytest
 
 from conftest import SERVED_MODEL
@@ -49,14 +52,22 @@ def _check(traffic: Traffic, since: float) -> None:
     assert all(o.status in (None, 503) and o.after >= since for o in cut + refused)
 
 
+@contextlib.contextmanager
+def _traffic_in_flight(gw) -> Iterator[tuple[Traffic, openai.OpenAI]]:
+    """Three clients streaming long answers and one sending whole requests; handed out once a
+    request has succeeded and a stream has tokens (a hang would surface as a client timeout)."""
+    client = gw.client(timeout=120)
+    with Traffic(client, streams=3, whole=1, **LONG) as traffic:
+        wait_for(lambda: traffic.count("ok") >= 1, 180, "traffic before the fault")
+        wait_for(lambda: traffic.streaming > 0, 120, "a stream with tokens in flight")
+        yield traffic, client
+
+
 def test_sshd_killed_and_restarted(tunnel_gateway, sshd):
     gw = tunnel_gateway
-    client = gw.client(timeout=120)
     pid = gw.proc.pid
     failures_before = metric(gw.base_url, "chatai_tunnel_connect_failures_total")
-    with Traffic(client, streams=3, whole=1, **LONG) as traffic:
-        wait_for(lambda: traffic.count("ok") >= 2, 120, "traffic before the fault")
-        wait_for(lambda: traffic.streaming > 0, 120, "a stream with tokens in flight")
+    with _traffic_in_flight(gw) as (traffic, client):
         down_at = time.monotonic()
         with sshd_down(sshd):
             health = gw.wait_for(lambda h: h["tunnel"]["state"] != "up" and not h["broker"]["connected"]
@@ -84,12 +95,9 @@ def test_ssh_session_cut_while_sshd_stays_up(tunnel_gateway, sshd):
     """The sshd processes of the gateway's own connection are killed (found by its ports); the
     listener stays up, so the gateway's next attempt, after its backoff, gets in."""
     gw = tunnel_gateway
-    client = gw.client(timeout=120)
     pid = gw.proc.pid
     disconnects_before = metric(gw.base_url, "chatai_tunnel_disconnects_total")
-    with Traffic(client, streams=3, whole=1, **LONG) as traffic:
-        wait_for(lambda: traffic.count("ok") >= 1, 180, "traffic before the fault")
-        wait_for(lambda: traffic.streaming > 0, 120, "a stream with tokens in flight")
+    with _traffic_in_flight(gw) as (traffic, _):
         cut_at = time.monotonic()
         killed = cut_tunnel_session(sshd, pid)
         health = gw.wait_for(lambda h: h["tunnel"]["state"] != "up" and h["tunnel"]["last_error"],
