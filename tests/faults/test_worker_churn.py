@@ -46,6 +46,7 @@ def _scale_up(env: dict[str, str], n: int) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(SOAK_SECONDS + 900)  # the suite's 900 s, plus the soak
 def test_worker_churn_under_mixed_traffic_loses_and_duplicates_nothing(operator_env, slurm_gateway):
     gw, slurm = slurm_gateway, Slurm()
     _scale_up(operator_env, WORKERS)
