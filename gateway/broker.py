@@ -111,8 +111,11 @@ class GatewayBroker:
         self._set_connected(False)
         self.alarm.connection_lost()
         log.warning("lost the broker connection; reconnecting")
-        # Frames for requests in flight may be gone with the connection: their waiters time out
-        # or see their worker vanish, and fail with a clear error.
+        # Frames for requests in flight went with the connection's exclusive reply queue, even
+        # when it comes back within a second: end each of them now with a clear error, rather
+        # than pass on a stream with a gap or wait for frames that will never come.
+        for sub in list(self._subscriptions.values()):
+            sub.connection_lost()
 
     def _on_reconnected(self, *_: object) -> None:
         if self._connection is not None:

@@ -15,13 +15,20 @@ from typing import Protocol
 from broker_config.messages import GenerateRequest
 
 
+CONNECTION_LOST = object()  # put in a subscription's frames when the broker connection drops
+
+
 class Subscription:
-    """The frames of one request, in arrival order."""
+    """The frames of one request, in arrival order (``CONNECTION_LOST`` once the connection that
+    carried them is gone: frames sent meanwhile are lost with the exclusive reply queue)."""
 
     def __init__(self, request_id: str, on_close: Callable[[str], None]) -> None:
         self.request_id = request_id
         self.frames: asyncio.Queue = asyncio.Queue()
         self._on_close = on_close
+
+    def connection_lost(self) -> None:
+        self.frames.put_nowait(CONNECTION_LOST)
 
     def close(self) -> None:
         self._on_close(self.request_id)

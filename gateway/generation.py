@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from broker_config import topology as t
 from broker_config.messages import Delta, Error, Final, GenerateRequest, Started
-from gateway.broker_port import BrokerPort
+from gateway.broker_port import CONNECTION_LOST, BrokerPort
 from gateway.cluster_errors import (
     ClusterError,
     ClusterUnavailable,
@@ -131,7 +131,7 @@ class Generation:
         """The next frame; NoWorkerAvailable / WorkerTimeout when the queue timeout or the worker's
         silence runs out, ClusterUnavailable when the broker connection is gone."""
         if not frames.empty():  # the common case mid-stream: no timer, no task
-            return frames.get_nowait()
+            return self._checked(frames.get_nowait())
         limit = self.timeouts.queue if waiting_for_start else self.timeouts.idle
         deadline = time.monotonic() + limit
         while True:
@@ -141,7 +141,8 @@ class Generation:
                     raise NoWorkerAvailable(self.request.model, self.timeouts.queue)
                 raise WorkerTimeout()
             try:
-                return await asyncio.wait_for(frames.get(), timeout=min(remaining, self.timeouts.liveness))
+                return self._checked(await asyncio.wait_for(frames.get(),
+                                                            timeout=min(remaining, self.timeouts.liveness)))
             except asyncio.TimeoutError:
                 pass
             if not self.broker.connected:
@@ -152,6 +153,12 @@ class Generation:
                 waiting_for_start = True
                 deadline = time.monotonic() + self.timeouts.queue
                 self.outcome.worker_id = None
+
+    @staticmethod
+    def _checked(frame: object):
+        if frame is CONNECTION_LOST:
+            raise ClusterUnavailable()
+        return frame
 
 
 _background: set[asyncio.Task] = set()

@@ -29,6 +29,8 @@ IN_FLIGHT = Gauge("chatai_in_flight_requests", "Requests this gateway waits on",
 BROKER_CONNECTED = Gauge("chatai_broker_connected", "1 while the gateway's AMQP connection is open")
 CANCELLATIONS = Counter("chatai_cancellations_total", "Requests cancelled because the client went away",
                         ["model"])
+STALLED_STREAMS = Counter("chatai_stalled_streams_total",
+                          "Streams given up because the client took no bytes for the send timeout", ["model"])
 MALFORMED_FRAMES = Counter("chatai_malformed_frames_total",
                            "Broker messages dropped because they could not be read, by where they came from "
                            "(replies, heartbeats, batch_results)", ["source"])

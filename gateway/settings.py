@@ -33,9 +33,16 @@ class GatewaySettings(BaseSettings):
     tunnel_remote_host: str = "127.0.0.1"  # the broker, as the login node sees it
     tunnel_remote_port: int = 5672
     tunnel_keepalive: float = 15.0
+    # Reconnecting to the login node: the first delay, doubled (with jitter) up to the maximum.
+    tunnel_backoff_initial: float = Field(0.5, gt=0)
+    tunnel_backoff_max: float = Field(10.0, gt=0)
 
     queue_timeout: float = Field(30.0, description="Seconds an interactive request may wait for a worker.")
     stream_idle_timeout: float = 120.0  # longest silence from a worker mid-generation
+    stream_send_timeout: float = Field(
+        30.0, gt=0, description="Seconds a streamed response may wait for a client that takes no bytes "
+        "(its socket buffers full) before the gateway ends the stream and cancels the generation "
+        "(docs/reliability.md, slow clients).")
     max_request_bytes: int = 4 * 1024 * 1024  # any body but a file upload (BATCH_MAX_FILE_BYTES)
     # A bearer token Prometheus must send for /metrics (its `authorization: credentials_file`).
     # None: /metrics is open, for a gateway that only trusted hosts can reach (docs/security.md).

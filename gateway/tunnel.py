@@ -115,7 +115,8 @@ class BrokerTunnel:
         return cls(host=settings.tunnel_host, port=settings.tunnel_port, user=settings.tunnel_user,
                    key_path=settings.tunnel_key, known_hosts_path=settings.tunnel_known_hosts,
                    remote_host=settings.tunnel_remote_host, remote_port=settings.tunnel_remote_port,
-                   keepalive=settings.tunnel_keepalive)
+                   keepalive=settings.tunnel_keepalive, backoff_initial=settings.tunnel_backoff_initial,
+                   backoff_max=settings.tunnel_backoff_max)
 
     # -- public ------------------------------------------------------------------------------
     @property

@@ -201,6 +201,22 @@ async def test_losing_the_broker_while_waiting_is_cluster_unavailable():
         await frames.__anext__()
 
 
+async def test_a_connection_lost_and_back_at_once_still_ends_the_stream():
+    """Frames sent while the connection was down are gone with its reply queue: a stream must
+    not go on with a gap (or wait for a Final that was lost), even if the broker is back by the
+    time the generation looks."""
+    broker = InMemoryBroker(lambda rid: [started(rid), delta(rid, 1)])
+    gen = generation(broker, idle=3600.0)
+    frames = gen.frames()
+    await frames.__anext__()
+    await frames.__anext__()
+    broker.subscriptions[gen.request.request_id].connection_lost()
+    broker.deliver(delta(gen.request.request_id, 5, "after the gap"))
+    assert broker.connected
+    with pytest.raises(ClusterUnavailable):
+        await frames.__anext__()
+
+
 async def test_a_client_that_leaves_cancels_the_request():
     broker = InMemoryBroker(lambda rid: [started(rid), delta(rid, 1)])
     gen = generation(broker)

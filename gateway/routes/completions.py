@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncGenerator, Awaitable
 from typing import TypeVar
 
@@ -17,10 +18,11 @@ from gateway.errors import APIError, to_api_error
 from gateway.formatting import ResponseBuilder
 from gateway.generation import Generation
 from gateway.limits import Lease
-from gateway.metrics import REQUESTS, model_label
+from gateway.metrics import REQUESTS, STALLED_STREAMS, model_label
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.streaming import SSE_HEADERS, event_stream
 
+log = logging.getLogger("chatai.gateway.completions")
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 T = TypeVar("T")
 
@@ -71,18 +73,45 @@ async def _prepend(first: object, frames: AsyncGenerator) -> AsyncGenerator:
         await frames.aclose()
 
 
+class ClientStalled(Exception):
+    pass
+
+
 class LeasedStream(StreamingResponse):
     """A stream that holds its key's concurrency slot until the last byte is sent or the client
-    leaves, then charges the tokens the request used."""
+    leaves, then charges the tokens the request used.
 
-    def __init__(self, *args: object, gen: Generation, lease: Lease, **kwargs: object) -> None:
+    A client that stops reading fills the socket buffers, and then each send waits. After
+    ``send_timeout`` seconds of one send waiting, the stream is given up: closing its frames
+    cancels the generation (the worker's slot is freed), and the frames the broker keeps
+    delivering meanwhile stop piling up in this process.
+    """
+
+    def __init__(self, *args: object, gen: Generation, lease: Lease, send_timeout: float,
+                 **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
-        self.gen, self.lease = gen, lease
+        self.gen, self.lease, self.send_timeout = gen, lease, send_timeout
+        self.stalled = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_in_time(message: dict) -> None:
+            try:
+                async with asyncio.timeout(self.send_timeout):
+                    await send(message)
+            except TimeoutError:
+                self.stalled = True
+                raise ClientStalled() from None
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, send_in_time)
+        except Exception:
+            if not self.stalled:
+                raise
+            STALLED_STREAMS.labels(model_label(self.gen.request.model)).inc()
+            log.warning("request %s: the client took nothing for %.0f s; stream ended, generation cancelled",
+                        self.gen.request.request_id, self.send_timeout)
         finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]  # cancels a generation still running
             self.lease.release(_tokens_used(self.gen))
 
 
@@ -122,7 +151,8 @@ async def _serve(kind: str, body: ChatCompletionRequest | CompletionRequest, req
             frames = _prepend(first, frames)
             REQUESTS.labels(endpoint, model_label(body.model), "200").inc()
             response = LeasedStream(event_stream(frames, builder, body.n), media_type="text/event-stream",
-                                    headers={**SSE_HEADERS, **lease.headers}, gen=gen, lease=lease)
+                                    headers={**SSE_HEADERS, **lease.headers}, gen=gen, lease=lease,
+                                    send_timeout=ctx.settings.stream_send_timeout)
             lease = None  # the response releases it
             return response
         final = await until_disconnected(request, _collect(frames))

@@ -122,30 +122,37 @@ class Outcome:
     code: str | None = None
     chunks: int = 0
     after: float = 0.0  # time.monotonic() when it ended
+    first_token: float | None = None  # time.monotonic() of its first token (streams)
+
+    def in_flight_at(self, moment: float) -> bool:
+        """A stream that had tokens before ``moment`` and ended after it."""
+        return self.first_token is not None and self.first_token < moment < self.after
 
 
 def one_request(client: openai.OpenAI, stream: bool, on_first_token: Callable[[], None] | None = None,
                 **body) -> Outcome:
-    chunks = 0
+    chunks, first = 0, None
     try:
         if stream:
             for chunk in client.chat.completions.create(stream=True, **body):
                 if chunk.choices and chunk.choices[0].delta.content:
                     chunks += 1
-                    if chunks == 1 and on_first_token is not None:
-                        on_first_token()
+                    if chunks == 1:
+                        first = time.monotonic()
+                        if on_first_token is not None:
+                            on_first_token()
         else:
             client.chat.completions.create(**body)
             chunks = 1
-        return Outcome("ok", 200, chunks=chunks, after=time.monotonic())
+        return Outcome("ok", 200, chunks=chunks, after=time.monotonic(), first_token=first)
     except openai.APIStatusError as exc:
-        return Outcome("refused", exc.status_code, error_code(exc), chunks, time.monotonic())
+        return Outcome("refused", exc.status_code, error_code(exc), chunks, time.monotonic(), first)
     except openai.APITimeoutError:
-        return Outcome("hang", chunks=chunks, after=time.monotonic())
+        return Outcome("hang", chunks=chunks, after=time.monotonic(), first_token=first)
     except openai.APIConnectionError:
-        return Outcome("broken", chunks=chunks, after=time.monotonic())
+        return Outcome("broken", chunks=chunks, after=time.monotonic(), first_token=first)
     except openai.APIError as exc:  # an error event inside a started stream
-        return Outcome("cut", code=error_code(exc), chunks=chunks, after=time.monotonic())
+        return Outcome("cut", code=error_code(exc), chunks=chunks, after=time.monotonic(), first_token=first)
 
 
 class Traffic:
@@ -222,6 +229,46 @@ def sshd_down(sshd) -> Iterator[None]:
                 return False
 
         wait_for(listening, 30, "sshd to listen again")
+
+
+def tunnel_session_processes(sshd, gateway_pid: int) -> list:
+    """The sshd processes that serve the gateway's SSH connection (the privileged monitor and
+    the session process), found by that connection's ports: the gateway's source port on one
+    side, sshd's listening port on the other. Never the listener itself."""
+    import psutil
+
+    gateway = psutil.Process(gateway_pid)
+    ports = {c.laddr.port for p in (gateway, *gateway.children(recursive=True))
+             for c in p.net_connections("tcp")
+             if c.raddr and c.raddr.port == sshd.port and c.status == psutil.CONN_ESTABLISHED}
+    assert len(ports) == 1, f"the gateway should hold one SSH connection, not {len(ports)}"
+    found = []
+    for proc in psutil.Process(sshd.process.pid).children(recursive=True):
+        try:
+            if any(c.laddr and c.laddr.port == sshd.port and c.raddr and c.raddr.port in ports
+                   for c in proc.net_connections("tcp")):
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    assert found, f"no sshd process serves the gateway's connection from port {ports}"
+    return found
+
+
+def cut_tunnel_session(sshd, gateway_pid: int) -> list[int]:
+    """SIGKILL the sshd processes of the gateway's SSH connection; sshd's listener stays up.
+    Returns the pids killed, once they are gone."""
+    import psutil
+
+    procs = tunnel_session_processes(sshd, gateway_pid)
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    assert not alive, f"sshd session processes survived SIGKILL: {alive}"
+    assert sshd.process.poll() is None, "the cut took sshd's listener with it"
+    return [p.pid for p in procs]
 
 
 def metric(base_url: str, name: str) -> float:

@@ -1,0 +1,48 @@
+"""A streamed response whose client takes no bytes is given up after the send timeout
+(``gateway/routes/completions.py: LeasedStream``), in memory: the body (and so the generation)
+is closed, the key's concurrency slot released. End to end, with a real socket, vLLM worker and
+broker: ``tests/faults/test_slow_clients.py``."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+from gateway.generation import Outcome
+from gateway.routes.completions import LeasedStream
+
+
+class _Lease:
+    released: int | None = None
+
+    def release(self, tokens: int) -> None:
+        self.released = tokens
+
+
+async def test_a_send_that_waits_past_the_timeout_ends_the_stream_and_closes_the_body():
+    closed = asyncio.Event()
+
+    async def body():
+        try:
+            while True:
+                yield b"data: {}\n\n"
+        finally:
+            closed.set()
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body":
+            await asyncio.Event().wait()  # the client's buffers are full: this send never ends
+
+    async def receive() -> dict:
+        await asyncio.Event().wait()  # the client never hangs up either
+        return {}
+
+    gen = SimpleNamespace(request=SimpleNamespace(model="tiny", request_id="r1"), outcome=Outcome(streamed_tokens=7))
+    lease = _Lease()
+    response = LeasedStream(body(), media_type="text/event-stream", gen=gen, lease=lease, send_timeout=0.05)
+    await asyncio.wait_for(response({"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send), 30)
+    assert closed.is_set() and lease.released == 7 and response.stalled
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
