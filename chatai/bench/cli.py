@@ -218,7 +218,7 @@ def coexistence(
     png: Annotated[Optional[Path], typer.Option(help="Gantt chart (default: next to the JSON, .png).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the regular workload.")] = 11,
     day_s: Annotated[Optional[float], typer.Option(help="Seconds of arrivals (the compressed day).")] = None,
-    load: Annotated[float, typer.Option(help="Offered regular load, share of all GPUs.")] = 0.6,
+    load: Annotated[Optional[float], typer.Option(help="Offered regular load, share of all GPUs (default 0.8 quick, 0.7 full).")] = None,
     grace_s: Annotated[int, typer.Option(help="Scavenger partition GraceTime (s): a preempted worker's time to drain.")] = 10,
     real_workers: Annotated[Optional[int], typer.Option(help="Real vLLM workers (tiny model) among the 8 (default: 0 quick, 1 full).")] = None,
     rate: Annotated[float, typer.Option(help="Chat requests per second.")] = 2.0,
@@ -234,7 +234,8 @@ def coexistence(
     from chatai.bench.targets import scratch_dir
 
     stop_on_sigterm()
-    spec = TraceSpec(seed=seed, day_s=day_s or (40.0 if quick else 240.0), load=load,
+    load = load or (0.8 if quick else 0.7)
+    spec = TraceSpec(seed=seed, day_s=day_s or (50.0 if quick else 240.0), load=load,
                      limits_min=(1,) if quick else (1, 2, 3), run_fraction=(0.3, 0.8) if quick else (0.3, 0.95))
     trace = generate(spec)
     real = (0 if quick else 1) if real_workers is None else real_workers
