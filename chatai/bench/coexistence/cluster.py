@@ -7,6 +7,12 @@ Why these settings (docs/coexistence.md has the reasoning at length):
 - ``PreemptMode=CANCEL`` with a ``GraceTime`` on the scavenger partition: a preempted worker
   gets SIGTERM, drains (finishes or returns its requests) and exits; Slurm kills it at the end
   of the grace at the latest. A regular job therefore waits at most ``GraceTime`` for a worker.
+- ``SlurmctldParameters=preempt_send_user_signal``: without it Slurm 22.05 sends the
+  grace-start SIGTERM to the job's *steps* only ("No steps in jobid N to send signal 15" in
+  slurmd's log); a worker is the batch script itself (``exec chatai worker``), so it heard
+  nothing until the grace ran out and slurmctld's periodic time-limit check (every 30 s)
+  killed it: regular jobs waited GraceTime plus up to 30 s. With it Slurm sends the job's own
+  ``--signal=B:TERM@...`` (batch shell) at preemption, and the worker drains at once.
   CANCEL rather than REQUEUE: the autoscaler submits fresh workers, so a requeued one would
   only be a second, uncontrolled source of pending work.
 - ``JobCompType=jobcomp/filetxt``: every job's start, end, nodes and state in a text file,
@@ -29,6 +35,7 @@ def site_conf(grace_s: int, jobcomp_path: Path | str = "/var/log/slurm/jobcomp.t
     return [
         "PreemptType=preempt/partition_prio",
         "PreemptMode=CANCEL",
+        "SlurmctldParameters=preempt_send_user_signal",
         f"JobCompType=jobcomp/filetxt",
         f"JobCompLoc={jobcomp_path}",
         # Backfill every second at a 1 s resolution so compressed time still sees its gaps;
