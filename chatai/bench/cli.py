@@ -209,3 +209,71 @@ def relay(
         typer.echo(f"wrote {out / 'relay.json'}, {out / 'relay.md'}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+@app.command()
+def coexistence(
+    quick: Annotated[bool, typer.Option("--quick", help="A short day (about 4 minutes in all), synthetic workers only.")] = False,
+    json_path: Annotated[Path, typer.Option("--json", help="Where to write the measures (JSON).")] = Path("coexistence.json"),
+    png: Annotated[Optional[Path], typer.Option(help="Gantt chart (default: next to the JSON, .png).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the regular workload.")] = 11,
+    day_s: Annotated[Optional[float], typer.Option(help="Seconds of arrivals (the compressed day).")] = None,
+    load: Annotated[Optional[float], typer.Option(help="Offered regular load, share of all GPUs (default 0.8 quick, 0.7 full).")] = None,
+    grace_s: Annotated[int, typer.Option(help="Scavenger partition GraceTime (s): a preempted worker's time to drain.")] = 10,
+    real_workers: Annotated[Optional[int], typer.Option(help="Real vLLM workers (tiny model) among the 8 (default: 0 quick, 1 full).")] = None,
+    rate: Annotated[float, typer.Option(help="Chat requests per second.")] = 2.0,
+    keep: Annotated[bool, typer.Option(help="Keep the scratch folder (logs).")] = False,
+) -> None:
+    """Regular jobs alone, then with autoscaled workers in a preemptible scavenger partition: idle time absorbed, delays, requests."""
+    import json
+
+    from chatai.bench.coexistence import gantt, report
+    from chatai.bench.coexistence.cluster import NODES
+    from chatai.bench.coexistence.runner import WorkerPlan, run_once
+    from chatai.bench.coexistence.trace import TraceSpec, generate
+    from chatai.bench.targets import scratch_dir
+
+    stop_on_sigterm()
+    load = load or (0.8 if quick else 0.7)
+    spec = TraceSpec(seed=seed, day_s=day_s or (50.0 if quick else 240.0), load=load,
+                     limits_min=(1,) if quick else (1, 2, 3), run_fraction=(0.3, 0.8) if quick else (0.3, 0.95))
+    trace = generate(spec)
+    real = (0 if quick else 1) if real_workers is None else real_workers
+    work = scratch_dir("chatai-coexist-")
+    try:
+        model_dir = None
+        if real:
+            from chatai.devstack.tiny_model import make_tiny_model
+
+            model_dir = make_tiny_model(work / "tiny-model", seed=0)
+        plan = WorkerPlan(synthetic_floor=NODES - real, real_workers=real, model_dir=model_dir,
+                          drain_grace_s=max(1, grace_s // 2), request_rate=rate)
+        typer.echo(f"trace: {len(trace)} regular jobs over {spec.day_s:.0f} s (seed {seed}, load {load}); "
+                   f"workers: {plan.synthetic_floor} synthetic + {real} real vLLM")
+        typer.echo("run 1/2: regular jobs alone")
+        base = run_once(trace, work / "baseline", grace_s, None)
+        typer.echo("run 2/2: regular jobs with workers")
+        run = run_once(trace, work / "workers", grace_s, plan)
+        plan_info = {"trace": {"seed": seed, "day_s": spec.day_s, "load": load, "jobs": len(trace),
+                               "limits_min": list(spec.limits_min), "run_fraction": list(spec.run_fraction)},
+                     "synthetic_workers": plan.synthetic_floor, "real_vllm_workers": real,
+                     "drain_grace_s": plan.drain_grace_s, "request_rate": rate, "max_tokens": plan.max_tokens,
+                     "worker_time": plan.time, "worker_time_min": plan.time_min, "quick": quick}
+        result = report.compute(base, run, grace_s, plan_info)
+        png = png or json_path.with_suffix(".png")
+        from chatai.bench.coexistence.measures import intervals
+
+        gantt.draw({"baseline: regular jobs alone": intervals(base.records, base.t0, report.kind_of),
+                    "with workers (scavenger partition, chatai autoscale)": intervals(run.records, run.t0, report.kind_of)},
+                   base.nodes, base.last_regular_end, grace_s, png)
+        result["gantt_png"] = str(png)
+        result["intervals"] = {name: [vars(i) for i in intervals(r.records, r.t0, report.kind_of)]
+                               for name, r in (("baseline", base), ("workers", run))}
+        result["baseline_window_s"] = base.last_regular_end
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        typer.echo(report.table(result))
+        typer.echo(f"wrote {json_path} and {png}" + (f"; logs in {work}" if keep else ""))
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)

@@ -9,7 +9,12 @@ logs - on free ports, so it neither needs nor disturbs a system Slurm. Clients (
 Several nodes are emulated by several ``slurmd -N NAME`` processes on one host (each with its
 own port, ``NodeHostname=localhost``); ``SlurmdParameters=config_overrides`` lets a node claim
 the CPUs and memory the config gives it rather than what the hardware has, so a two-core VM
-can still show a scheduler a cluster with a queue of waiting work.
+can still show a scheduler a cluster with a queue of waiting work. GPUs are emulated the same
+way: ``Gres=gpu:N`` with a gres.conf whose device ``File`` is a node of our own that aliases
+``/dev/null`` (Slurm 22.05 drops a GPU without a file, and warns about one that is not a
+device), a resource the scheduler allocates and no process touches. Several partitions and
+extra slurm.conf lines (preemption, a job completion log) let an experiment shape the cluster
+(``chatai bench coexistence``).
 
 It runs as root (``SlurmUser=root``): a development and CI tool, not a way to run a site.
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -46,6 +52,15 @@ class LocalNode:
     port: int = 0
 
 
+@dataclass(frozen=True)
+class LocalPartition:
+    """One partition over all nodes; ``options`` are extra slurm.conf keys (PriorityTier=...)."""
+
+    name: str
+    default: bool = False
+    options: str = ""
+
+
 @dataclass
 class LocalSlurmCluster:
     """Handle on a running private cluster; :meth:`start` builds and boots one.
@@ -59,6 +74,9 @@ class LocalSlurmCluster:
     partition: str = "chatai"
     ctld_port: int = 0
     cluster_name: str = "chatai-local"
+    gpus_per_node: int = 0  # count-only GRES "gpu" on every node
+    partitions: list[LocalPartition] = field(default_factory=list)  # empty: one default partition
+    extra_conf: list[str] = field(default_factory=list)  # further slurm.conf lines (they win)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     _owns_dir: bool = False
 
@@ -71,6 +89,9 @@ class LocalSlurmCluster:
         cpus_per_node: int | None = None,
         memory_mb_per_node: int = 4096,
         partition: str = "chatai",
+        gpus_per_node: int = 0,
+        partitions: list[LocalPartition] | None = None,
+        extra_conf: list[str] | None = None,
     ) -> "LocalSlurmCluster":
         """Lay out a cluster of ``nodes`` emulated nodes (not started yet).
 
@@ -86,7 +107,8 @@ class LocalSlurmCluster:
             node_list = [LocalNode(host, cpus, memory_mb_per_node, free_port())]
         else:
             node_list = [LocalNode(f"{host}-n{i}", cpus, memory_mb_per_node, free_port()) for i in range(nodes)]
-        return cls(base_dir=base, nodes=node_list, partition=partition, ctld_port=free_port(), _owns_dir=owns)
+        return cls(base_dir=base, nodes=node_list, partition=partition, ctld_port=free_port(), _owns_dir=owns,
+                   gpus_per_node=gpus_per_node, partitions=list(partitions or []), extra_conf=list(extra_conf or []))
 
     @property
     def conf_path(self) -> Path:
@@ -146,12 +168,52 @@ class LocalSlurmCluster:
             "MessageTimeout=20",
             "MaxArraySize=1001",
         ]
+        gres = ""
+        if self.gpus_per_node:
+            lines.append("GresTypes=gpu")
+            gres = f" Gres=gpu:{self.gpus_per_node}"
+        lines.extend(self._overridden(lines))
         for n in self.nodes:
             extra = f" NodeHostname=localhost NodeAddr=127.0.0.1 Port={n.port}" if multi else f" NodeAddr=127.0.0.1 Port={n.port}"
-            lines.append(f"NodeName={n.name}{extra} CPUs={n.cpus} RealMemory={n.memory_mb} State=UNKNOWN")
+            lines.append(f"NodeName={n.name}{extra} CPUs={n.cpus} RealMemory={n.memory_mb}{gres} State=UNKNOWN")
         names = ",".join(n.name for n in self.nodes)
-        lines.append(f"PartitionName={self.partition} Nodes={names} Default=YES MaxTime=INFINITE State=UP")
+        for p in self.partitions or [LocalPartition(self.partition, default=True)]:
+            opts = f" {p.options}" if p.options else ""
+            lines.append(f"PartitionName={p.name} Nodes={names} Default={'YES' if p.default else 'NO'} "
+                         f"MaxTime=INFINITE State=UP{opts}")
         return "\n".join(lines) + "\n"
+
+    def _overridden(self, lines: list[str]) -> list[str]:
+        """Apply :attr:`extra_conf`: a key already in ``lines`` is replaced there, new keys are returned."""
+        index = {line.split("=", 1)[0]: i for i, line in enumerate(lines)}
+        new = []
+        for line in self.extra_conf:
+            key = line.split("=", 1)[0]
+            if key in index:
+                lines[index[key]] = line
+            else:
+                new.append(line)
+        return new
+
+    def gpu_files(self, node: LocalNode) -> list[Path]:
+        return [self.base_dir / "dev" / node.name / f"nvidia{i}" for i in range(self.gpus_per_node)]
+
+    def render_gres_conf(self) -> str:
+        """gres.conf: each node's GPUs as device files of our own (see :meth:`_make_gpu_files`)."""
+        return "".join(f"NodeName={n.name} Name=gpu File={f}\n" for n in self.nodes for f in self.gpu_files(n))
+
+    def _make_gpu_files(self) -> None:
+        """Character devices with /dev/null's numbers (root may mknod); a plain file where that is
+        refused, which Slurm accepts with an error line in the slurmd log."""
+        for n in self.nodes:
+            for f in self.gpu_files(n):
+                f.parent.mkdir(parents=True, exist_ok=True)
+                if f.exists():
+                    continue
+                try:
+                    os.mknod(f, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+                except OSError:
+                    f.touch()
 
     # ------------------------------------------------------------------ life cycle
     def start(self, timeout: float = 30.0) -> "LocalSlurmCluster":
@@ -163,6 +225,9 @@ class LocalSlurmCluster:
             (b / "spool" / n.name).mkdir(parents=True, exist_ok=True)
         (b / "munge").chmod(0o700)
         self.conf_path.write_text(self.render_conf())
+        if self.gpus_per_node:
+            self._make_gpu_files()
+            (b / "gres.conf").write_text(self.render_gres_conf())
         key = b / "munge" / "munge.key"
         if not key.exists():
             self._run(["mungekey", "-c", "-k", str(key)])
