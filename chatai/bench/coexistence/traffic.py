@@ -11,6 +11,8 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+from chatai.bench.load import percentile
+
 
 @dataclass
 class TrafficCounts:
@@ -21,10 +23,11 @@ class TrafficCounts:
     latencies: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        lat = sorted(self.latencies)
-        pct = (lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]) if lat else (lambda q: None)
+        def pct(p: float) -> float | None:  # None, not NaN, for no answers: the report is JSON
+            return percentile(self.latencies, p) if self.latencies else None
+
         return {"sent": self.sent, "served": self.served, "lost": self.lost, "errors": self.errors[:5],
-                "latency_p50_s": pct(0.5), "latency_p99_s": pct(0.99)}
+                "latency_p50_s": pct(50), "latency_p99_s": pct(99)}
 
 
 async def steady_stream(base_url: str, api_key: str, models: dict[str, float], rate: float, max_tokens: int,
