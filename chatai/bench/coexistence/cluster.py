@@ -28,15 +28,16 @@ from chatai.devstack.slurm_cluster import LocalPartition, LocalSlurmCluster
 REGULAR = "regular"
 SCAVENGER = "scavenger"
 NODES = 8
+JOBCOMP_FILE = "jobcomp.txt"  # in the cluster's own folder
 
 
-def site_conf(grace_s: int, jobcomp_path: Path | str = "/var/log/slurm/jobcomp.txt") -> list[str]:
+def site_conf(jobcomp_path: Path | str = "/var/log/slurm/jobcomp.txt") -> list[str]:
     """The slurm.conf lines a site would add (besides GRES and partitions), for this experiment and the docs."""
     return [
         "PreemptType=preempt/partition_prio",
         "PreemptMode=CANCEL",
         "SlurmctldParameters=preempt_send_user_signal",
-        f"JobCompType=jobcomp/filetxt",
+        "JobCompType=jobcomp/filetxt",
         f"JobCompLoc={jobcomp_path}",
         # Backfill every second at a 1 s resolution so compressed time still sees its gaps;
         # bf_continue keeps a long queue from restarting the pass; a site keeps its own values.
@@ -55,8 +56,8 @@ def make_cluster(base_dir: Path, grace_s: int, nodes: int = NODES) -> LocalSlurm
     """An unstarted cluster of ``nodes`` emulated nodes with one (count-only) GPU each."""
     return LocalSlurmCluster.create(
         base_dir=base_dir, nodes=nodes, cpus_per_node=4, memory_mb_per_node=16384, gpus_per_node=1,
-        partitions=partitions(grace_s), extra_conf=site_conf(grace_s, base_dir / "jobcomp.txt"))
+        partitions=partitions(grace_s), extra_conf=site_conf(base_dir / JOBCOMP_FILE))
 
 
 def jobcomp_path(cluster: LocalSlurmCluster) -> Path:
-    return cluster.base_dir / "jobcomp.txt"
+    return cluster.base_dir / JOBCOMP_FILE
