@@ -38,7 +38,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             # AMQP goes through the tunnel in-process: the URL gives only credentials and vhost.
             tunnel = BrokerTunnel.from_settings(settings)
             await tunnel.start()
-        broker = GatewayBroker(url, registry, transport=tunnel.transport() if tunnel is not None else None)
+        broker = GatewayBroker(url, registry, reconnect_interval=settings.broker_reconnect_interval,
+                               transport=tunnel.transport() if tunnel is not None else None)
         broker.start()
         ctx = GatewayContext(settings=settings, keys=KeyStore(settings.db_path), registry=registry,
                              broker=broker, tunnel=tunnel)

@@ -20,6 +20,7 @@ import os
 import secrets
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 import aio_pika
@@ -39,6 +40,11 @@ from gateway.metrics import BROKER_CONNECTED, MALFORMED_FRAMES, know_model
 from gateway.registry import WorkerRegistry
 
 log = logging.getLogger("chatai.gateway.broker")
+
+# Cancellations that could not be published (no connection) are kept this long, at most this many,
+# and sent when the connection returns: the worker may still be generating for a client that is gone.
+UNSENT_CANCEL_TTL = 600.0
+UNSENT_CANCEL_MAX = 10_000
 
 
 class GatewayBroker:
@@ -60,6 +66,8 @@ class GatewayBroker:
         self.ready = asyncio.Event()
         self.last_error: str | None = None
         self.alarm = BlockedTracker()  # the broker's memory/disk alarm, as this connection sees it
+        self._unsent_cancels: OrderedDict[str, tuple[str, float]] = OrderedDict()  # id -> (reason, when)
+        self._background: set[asyncio.Task] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -122,6 +130,10 @@ class GatewayBroker:
             self.alarm.watch(self._connection)  # a new AMQP connection underneath
         self._set_connected(True)
         log.info("broker connection restored")
+        if self._unsent_cancels:
+            task = asyncio.get_running_loop().create_task(self._send_unsent_cancels(), name="unsent-cancels")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     @property
     def connected(self) -> bool:
@@ -231,8 +243,14 @@ class GatewayBroker:
         return channel
 
     async def cancel(self, request_id: str, reason: str) -> None:
-        """Tell every worker to abort this request (best effort: the client is already gone)."""
+        """Tell every worker to abort this request (the client is gone, or the gateway gave up).
+
+        Without a connection the cancellation is kept and sent when the connection returns:
+        requests in flight when it dropped are ended here at once, but their workers go on
+        generating (their own connections are fine) until told.
+        """
         if not self.connected or self._control is None:
+            self._keep_unsent(request_id, reason)
             return
         try:
             await self._control.publish(
@@ -240,4 +258,19 @@ class GatewayBroker:
                                  content_type=CONTENT_TYPE, user_id=self.user),
                 routing_key="", mandatory=False, timeout=5)
         except Exception as exc:  # noqa: BLE001
-            log.warning("could not publish a cancellation: %s", type(exc).__name__)
+            log.warning("could not publish a cancellation (%s); kept for the next connection", type(exc).__name__)
+            self._keep_unsent(request_id, reason)
+
+    def _keep_unsent(self, request_id: str, reason: str) -> None:
+        self._unsent_cancels[request_id] = (reason, time.monotonic())
+        self._unsent_cancels.move_to_end(request_id)
+        while len(self._unsent_cancels) > UNSENT_CANCEL_MAX:
+            self._unsent_cancels.popitem(last=False)
+
+    async def _send_unsent_cancels(self) -> None:
+        now = time.monotonic()
+        pending = [(rid, reason) for rid, (reason, at) in self._unsent_cancels.items() if now - at < UNSENT_CANCEL_TTL]
+        self._unsent_cancels.clear()
+        for request_id, reason in pending:
+            await self.cancel(request_id, reason)
+        log.info("sent %d cancellation(s) held while the broker connection was down", len(pending))

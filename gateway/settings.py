@@ -23,6 +23,8 @@ class GatewaySettings(BaseSettings):
     broker_url: SecretStr = SecretStr("amqp://gateway:gateway@127.0.0.1:5672/chatai")
     broker_direct: bool = Field(False, description="Connect to the broker without the SSH tunnel "
                                 "(must be asked for explicitly).")
+    broker_reconnect_interval: float = Field(2.0, gt=0, description="Seconds between attempts to "
+                                             "reopen a lost broker connection.")
 
     # The SSH tunnel to the login node (see circuit_breaker/ and docs/).
     tunnel_host: str | None = None

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
+from typing import NoReturn
+
+import psutil
 
 from gpu_worker import slurm
 
@@ -85,3 +89,24 @@ async def watch_job_end(stop: StopSignal, keep: float, poll: float,
             await asyncio.wait_for(stop.event.wait(), timeout=wait)
         except asyncio.TimeoutError:
             pass
+
+
+def leave_now(code: int) -> NoReturn:
+    """Exit at once, though a thread is still loading the engine (it cannot be interrupted, and
+    the interpreter would wait for it at exit). The engine processes that load has spawned so far
+    are ended first: they would outlive the worker as orphans holding the GPU and memory."""
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        try:
+            child.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(children, timeout=5)
+    for child in alive:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    log.info("ended %d process(es) the engine load had started; exit %d", len(children), code)
+    logging.shutdown()
+    os._exit(code)

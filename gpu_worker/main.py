@@ -1,6 +1,7 @@
 """The worker's run loop: connect, start the engine, serve, and leave gracefully.
 
-Order matters. The worker says "starting" before loading the model (minutes for big ones), owns
+Order matters. The worker says "starting" before loading the model (minutes for big ones; told to stop
+meanwhile, it leaves at once without waiting for the load), owns
 its control queue before taking any request (so no cancel is missed), and on the way out stops
 consuming first, finishes or returns what it holds, and only then says "stopped" and exits 0:
 for Slurm and the autoscaler a drained worker is a normal end, not a failure.
@@ -19,7 +20,7 @@ from gpu_worker import slurm
 from gpu_worker.consumer import Consumer
 from gpu_worker.engine import Engine, TokenEngine
 from gpu_worker.heartbeat import Heartbeater
-from gpu_worker.lifecycle import StopSignal, watch_idle, watch_job_end
+from gpu_worker.lifecycle import StopSignal, leave_now, watch_idle, watch_job_end
 from gpu_worker.replies import ReplyPublisher
 from gpu_worker.settings import WorkerSettings
 
@@ -85,7 +86,17 @@ async def run(settings: WorkerSettings) -> int:
         engine_task = asyncio.ensure_future(asyncio.to_thread(engine_cls.start, settings))
         stop_task = asyncio.ensure_future(stop.event.wait())
         await asyncio.wait({engine_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-        engine = await engine_task  # even when stopping: the engine's processes must be shut down
+        if not engine_task.done():
+            # Told to go while the engine loads (Slurm preempting a worker placed in a gap shorter
+            # than its start-up): it holds no request, and waiting for a load of seconds to
+            # minutes would keep the GPU from the job Slurm is giving it to.
+            log.info("stopping (%s) while the engine loads: leaving without it", stop.reason)
+            await hb.stop()
+            hb.state = "stopped"
+            await hb.send()
+            await conn.close()
+            leave_now(0)
+        engine = await engine_task
         stop_task.cancel()
         hb.max_model_len = engine.max_model_len
         hb.capacity = engine.max_num_seqs
@@ -100,8 +111,13 @@ async def run(settings: WorkerSettings) -> int:
                 on_change=hb.in_flight_changed,
                 on_fatal=lambda exc: (fatal.append(exc), stop.set("engine died")),
             )
-            await consumer.start_control(await conn.channel())
-            await consumer.start(await conn.channel())
+            # One channel for both subscriptions, control first: after a lost connection aio-pika
+            # restores a channel's queues in the order they were declared, but channels in no
+            # particular order. On separate channels a redelivered request could reach this worker
+            # before its new control queue was bound, and a cancel sent then was lost.
+            work_channel = await conn.channel()
+            await consumer.start_control(work_channel)
+            await consumer.start(work_channel)
             await hb.set_state("ready")
             log.info("%s: worker_id=%s model=%s capacity=%d startup=%.1fs", READY_LINE, settings.worker_id,
                      model, engine.max_num_seqs, time.monotonic() - t0)

@@ -46,3 +46,34 @@ async def test_a_send_that_waits_past_the_timeout_ends_the_stream_and_closes_the
     await asyncio.wait_for(response({"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send), 30)
     assert closed.is_set() and lease.released == 7 and response.stalled
     assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+
+
+async def test_a_client_that_reads_slowly_but_steadily_is_never_given_up():
+    """The timeout is per send, not per stream: 40 sends that each wait a twentieth of it (the
+    client takes bytes, slowly) add up to twice the timeout, and the stream goes out whole."""
+    chunks = 40
+
+    async def body():
+        for i in range(chunks):
+            yield f"data: {i}\n\n".encode()
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.body":
+            await asyncio.sleep(0.05)  # the socket buffers are full until the client reads a little
+        sent.append(message)
+
+    async def receive() -> dict:
+        await asyncio.Event().wait()
+        return {}
+
+    gen = SimpleNamespace(request=SimpleNamespace(model="tiny", request_id="r2"), outcome=Outcome(streamed_tokens=40))
+    lease = _Lease()
+    response = LeasedStream(body(), media_type="text/event-stream", gen=gen, lease=lease, send_timeout=1.0)
+    started = asyncio.get_running_loop().time()
+    await asyncio.wait_for(response({"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send), 60)
+    assert asyncio.get_running_loop().time() - started >= 2 * response.send_timeout  # longer than one timeout
+    assert not response.stalled and lease.released == 40
+    payload = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    assert payload == b"".join(f"data: {i}\n\n".encode() for i in range(chunks))

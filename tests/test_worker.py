@@ -10,11 +10,13 @@ import asyncio
 import os
 import time
 
+import psutil
 import pytest_asyncio
 
 from broker_config import topology
 from broker_config.messages import Delta, Error, Final, Started
 from conftest import SERVED_MODEL
+from gpu_worker.main import READY_LINE
 from support.amqp_client import TestGatewayClient
 from support.waiting import wait_until
 from support.worker_proc import start_worker
@@ -346,6 +348,32 @@ async def test_sigterm_drains_held_work_and_returns_the_rest(gw, broker, own_wor
     assert "draining (signal SIGTERM): 3 in flight" in log, "the shorts ended before SIGTERM: nothing drained"
     assert "returned 1 request(s) to the queue" in log
     assert extra.request_id not in gw.frames  # never delivered to the full, then draining, worker
+
+
+async def test_sigterm_while_the_engine_loads_leaves_at_once(gw, broker, tiny_model_dir, tmp_path):
+    """Preempted before its engine is up, a worker holds nothing and must not keep the GPU for the
+    rest of the load: it exits 0 at once and takes the engine processes it had started along."""
+    w = start_worker(tiny_model_dir, "tiny-abandoned", broker.url("worker"), tmp_path / "abandon.log",
+                     worker_id=f"abandon-{os.getpid()}")
+    try:
+        me = psutil.Process(w.proc.pid)
+        # The engine's core process exists: the load is under way (the core loads the weights,
+        # then profiles memory and warms up before the engine counts as started).
+        spawned = await asyncio.to_thread(wait_until, lambda: me.children(recursive=True), 180,
+                                          "the engine load to start its processes")
+        since = time.time()
+        w.signal()
+        t0 = time.monotonic()
+        rc = await asyncio.to_thread(w.wait, 60)
+        print(f"\nexited {time.monotonic() - t0:.1f} s after SIGTERM, {len(spawned)} engine process(es) at the time")
+    finally:
+        w.kill()
+    assert rc == 0
+    assert "while the engine loads: leaving without it" in w.log_text(), w.log_tail()
+    assert READY_LINE not in w.log_text()
+    assert not [p for p in spawned if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    hb = await gw.heartbeat_where(w.worker_id, lambda h: h.state == "stopped", since=since, timeout=10)
+    assert hb.model == "tiny-abandoned"
 
 
 async def test_logs_hold_ids_not_text_or_passwords(gw, broker, served_worker):
