@@ -96,17 +96,17 @@ def leave_now(code: int) -> NoReturn:
     the interpreter would wait for it at exit). The engine processes that load has spawned so far
     are ended first: they would outlive the worker as orphans holding the GPU and memory."""
     children = psutil.Process().children(recursive=True)
-    for child in children:
-        try:
-            child.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(children, timeout=5)
-    for child in alive:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
+    left = children
+    # SIGTERM, then SIGKILL after 2 s (multiprocessing's resource tracker ignores SIGTERM).
+    for end in (psutil.Process.terminate, psutil.Process.kill):
+        for child in left:
+            try:
+                end(child)
+            except psutil.NoSuchProcess:
+                pass
+        _, left = psutil.wait_procs(left, timeout=2)
+        if not left:
+            break
     log.info("ended %d process(es) the engine load had started; exit %d", len(children), code)
     logging.shutdown()
     os._exit(code)

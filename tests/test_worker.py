@@ -23,8 +23,8 @@ from support.worker_proc import start_worker
 
 KILL_MODEL = "tiny-kill"
 DRAIN_MODEL = "tiny-drain"
-KILL_TOKENS = 8000  # ~16 s on an idle CPU: A must still hold it when the test kills it
-IDLE_TIMEOUT = 90  # long enough for B to outlive the other workers' start-up and still serve the kill test, on a loaded CPU
+KILL_TOKENS = 2000  # seconds of work even on an idle CPU: A still holds it when the test kills it, just after its start
+IDLE_TIMEOUT = 30  # B starts last, so its idle clock starts only seconds before the kill test hands it work
 # Shorts (800 tokens) finish within the grace down to ~70 tok/s; the long one (30,000) cannot
 # finish in it below ~2,500 tok/s: the engine's speed varies a lot with the machine's load.
 DRAIN_GRACE = 12
@@ -219,10 +219,12 @@ async def test_heartbeat_reports_the_worker(gw, served_worker):
 
 @pytest_asyncio.fixture(scope="module")
 async def own_workers(broker, tiny_model_dir, tmp_path_factory):
-    """Three extra workers started together (start-up is the slow part), on queues of their own.
+    """Three extra workers on queues of their own: A and the drain worker start together (start-up
+    is the slow part), then B, so that B's idle clock starts just before the kill test.
 
     On the kill queue, A has a higher consumer priority than B: requests go to A while it lives,
-    and to B once A is gone. B leaves by itself after IDLE_TIMEOUT seconds without work.
+    and to B once A is gone. B leaves by itself after IDLE_TIMEOUT seconds without work: started
+    together with the others it could idle out while a slower one was still loading.
     """
     broker.apply([KILL_MODEL, DRAIN_MODEL])
     logs = tmp_path_factory.mktemp("own-workers")
@@ -233,17 +235,19 @@ async def own_workers(broker, tiny_model_dir, tmp_path_factory):
     workers = {
         "a": start_worker(tiny_model_dir, KILL_MODEL, url, logs / "kill-a.log", worker_id=f"kill-a-{pid}",
                           max_num_seqs=4, max_model_len=8192, extra_args=["--consumer-priority", "10"], env=env),
-        "b": start_worker(tiny_model_dir, KILL_MODEL, url, logs / "kill-b.log", worker_id=f"kill-b-{pid}",
-                          max_num_seqs=4, max_model_len=8192, extra_args=["--idle-timeout", str(IDLE_TIMEOUT)], env=env),
         "drain": start_worker(tiny_model_dir, DRAIN_MODEL, url, logs / "drain.log", worker_id=f"drain-{pid}",
                               max_num_seqs=3, max_model_len=32768, extra_args=["--drain-grace", str(DRAIN_GRACE)],
                               env=env),
     }
     try:
-        for w in workers.values():
+        for w in list(workers.values()):
             # In a thread: the event loop keeps answering the broker's heartbeats for the
-            # session's AMQP client meanwhile (a loaded machine takes minutes for three engines).
+            # session's AMQP client meanwhile (a loaded machine takes minutes for several engines).
             await asyncio.to_thread(w.wait_ready)
+        workers["b"] = start_worker(tiny_model_dir, KILL_MODEL, url, logs / "kill-b.log", worker_id=f"kill-b-{pid}",
+                                    max_num_seqs=4, max_model_len=8192,
+                                    extra_args=["--idle-timeout", str(IDLE_TIMEOUT)], env=env)
+        await asyncio.to_thread(workers["b"].wait_ready)
         yield workers
     finally:
         for w in workers.values():
