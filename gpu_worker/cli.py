@@ -29,7 +29,7 @@ def worker(overrides: dict[str, Any]) -> None:
                                  param_hint="--broker-url") from None
     if settings.model is None and settings.engine == "vllm":
         raise typer.BadParameter("give --model PATH or CHATAI_WORKER_MODEL", param_hint="--model")
-    raise typer.Exit(main(settings))
+    main(settings)  # ends the process with the worker's exit code
 
 
 def register(app: typer.Typer) -> None:

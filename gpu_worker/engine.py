@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from broker_config.messages import GenerateRequest, TokenLogprob, TopLogprob
+from gpu_worker.lifecycle import end_processes, engine_processes
 from gpu_worker.settings import WorkerSettings
 
 log = logging.getLogger("chatai.worker.engine")
@@ -110,8 +111,10 @@ class TokenEngine(Protocol):
 class Engine:
     """Owns the AsyncLLM and its tokenizer; maps wire requests to vLLM and back."""
 
-    def __init__(self, llm, tokenizer, max_model_len: int, max_num_seqs: int) -> None:
+    def __init__(self, llm, tokenizer, max_model_len: int, max_num_seqs: int, stop_timeout: float = 2.0) -> None:
         self._llm = llm
+        self.stop_timeout = stop_timeout
+        self._spawned: list = []  # the engine's processes (psutil), ended at shutdown if still there
         self._tok = tokenizer
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs  # what the engine's scheduler runs at once: the capacity
@@ -129,11 +132,14 @@ class Engine:
         from vllm.usage.usage_lib import UsageContext
 
         args = AsyncEngineArgs(**kwargs)
+        before = {p.pid for p in engine_processes()}
         # As an OpenAI server: vLLM then picks the same batch defaults as its own server does.
         llm = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
         try:
-            return cls(llm, llm.get_tokenizer(), llm.model_config.max_model_len,
-                       llm.vllm_config.scheduler_config.max_num_seqs)
+            engine = cls(llm, llm.get_tokenizer(), llm.model_config.max_model_len,
+                         llm.vllm_config.scheduler_config.max_num_seqs, settings.engine_stop_timeout)
+            engine._spawned = [p for p in engine_processes() if p.pid not in before]
+            return engine
         finally:
             # vLLM keeps this frame alive (a traceback it caught while starting holds it), and a
             # frame that outlives its call keeps its locals: without this, the AsyncLLM lives on
@@ -141,12 +147,18 @@ class Engine:
             del llm
 
     def shutdown(self) -> None:
-        """Stop the engine core now, while the interpreter is whole (vLLM's __del__ fails late)."""
+        """Stop the engine core now, while the interpreter is whole (vLLM's __del__ fails late).
+
+        Its processes get ``stop_timeout`` seconds to end by themselves (vLLM's default of 5 s is
+        what its CPU build takes every time), then what is left of them is ended here, so that a
+        preempted worker gives its node back in seconds and leaves no orphan behind."""
         llm, self._llm = self._llm, None
         if llm is not None:
-            llm.shutdown()
+            llm.shutdown(timeout=self.stop_timeout)
             del llm
             gc.collect()
+            # Known since start-up: an engine core that was killed has orphaned its own child.
+            end_processes([p for p in self._spawned if p.is_running()], grace=self.stop_timeout)
 
     # ------------------------------------------------------------------ request mapping
 

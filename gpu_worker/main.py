@@ -13,6 +13,7 @@ import asyncio
 import gc
 import logging
 import time
+from typing import NoReturn
 
 from broker_config import topology
 from broker_config.connection import connect, redact
@@ -20,7 +21,7 @@ from gpu_worker import slurm
 from gpu_worker.consumer import Consumer
 from gpu_worker.engine import Engine, TokenEngine
 from gpu_worker.heartbeat import Heartbeater
-from gpu_worker.lifecycle import StopSignal, leave_now, watch_idle, watch_job_end
+from gpu_worker.lifecycle import StopSignal, exit_now, leave_now, watch_idle, watch_job_end
 from gpu_worker.replies import ReplyPublisher
 from gpu_worker.settings import WorkerSettings
 
@@ -183,7 +184,9 @@ def _set_job_end(hb: Heartbeater):
     return set_end
 
 
-def main(settings: WorkerSettings) -> int:
+def main(settings: WorkerSettings) -> NoReturn:
+    """Run the worker; the process ends here, with ``run``'s exit code (``exit_now``)."""
     setup_logging()
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-        return runner.run(run(settings))
+        code = runner.run(run(settings))
+    exit_now(code)

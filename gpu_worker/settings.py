@@ -61,6 +61,10 @@ class WorkerSettings(BaseSettings):
     heartbeat_interval: float = Field(5.0, description="Seconds between heartbeats.")
     idle_timeout: float = Field(0.0, description="Exit 0 after this many idle seconds; 0 = never.")
     drain_grace: float = Field(30.0, description="Seconds to finish held work after SIGTERM.")
+    # vLLM waits 5 s for its engine core process to end by itself; on the CPU build that is how
+    # long it takes every time, and a preempted worker's GPU waits for it (docs/worker.md).
+    engine_stop_timeout: float = Field(2.0, gt=0, description="Seconds the engine's processes get to "
+                                       "end by themselves on the way out before they are killed.")
     job_end_margin: float = Field(30.0, description="Extra seconds kept before the Slurm job ends.")
     job_end_poll: float = Field(60.0, description="Seconds between re-reads of the job's end time.")
     # RabbitMQ consumer priority (x-priority): a queue feeds higher-priority workers first and
