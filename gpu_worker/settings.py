@@ -7,6 +7,7 @@ visible to every user in ``ps``), and it is a ``SecretStr`` so it never lands in
 from __future__ import annotations
 
 import os
+import shlex
 import socket
 from pathlib import Path
 from typing import Literal
@@ -56,6 +57,23 @@ class WorkerSettings(BaseSettings):
     enforce_eager: bool = Field(True, description="Skip graph compilation (start in seconds).")
     tensor_parallel_size: int = Field(1, description="GPUs per engine.")
     trust_remote_code: bool = Field(False, description="Let the model folder run its own code.")
+
+    # vLLM's OpenAI layer, as its own server takes them (docs/worker.md has a table per family).
+    tool_call_parser: str | None = Field(None, description="vLLM tool-call parser (hermes, llama3_json, "
+                                         "mistral, openai, ...): tools in chat requests.")
+    enable_auto_tool_choice: bool = Field(False, description="Let the model decide to call tools "
+                                          "(tool_choice auto); needs --tool-call-parser.")
+    reasoning_parser: str | None = Field(None, description="vLLM reasoning parser (deepseek_r1, qwen3, ...).")
+    chat_template: str | None = Field(None, description="A chat template file instead of the model's own.")
+    runner: str | None = Field(None, description="vLLM runner: generate (default) or pooling "
+                               "(embedding models, /v1/embeddings).")
+    convert: str | None = Field(None, description="vLLM model conversion, e.g. embed: serve a "
+                                "causal LM's weights as an embedding model.")
+    lora_modules: str = Field("", description="LoRA adapters served beside the base model: "
+                              "'name=path name2=path2' (each name is a model clients may ask for).")
+    max_lora_rank: int | None = Field(None, description="Largest LoRA rank to serve (vLLM's default: 16).")
+    vllm_args: str = Field("", description="More of vLLM's serve arguments, as one shell-quoted string, "
+                           "passed through unchanged (e.g. '--max-logprobs 10').")
 
     # Lifecycle.
     heartbeat_interval: float = Field(5.0, description="Seconds between heartbeats.")
@@ -123,6 +141,48 @@ class WorkerSettings(BaseSettings):
             "trust_remote_code": self.trust_remote_code,
             "disable_log_stats": True,
         }
+
+    def adapters(self) -> dict[str, str]:
+        """LoRA adapter name -> its folder, from ``lora_modules``."""
+        out: dict[str, str] = {}
+        for item in self.lora_modules.split():
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"lora_modules: {item!r} is not name=path")
+            out[name] = path
+        return out
+
+    def serving_kwargs(self) -> dict[str, object]:
+        """vLLM's OpenAI-layer options (beyond the engine's)."""
+        adapters = self.adapters()
+        return {
+            "tool_call_parser": self.tool_call_parser,
+            "enable_auto_tool_choice": self.enable_auto_tool_choice,
+            "reasoning_parser": self.reasoning_parser,
+            "chat_template": self.chat_template,
+            "runner": self.runner,
+            "convert": self.convert,
+            "enable_lora": bool(adapters),
+            "lora_modules": [f"{n}={p}" for n, p in adapters.items()] or None,
+            "max_lora_rank": self.max_lora_rank,
+        }
+
+    def vllm_argv(self) -> list[str]:
+        """The same configuration as vLLM's own server's command line (``vllm serve`` flags):
+        what the worker hands vLLM's argument parser, and what ``chatai bench`` starts vLLM's
+        server with, so both sides of a comparison run exactly one configuration."""
+        argv: list[str] = []
+        for name, value in {**self.engine_kwargs(), **self.serving_kwargs()}.items():
+            flag = "--" + name.replace("_", "-")
+            if value is None or value is False:
+                continue
+            if value is True:
+                argv.append(flag)
+            elif isinstance(value, list):
+                argv += [flag, *map(str, value)]
+            else:
+                argv += [flag, str(value)]
+        return argv + shlex.split(self.vllm_args)
 
     def engine_env(self) -> dict[str, str]:
         """Environment the engine reads at start-up (the CPU backend's KV cache size, in GiB)."""

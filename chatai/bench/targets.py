@@ -37,20 +37,8 @@ class Endpoint:
 
 def vllm_server_argv(settings: WorkerSettings, port: int) -> list[str]:
     """vLLM's server command line for the worker's engine arguments."""
-    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
-            "--port", str(port), "--disable-uvicorn-access-log"]
-    for name, value in settings.engine_kwargs().items():
-        flag = "--" + name.replace("_", "-")
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            if value:
-                argv.append(flag)
-        elif isinstance(value, list):
-            argv += [flag, *map(str, value)]
-        else:
-            argv += [flag, str(value)]
-    return argv
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
+            "--port", str(port), "--disable-uvicorn-access-log", *settings.vllm_argv()]
 
 
 @contextmanager

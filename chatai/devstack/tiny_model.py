@@ -17,13 +17,31 @@ BOS = "<|begin_of_text|>"
 EOS = "<|end_of_text|>"
 PAD = "<|pad|>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
+# Hermes' tool-call markers: ordinary added tokens (not special, so decoding keeps them and
+# vLLM's ``hermes`` tool parser finds them in the text), as in Hermes, Qwen 2.5 and others.
+TOOL_TOKENS = ["<tool_call>", "</tool_call>"]
 VOCAB_SIZE = 1024
 
 # ChatML-like: every turn ends with the eos token, so a chat reply stops where a turn would.
+# Tool-capable the way Hermes-style templates are: the tools are listed in a system turn, an
+# assistant's tool calls are written as <tool_call>{"name": ..., "arguments": ...}</tool_call>,
+# a tool's answer is a turn of its own. Content may be a string or a list of text parts.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}{{ '<|system|>\\nYou may call these tools:\\n' }}"
+    "{% for tool in tools %}{{ tool | tojson }}{{ '\\n' }}{% endfor %}"
+    "{{ 'Answer with <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>.' + eos_token + '\\n' }}"
+    "{% endif %}"
     "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
+    "{% set content = message['content'] if message['content'] is string else "
+    "(message['content'] or []) | map(attribute='text') | select('string') | join('') %}"
+    "{{ '<|' + message['role'] + '|>\\n' + (content or '') }}"
+    "{% for call in message.get('tool_calls') or [] %}"
+    "{% set fn = call['function'] if call['function'] is defined else call %}"
+    "{{ '<tool_call>{\"name\": \"' + fn['name'] + '\", \"arguments\": ' }}"
+    "{{ fn['arguments'] if fn['arguments'] is string else fn['arguments'] | tojson }}{{ '}</tool_call>' }}"
+    "{% endfor %}"
+    "{{ eos_token + '\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
@@ -78,6 +96,7 @@ def build_tokenizer(vocab_size: int = VOCAB_SIZE):
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.add_tokens(TOOL_TOKENS)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=BOS,
