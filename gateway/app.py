@@ -16,7 +16,7 @@ from gateway.errors import install_error_handlers
 from gateway.http_guard import RequestGuard
 from gateway.keys import KeyStore
 from gateway.registry import WorkerRegistry
-from gateway.routes import completions, health, models
+from gateway.routes import health, inference, models
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger("chatai.gateway")
@@ -71,7 +71,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(models.router)
-    app.include_router(completions.router)
+    app.include_router(inference.router)
     from gateway.batches import install as install_batches
 
     install_batches(app, settings)  # /v1/files, /v1/batches and the batch dispatcher

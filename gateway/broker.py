@@ -31,7 +31,7 @@ from pamqp.commands import Basic
 
 from broker_config import topology as t
 from broker_config.connection import QueueDepth, connect, publish, queue_depth, redact, user_of
-from broker_config.messages import CONTENT_TYPE, Cancel, GenerateRequest, Heartbeat, decode_frames_leniently
+from broker_config.messages import CONTENT_TYPE, Cancel, ApiRequest, Heartbeat, decode_frames_leniently
 from broker_config.timing import Backoff, retry_async
 from gateway.broker_alarm import BlockedTracker
 from gateway.broker_port import Subscription
@@ -177,7 +177,7 @@ class GatewayBroker:
         self._subscriptions[request_id] = sub
         return sub
 
-    async def publish_request(self, request: GenerateRequest, *, priority: int, ttl: float | None,
+    async def publish_request(self, request: ApiRequest, *, priority: int, ttl: float | None,
                               persistent: bool = False) -> None:
         """Put a request on its model's queue; raises ModelNotFound / QueueFull / ClusterUnavailable
         at once when nothing was queued (ClusterOverloaded while a broker resource alarm blocks

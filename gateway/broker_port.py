@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Protocol
 
-from broker_config.messages import GenerateRequest
+from broker_config.messages import ApiRequest
 
 
 CONNECTION_LOST = object()  # put in a subscription's frames when the broker connection drops
@@ -48,7 +48,7 @@ class BrokerPort(Protocol):
 
     def subscribe(self, request_id: str) -> Subscription: ...
 
-    async def publish_request(self, request: GenerateRequest, *, priority: int, ttl: float | None,
+    async def publish_request(self, request: ApiRequest, *, priority: int, ttl: float | None,
                               persistent: bool = False) -> None: ...
 
     async def cancel(self, request_id: str, reason: str) -> None: ...

@@ -3,8 +3,8 @@
 Publish, wait for a worker to start it (at most the queue timeout), then pass its frames on
 in order. The rules of the wire protocol live here: frames of an older attempt are dropped,
 a duplicate sequence number is dropped, and a redelivery (a worker died) either restarts the
-request transparently or, when tokens were already streamed to the client, ends it with an
-error, because tokens cannot be unsent.
+request transparently or, when part of a streamed response was already relayed to the client,
+ends it with an error, because tokens cannot be unsent.
 
 It speaks to the broker only through ``BrokerPort`` and fails with ``gateway.cluster_errors``
 (the API maps them to HTTP in ``gateway/errors.py``), so these rules are unit-tested in memory.
@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from broker_config import topology as t
-from broker_config.messages import Delta, Error, Final, GenerateRequest, Started
+from broker_config.messages import ApiRequest, Data, Error, Final, Head, Started
 from gateway.broker_port import CONNECTION_LOST, BrokerPort
 from gateway.cluster_errors import (
     ClusterError,
@@ -48,7 +48,8 @@ class Outcome:
     """What the caller needs once the stream ends."""
 
     final: Final | None = None
-    streamed_tokens: int = 0
+    streamed_tokens: int = 0  # output tokens of the Data frames relayed so far
+    relayed: bool = False  # part of a streamed response has gone to the client
     worker_id: str | None = None
     attempts: list[int] = field(default_factory=list)
 
@@ -56,7 +57,7 @@ class Outcome:
 class Generation:
     """Iterate over a request's frames; raises ClusterError on failures the client must see."""
 
-    def __init__(self, broker: BrokerPort, request: GenerateRequest, timeouts: Timeouts) -> None:
+    def __init__(self, broker: BrokerPort, request: ApiRequest, timeouts: Timeouts) -> None:
         self.broker = broker
         self.request = request
         self.timeouts = timeouts
@@ -65,11 +66,11 @@ class Generation:
 
     @classmethod
     def build(cls, broker: BrokerPort, timeouts: Timeouts, **fields: object) -> "Generation":
-        request = GenerateRequest(request_id=new_request_id(), reply_to=broker.reply_queue_name,
+        request = ApiRequest(request_id=new_request_id(), reply_to=broker.reply_queue_name,
                                   deadline=time.time() + timeouts.queue, **fields)
         return cls(broker, request, timeouts)
 
-    async def frames(self) -> AsyncIterator[Started | Delta | Final]:
+    async def frames(self) -> AsyncIterator[Started | Head | Data | Final]:
         req = self.request
         sub = self.broker.subscribe(req.request_id)
         label = model_label(req.model)  # fixed for the request: inc and dec hit the same series
@@ -88,7 +89,7 @@ class Generation:
                 if frame.attempt < attempt or (frame.attempt == attempt and frame.seq <= last_seq):
                     continue  # an older attempt's or a duplicate frame
                 if isinstance(frame, Started):
-                    if attempt and self.outcome.streamed_tokens:
+                    if attempt and self.outcome.relayed:
                         raise WorkerLost()
                     attempt, last_seq = frame.attempt, frame.seq
                     self.outcome.attempts.append(frame.attempt)
@@ -103,11 +104,16 @@ class Generation:
                 last_seq = frame.seq
                 if isinstance(frame, Error):
                     raise WorkerFailed(frame.status, frame.code, frame.message)
-                if isinstance(frame, Delta):
+                if isinstance(frame, Data):
                     if not first_token_seen:
                         first_token_seen = True
                         TIME_TO_FIRST_TOKEN.labels(label).observe(time.monotonic() - published)
                     self.outcome.streamed_tokens += frame.tokens
+                    self.outcome.relayed = True
+                    yield frame
+                    continue
+                if isinstance(frame, Head):
+                    self.outcome.relayed = True
                     yield frame
                     continue
                 assert isinstance(frame, Final)

@@ -30,3 +30,14 @@ class WorkerRegistry:
 
     def serving_models(self) -> list[str]:
         return sorted(m for m, hbs in self.models().items() if any(h.state == "ready" for h in hbs))
+
+    def adapters(self) -> dict[str, str]:
+        """LoRA adapter name -> its base model, as ready workers announce them."""
+        return {a: hb.model for hb in self.live() if hb.state == "ready" for a in hb.adapters}
+
+    def queue_for(self, model: str) -> str:
+        """The model queue a request for ``model`` goes to: an adapter's is its base model's.
+        A name nobody announces goes to its own queue (the broker refuses it if none exists)."""
+        if model in self.models():
+            return model
+        return self.adapters().get(model, model)

@@ -1,255 +1,128 @@
-"""OpenAI request bodies the gateway accepts, validated before anything reaches the broker.
+"""What the gateway checks of an OpenAI request body before it goes to a worker: little.
 
-Parameters the service cannot honour (tools, response formats other than text, suffix, best_of)
-are refused with a 400 that names them, never silently ignored. Batch lines go through the same
-models (``gateway.batches.validation``), so both paths accept and refuse the same bodies.
+The worker answers with vLLM's own OpenAI layer, which validates every field as vLLM's server
+does and stays in step with vLLM as it grows. The gateway keeps only what it needs to route,
+limit and protect: the model (a routing key), ``stream``, ``n`` (a cap on what one request may
+ask of a GPU), and the rules that hold for this deployment and not for a vLLM server:
+
+- no remote media: GPU nodes have no internet, so an image (or audio, video, file) given by URL
+  is refused here with a 400; ``data:`` URLs travel with the request;
+- the Responses API is stateless: ``store``, ``previous_response_id`` and ``background`` need
+  storage the gateway does not keep, and are refused with a 400 rather than silently ignored.
+
+Every other field goes through untouched, known to this gateway or not: vLLM decides. Batch
+lines go through the same checks (``gateway.batches.validation``), so a batch line is accepted
+exactly when the same body sent to the endpoint would be.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import from_json
 
-from broker_config.messages import ChatMessage, SamplingParams
+from broker_config.messages import ENDPOINTS
 from gateway.errors import APIError
 
 # A model name is an AMQP routing key and part of its queue's name, both at most 255 bytes.
 MAX_MODEL_NAME_BYTES = 200
+MAX_N = 16  # choices per request: every one runs on the worker at once
+
+# Content parts that name a medium by URL (chat messages and Responses input items).
+_MEDIA_PARTS = {"image_url": "image_url", "input_image": "image_url", "audio_url": "audio_url",
+                "video_url": "video_url", "input_file": "file_url", "file": "file_url"}
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    def _refuse_unsupported(self, names: tuple[str, ...]) -> None:
-        for name in names:
-            value = (self.model_extra or {}).get(name)
-            if value not in (None, [], {}, False):
-                raise APIError(400, f"The parameter '{name}' is not supported by this service.",
-                               code="unsupported_parameter", param=name)
+def _bad(message: str, param: str | None = None, code: str = "invalid_request_error") -> APIError:
+    return APIError(400, message, code=code, param=param)
 
 
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
+@dataclass(frozen=True)
+class Routed:
+    """A checked request body and what the gateway needs of it."""
+
+    endpoint: str
+    body: dict[str, Any]
+    model: str
+    stream: bool
+    include_usage: bool
 
 
-class InMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-
-    def to_wire(self) -> ChatMessage:
-        content = self.content
-        if isinstance(content, list):
-            content = "".join(p.text for p in content)
-        return ChatMessage(role=self.role, content=content or "", name=self.name)
+def parse_json(raw: bytes) -> Any:
+    """JSON with a nesting limit (jiter refuses ~200 levels with a ValueError, where the standard
+    library would recurse until RecursionError)."""
+    try:
+        return from_json(raw)
+    except ValueError as exc:
+        if "recursion limit" in str(exc):
+            raise _bad("The request body is nested too deeply.", code="invalid_request") from None
+        raise _bad("The request body is not valid JSON.", code="invalid_request") from None
 
 
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
-TopP = Annotated[float, Field(gt=0.0, le=1.0)]
-Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
-N = Annotated[int, Field(ge=1, le=16)]
-MaxTokens = Annotated[int, Field(ge=1)]
-
-# Limits of one request (the worker runs every choice of every prompt at once).
-MAX_LOGIT_BIAS = 300  # entries in logit_bias
-MAX_PROMPTS = 64  # prompts in one completions request
-MAX_CHOICES = 128  # prompts x n
-MAX_TOKEN_ID = 2**31 - 1  # beyond any vocabulary; the worker checks the model's own size
-
-
-def _logit_bias(bias: dict[str, float] | None) -> dict[str, float] | None:
-    """OpenAI's rule: token ids (as strings) to a bias from -100 to 100."""
-    if bias is None:
+def _media_url(part: Any) -> tuple[str, Any] | None:
+    """(kind, url) of a content part that refers to media, else None."""
+    if not isinstance(part, dict):
         return None
-    if len(bias) > MAX_LOGIT_BIAS:
-        raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens may be biased")
-    for key, value in bias.items():
-        if not (key.isascii() and key.isdigit()) or int(key) > MAX_TOKEN_ID:
-            raise ValueError(f"keys must be token ids (non-negative integers as strings), not {key[:40]!r}")
-        if not (math.isfinite(value) and -100.0 <= value <= 100.0):
-            raise ValueError(f"the bias of token {key} must be between -100 and 100")
-    return bias
+    kind = part.get("type")
+    field = _MEDIA_PARTS.get(kind) if isinstance(kind, str) else None
+    if field is None:
+        return None
+    value = part.get(field, part.get(kind))
+    url = value.get("url") if isinstance(value, dict) else value
+    return kind, url
 
 
-def _token_ids(ids: list[Any], what: str) -> None:
-    if not ids:
-        raise ValueError(f"{what} must not be empty")
-    for i in ids:
-        if type(i) is not int or not 0 <= i <= MAX_TOKEN_ID:
-            raise ValueError(f"{what} must hold token ids (non-negative integers), not {str(i)[:40]!r}")
+def _check_media(items: Any, param: str) -> None:
+    """Refuse media given by a remote URL anywhere in messages / input items."""
+    if not isinstance(items, list):
+        return
+    for i, item in enumerate(items):
+        content = item.get("content") if isinstance(item, dict) else None
+        parts = content if isinstance(content, list) else [item]
+        for part in parts:
+            found = _media_url(part)
+            if found is None:
+                continue
+            kind, url = found
+            if isinstance(url, str) and not url.startswith("data:"):
+                raise _bad(f"{kind} by URL is not supported: this service's GPU nodes have no internet "
+                           "access. Send the content inline as a data: URL (base64).", f"{param}[{i}]",
+                           code="unsupported_parameter")
 
 
-def _check_prompt(prompt: Any) -> Any:
-    """A text, a list of texts, a list of token ids, or a list of token-id lists (OpenAI's forms)."""
-    if isinstance(prompt, str):
-        return prompt
-    if not isinstance(prompt, list) or not prompt:
-        raise ValueError("the prompt must be a string, a list of strings, a list of token ids or a list of "
-                         "token-id lists, and not empty")
-    if all(type(p) is int for p in prompt):
-        _token_ids(prompt, "a token-id prompt")
-        return prompt
-    if len(prompt) > MAX_PROMPTS:
-        raise ValueError(f"at most {MAX_PROMPTS} prompts per request (send several requests, or a batch)")
-    if all(isinstance(p, list) for p in prompt):
-        for p in prompt:
-            _token_ids(p, "each token-id prompt")
-    elif not all(isinstance(p, str) for p in prompt):
-        raise ValueError("a list of prompts must hold only strings or only lists of token ids")
-    return prompt
-
-
-def _stop_list(stop: str | list[str] | None) -> list[str]:
-    if stop is None:
-        return []
-    stops = [stop] if isinstance(stop, str) else list(stop)
-    if len(stops) > 4 or any(not s for s in stops):
-        raise ValueError("up to 4 non-empty stop sequences")
-    return stops
-
-
-class _Sampling(_Body):
-    model: str = Field(min_length=1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: N = 1
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: Penalty | None = None
-    frequency_penalty: Penalty | None = None
-    user: str | None = None
-    ignore_eos: bool = False  # vLLM extension
-    min_tokens: Annotated[int, Field(ge=0)] = 0  # vLLM extension
-    logit_bias: dict[str, float] | None = None
-
-    @field_validator("model")
-    @classmethod
-    def _check_model(cls, v: str) -> str:
-        if len(v.encode()) > MAX_MODEL_NAME_BYTES:
-            raise ValueError(f"model names are at most {MAX_MODEL_NAME_BYTES} bytes long")
-        return v
-
-    @field_validator("stop")
-    @classmethod
-    def _check_stop(cls, v: str | list[str] | None) -> str | list[str] | None:
-        _stop_list(v)
-        return v
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _check_logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        return _logit_bias(v)
-
-    @model_validator(mode="after")
-    def _stream_options_need_stream(self) -> "_Sampling":
-        if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
-        return self
-
-    def _sampling(self, max_tokens: int | None, logprobs: int | None, echo: bool = False) -> SamplingParams:
-        return SamplingParams(
-            n=self.n,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            max_tokens=max_tokens,
-            min_tokens=self.min_tokens,
-            stop=_stop_list(self.stop),
-            seed=self.seed,
-            presence_penalty=self.presence_penalty or 0.0,
-            frequency_penalty=self.frequency_penalty or 0.0,
-            logprobs=logprobs,
-            echo=echo,
-            prompt_logprobs=echo and logprobs is not None,
-            ignore_eos=self.ignore_eos,
-            logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
-        )
-
-    @property
-    def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
-
-
-class ChatCompletionRequest(_Sampling):
-    messages: list[InMessage] = Field(min_length=1)
-    max_tokens: MaxTokens | None = None
-    max_completion_tokens: MaxTokens | None = None
-    logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-
-    @model_validator(mode="after")
-    def _check_logprobs(self) -> "ChatCompletionRequest":
-        if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs to be true")
-        return self
-
-    def check_supported(self) -> None:
-        self._refuse_unsupported(("tools", "functions", "tool_choice", "function_call",
-                                  "audio", "modalities", "prediction"))
-        fmt = (self.model_extra or {}).get("response_format")
-        if fmt not in (None, {"type": "text"}):
-            raise APIError(400, "Only response_format {'type': 'text'} is supported by this service.",
-                           code="unsupported_parameter", param="response_format")
-
-    def sampling(self) -> SamplingParams:
-        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return self._sampling(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
-
-    def wire_fields(self) -> dict[str, Any]:
-        """The GenerateRequest fields that carry the input, JSON-ready (batch lines store them)."""
-        return {"messages": [m.to_wire().model_dump(mode="json", exclude_none=True) for m in self.messages]}
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: MaxTokens | None = 16  # the OpenAI default for completions
-    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    echo: bool = False
-
-    @field_validator("prompt", mode="before")
-    @classmethod
-    def _check_prompt(cls, v: Any) -> Any:
-        return _check_prompt(v)
-
-    @model_validator(mode="after")
-    def _check_choices(self) -> "CompletionRequest":
-        if self.prompt_count * self.n > MAX_CHOICES:
-            raise ValueError(f"prompts x n is at most {MAX_CHOICES} per request (send several requests, or a batch)")
-        return self
-
-    def check_supported(self) -> None:
-        self._refuse_unsupported(("suffix",))
-        best_of = (self.model_extra or {}).get("best_of")
-        if best_of not in (None, self.n):
-            raise APIError(400, "best_of is not supported (use n).", code="unsupported_parameter", param="best_of")
-
-    @property
-    def prompt_list(self) -> list[str | list[int]]:
-        """One entry per prompt: a text or token ids."""
-        p = self.prompt
-        if isinstance(p, str) or (p and isinstance(p[0], int)):
-            return [p]  # type: ignore[list-item]
-        return list(p)  # type: ignore[arg-type]
-
-    @property
-    def prompt_count(self) -> int:
-        return len(self.prompt_list)
-
-    def wire_fields(self) -> dict[str, Any]:
-        """One text prompt travels as ``prompt``; token ids and several prompts as ``prompts``."""
-        prompts = self.prompt_list
-        if len(prompts) == 1 and isinstance(prompts[0], str):
-            return {"prompt": prompts[0]}
-        return {"prompts": prompts}
-
-    def sampling(self) -> SamplingParams:
-        return self._sampling(self.max_tokens, self.logprobs, self.echo)
+def check_body(endpoint: str, body: Any, batch: bool = False) -> Routed:
+    """The gateway's checks of one request body (an API call's or a batch line's); APIError 400."""
+    if endpoint not in ENDPOINTS:
+        raise _bad(f"The endpoint {endpoint!r} is not served.", "url")
+    if not isinstance(body, dict):
+        raise _bad("The request body must be a JSON object.", "body", code="invalid_request")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _bad("'model' is required: the name of a model (GET /v1/models lists them).", "model")
+    if len(model.encode()) > MAX_MODEL_NAME_BYTES:
+        raise _bad(f"model names are at most {MAX_MODEL_NAME_BYTES} bytes long.", "model")
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise _bad("'stream' must be true or false.", "stream")
+    if stream and batch:
+        raise _bad("Batch requests cannot be streamed; remove 'stream'.", "stream", code="invalid_request")
+    n = body.get("n")
+    if n is not None and (type(n) is not int or not 1 <= n <= MAX_N):
+        raise _bad(f"'n' must be an integer from 1 to {MAX_N} on this service.", "n")
+    if endpoint == "/v1/chat/completions":
+        _check_media(body.get("messages"), "messages")
+    elif endpoint == "/v1/responses":
+        _check_media(body.get("input"), "input")
+        for name in ("store", "background"):
+            if body.get(name):
+                raise _bad(f"'{name}': this service keeps no responses (the Responses API is stateless "
+                           f"here); set {name} to false.", name, code="unsupported_parameter")
+        if body.get("previous_response_id"):
+            raise _bad("'previous_response_id': this service keeps no responses; send the conversation "
+                       "as input items instead.", "previous_response_id", code="unsupported_parameter")
+    options = body.get("stream_options")
+    include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
+    return Routed(endpoint, body, model, stream, include_usage)

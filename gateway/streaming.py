@@ -1,9 +1,9 @@
-"""Server-sent events for streamed completions: OpenAI chunks, then ``data: [DONE]``.
+"""Server-sent events from the worker, relayed as they come: vLLM's own chunks, unchanged.
 
-The gateway waits for the worker's ``started`` frame before it sends the HTTP status, so an
-unknown model, a full queue or no worker still get their 404 / 429 / 503. An error after the
-stream has started cannot change the status any more; it is sent as a last event
-``{"error": {...}}``, which the OpenAI SDK raises as an APIError.
+The gateway waits for the worker's ``head`` frame before it sends the HTTP status, so an unknown
+model, a full queue, no worker, or a request vLLM refuses still get their 404 / 429 / 503 / 400.
+An error after the stream has started cannot change the status any more; it is sent as a last
+event ``{"error": {...}}``, as vLLM's server does, which the OpenAI SDK raises as an APIError.
 """
 
 from __future__ import annotations
@@ -12,10 +12,9 @@ import json
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-from broker_config.messages import Delta, Final
+from broker_config.messages import Data, Final
 from gateway.cluster_errors import ClusterError
 from gateway.errors import APIError, to_api_error
-from gateway.formatting import ResponseBuilder
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -25,21 +24,14 @@ def sse(data: dict[str, Any] | str) -> bytes:
     return f"data: {payload}\n\n".encode()
 
 
-async def event_stream(frames: AsyncGenerator, builder: ResponseBuilder, n: int) -> AsyncIterator[bytes]:
-    """The SSE body, from a frame iterator whose ``started`` frame was already consumed."""
+async def relay(frames: AsyncGenerator) -> AsyncIterator[bytes]:
+    """The SSE body, from a frame iterator whose ``head`` frame was already consumed."""
     try:
-        role = builder.role_chunk(n)
-        if role is not None:
-            yield sse(role)
         async for frame in frames:
-            if isinstance(frame, Delta):
-                if frame.text:
-                    yield sse(builder.delta_chunk(frame))
+            if isinstance(frame, Data):
+                if frame.data:
+                    yield frame.data.encode()
             elif isinstance(frame, Final):
-                yield sse(builder.finish_chunk(frame))
-                if builder.include_usage:
-                    yield sse(builder.usage_chunk(frame))
-                yield sse("[DONE]")
                 return
     except (APIError, ClusterError) as exc:
         yield sse(to_api_error(exc).body())

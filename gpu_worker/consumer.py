@@ -19,8 +19,8 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from pydantic import ValidationError
 
 from broker_config import topology
-from broker_config.messages import Cancel, GenerateRequest
-from gpu_worker.engine import EngineDead, RequestFailed, TokenEngine
+from broker_config.messages import ApiRequest, Cancel
+from gpu_worker.engine import ApiEngine, EngineDead
 from gpu_worker.replies import ReplyPublisher, ReplyStream
 from gpu_worker.settings import WorkerSettings
 
@@ -30,10 +30,10 @@ log = logging.getLogger("chatai.worker.consumer")
 @dataclass
 class Job:
     message: AbstractIncomingMessage
-    request: GenerateRequest
+    request: ApiRequest
     attempt: int
     task: asyncio.Task | None = None
-    cancelled: bool = False  # a Cancel arrived: end with finish_reason "abort"
+    cancelled: bool = False  # a Cancel arrived: the final frame says "aborted"
     requeue: bool = False  # draining ran out of time: give the message back, send nothing more
     aborted: bool = False
     received_at: float = field(default_factory=time.monotonic)
@@ -109,7 +109,7 @@ class Consumer:
     def __init__(
         self,
         settings: WorkerSettings,
-        engine: TokenEngine,
+        engine: ApiEngine,
         publisher: ReplyPublisher,
         on_change: Callable[[], None] = lambda: None,
         on_fatal: Callable[[BaseException], None] = lambda exc: None,
@@ -185,7 +185,7 @@ class Consumer:
     async def _abort(self, job: Job) -> None:
         if not job.aborted:
             job.aborted = True
-            await self.engine.abort(job.request.request_id)
+            self.engine.abort(job.request.request_id)
 
     # ------------------------------------------------------------------ requests
 
@@ -196,7 +196,7 @@ class Consumer:
             await message.reject(requeue=True)
             return
         try:
-            req = GenerateRequest.model_validate_json(message.body)
+            req = ApiRequest.model_validate_json(message.body)
         except ValidationError:
             log.error("dropped an undecodable request message (message_id=%s)", message.message_id)
             await message.ack()
@@ -221,44 +221,31 @@ class Consumer:
         job.task = asyncio.create_task(self._run(job), name=f"req-{req.request_id}")
 
     async def _run(self, job: Job) -> None:
+        """Answer one delivery: started, vLLM's response, final; then ack. On the way out, one
+        of three things: the answer was sent (ack), the message goes back to the queue (drain,
+        a dead engine: reject with requeue), or its delivery is gone (the broker redelivers it
+        by itself: send nothing more)."""
         req = job.request
         stream = ReplyStream(self.publisher, req, job.attempt, self.settings.worker_id,
-                             self.settings.coalesce_ms, self.settings.coalesce_tokens)
+                             self.settings.coalesce_ms, self.settings.coalesce_tokens,
+                             delivery_lost=lambda: _delivery_lost(job),
+                             on_lost=lambda: self.engine.abort(req.request_id))
         t0 = time.monotonic()
-        first_token: float | None = None
         outcome = "final"
         try:
             try:
-                gen = self.engine.generate(req)
-                try:
-                    async for step in gen:
-                        if not stream.started_sent:
-                            await stream.started(step.prompt_tokens)
-                            if job.cancelled:  # cancelled between delivery and engine start
-                                await self._abort(job)
-                        if first_token is None and any(c.tokens for c in step.choices):
-                            first_token = time.monotonic()
-                        if job.requeue:
-                            continue
-                        if _delivery_lost(job):
-                            raise DeliveryLost()
-                        await stream.add(step)
-                finally:
-                    await gen.aclose()  # on any early exit this aborts the engine request
+                await stream.started()
+                if not job.cancelled:  # a cancel may arrive between delivery and here
+                    await self.engine.handle(req, stream, stream.count)
                 if job.requeue:
-                    stream.cancel_timer()
                     outcome = "requeued"
+                    stream.cancel_timer()
                     await _settle(job, requeue=True)
                     return
-                await stream.started(0)  # no-op unless the engine ended it before any output
-                if _delivery_lost(job):
+                if stream.lost or _delivery_lost(job):
                     raise DeliveryLost()
-                await stream.final(req.choice_count)
-                await _settle(job)
-            except RequestFailed as exc:
-                outcome = f"error {exc.status} {exc.code}"
-                await stream.started(0)
-                await stream.error(exc.status, exc.code, exc.message)
+                outcome = "aborted" if job.cancelled else f"final {stream.status}"
+                await stream.final(aborted=job.cancelled)
                 await _settle(job)
             except EngineDead as exc:
                 outcome = "engine dead"
@@ -273,17 +260,16 @@ class Consumer:
                 outcome = "delivery lost"
                 stream.cancel_timer()
             except Exception as exc:
+                stream.cancel_timer()
                 if _delivery_lost(job):
-                    # Connection lost (broker restart, network): the engine request was aborted
-                    # when the generator closed; the message goes to a worker again. An error
-                    # frame now would contradict the redelivery, so send none.
+                    # Connection lost (broker restart, network): the message goes to a worker
+                    # again. An error frame now would contradict the redelivery, so send none.
                     outcome = f"delivery lost ({type(exc).__name__})"
-                    stream.cancel_timer()
+                    self.engine.abort(req.request_id)
                     return
                 outcome = f"error 500 {type(exc).__name__}"
                 log.exception("request_id=%s failed", req.request_id)
                 try:
-                    await stream.started(0)  # without it the gateway would wait for a start, then say 503
                     await stream.error(500, "internal_error", "the worker failed on this request")
                     await _settle(job)
                 except Exception:
@@ -293,10 +279,12 @@ class Consumer:
             self.completed += 1
             self.last_activity = time.monotonic()
             self._on_change()
-            ttft = f"{(first_token - t0) * 1000:.0f}ms" if first_token else "-"
+            usage, first = stream.count.usage(), stream.count.first_token_at
+            ttft = f"{(first - t0) * 1000:.0f}ms" if first else "-"
+            # Never the body: it holds the prompt (docs/security.md, privacy).
             log.info(
-                "request_id=%s attempt=%d %s prompt_tokens=%d completion_tokens=%d handovers=%d ttft=%s total=%.0fms",
-                req.request_id, job.attempt, outcome, stream.prompt_tokens, stream.completion_tokens(),
+                "request_id=%s attempt=%d %s %s prompt_tokens=%d completion_tokens=%d handovers=%d ttft=%s total=%.0fms",
+                req.request_id, job.attempt, req.endpoint, outcome, usage.prompt_tokens, usage.completion_tokens,
                 stream.handovers, ttft, (time.monotonic() - t0) * 1000,
             )
 

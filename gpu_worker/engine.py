@@ -42,7 +42,9 @@ class ApiEngine(Protocol):
     adapters: list[str]
     tasks: list[str]
 
-    async def handle(self, req: ApiRequest, sink: ResponseSink) -> TokenCount: ...
+    async def open_api(self) -> None: ...
+
+    async def handle(self, req: ApiRequest, sink: ResponseSink, count: TokenCount) -> None: ...
 
     def abort(self, request_id: str) -> None: ...
 
@@ -110,14 +112,14 @@ class Engine:
         await init_app_state(client, app.state, self._args, tasks)
         self.tasks, self._app = list(tasks), app
 
-    async def handle(self, req: ApiRequest, sink: ResponseSink) -> TokenCount:
-        """Answer one request with vLLM's layer; the response goes to ``sink`` as it is made."""
+    async def handle(self, req: ApiRequest, sink: ResponseSink, count: TokenCount) -> None:
+        """Answer one request with vLLM's layer; the response goes to ``sink`` as it is made, the
+        engine's token counts to ``count``."""
         assert self._app is not None, "open_api() first"
         call = AsgiCall(self._app, req.endpoint, json.dumps(req.body).encode(),
                         # vLLM names its engine requests after this: chatcmpl-<id>, cmpl-<id>-<i>.
                         {"x-request-id": req.request_id})
         self._calls[req.request_id] = call
-        count = TokenCount()
         token = count.watch()
         try:
             await call.run(sink)
@@ -126,7 +128,6 @@ class Engine:
             self._calls.pop(req.request_id, None)
         if self.dead:
             raise EngineDead("the engine core died")
-        return count
 
     def abort(self, request_id: str) -> None:
         """Stop a request: vLLM's handler sees its client leave and aborts the engine request."""

@@ -45,6 +45,8 @@ class Heartbeater:
         self.slurm_job_id = slurm_job_id
         self.max_model_len = max_model_len
         self.job_end_at: float | None = None
+        self.adapters: list[str] = []  # known once the engine has started
+        self.tasks: list[str] = []
         self.state: State = "starting"
         self._debounce = debounce
         self._kick = asyncio.Event()
@@ -62,6 +64,8 @@ class Heartbeater:
             node=self.node,
             slurm_job_id=self.slurm_job_id,
             max_model_len=self.max_model_len,
+            adapters=self.adapters,
+            tasks=self.tasks,
             interval=self.interval,
             sent_at=time.time(),
             job_end_at=self.job_end_at,

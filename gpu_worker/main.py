@@ -19,7 +19,7 @@ from broker_config import topology
 from broker_config.connection import connect, redact
 from gpu_worker import slurm
 from gpu_worker.consumer import Consumer
-from gpu_worker.engine import Engine, TokenEngine
+from gpu_worker.engine import ApiEngine, Engine
 from gpu_worker.heartbeat import Heartbeater
 from gpu_worker.lifecycle import StopSignal, exit_now, leave_now, watch_idle, watch_job_end
 from gpu_worker.replies import ReplyPublisher
@@ -60,7 +60,7 @@ async def run(settings: WorkerSettings) -> int:
 
     conn = await connect(url, name=f"chatai-worker {settings.worker_id}")
     consumer: Consumer | None = None
-    engine: TokenEngine | None = None
+    engine: ApiEngine | None = None
     hb: Heartbeater | None = None
     try:
         beat_channel = await conn.channel()
@@ -99,8 +99,10 @@ async def run(settings: WorkerSettings) -> int:
             leave_now(0)
         engine = await engine_task
         stop_task.cancel()
+        await engine.open_api()
         hb.max_model_len = engine.max_model_len
         hb.capacity = engine.max_num_seqs
+        hb.adapters, hb.tasks = engine.adapters, engine.tasks
         log.info("engine started in %.1fs, max_model_len=%d", time.monotonic() - t0, engine.max_model_len)
         freeze_heap()
 

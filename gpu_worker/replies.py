@@ -1,29 +1,32 @@
-"""Reply frames for one request attempt: started, coalesced deltas, final or error.
+"""Reply frames for one request attempt: started, then vLLM's response (whole, or coalesced
+server-sent events), final or error.
 
 Frames go to the ``chatai.replies`` exchange with the gateway's reply queue as routing key, on a
 channel with publisher confirms. Only the last frame (final or error) is awaited until the broker
 confirms it: the consumer acks the request after that, so a worker that dies before loses
-nothing, and since confirms follow publish order, the frames before it are settled too. Started
-and delta frames are published without waiting for their confirms, so a slow broker round trip
-never holds back the next token.
+nothing, and since confirms follow publish order, the frames before it are settled too. Other
+frames are published without waiting for their confirms, so a slow broker round trip never holds
+back the next token.
 
-Deltas are coalesced: the first one of a request leaves at once (time to first token), later ones
-at most every ``coalesce_ms`` or ``coalesce_tokens``, so a loaded worker sends a few messages per
-second per stream, not one per token. Frames that are ready together travel as one message: those
-of one request (``started`` with the first delta, the last delta with ``final``), and those of all
-the requests for one gateway that are handed over in the same turn of the event loop (one engine
-step wakes every running request), so a worker with 256 streams sends one message per step and
-gateway, not 256 (see ``broker_config.messages``). Non-streamed requests get no deltas: their
-text travels in the final frame. Batch results go one frame per persistent message.
+A streamed response's events are coalesced: the first piece of a request leaves at once (time to
+first token), later ones at most every ``coalesce_ms`` or ``coalesce_tokens`` output tokens, so a
+loaded worker sends a few messages per second per stream, not one per token. Frames that are
+ready together travel as one message: those of one request (``head`` with the first ``data``, the
+last ``data`` with ``final``), and those of all the requests for one gateway that are handed over
+in the same turn of the event loop (one engine step wakes every running request), so a worker
+with 256 streams sends one message per step and gateway, not 256 (see ``broker_config.messages``).
+A whole (not streamed) response travels in the final frame. Batch results go one frame per
+persistent message.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import aio_pika
 from aio_pika.abc import AbstractExchange
@@ -31,18 +34,16 @@ from aio_pika.abc import AbstractExchange
 from broker_config.connection import publish
 from broker_config.messages import (
     CONTENT_TYPE,
-    ChoiceEnd,
-    Delta,
+    ApiRequest,
+    Data,
     Error,
     Final,
     Frame,
-    GenerateRequest,
+    Head,
     Started,
-    TokenLogprob,
-    Usage,
     encode_frames,
 )
-from gpu_worker.engine import Step
+from gpu_worker.token_count import TokenCount
 
 log = logging.getLogger("chatai.worker.replies")
 
@@ -71,7 +72,7 @@ class ReplyPublisher:
         self._unconfirmed: set[asyncio.Task] = set()
         self._bundles: dict[str, _Bundle] = {}  # by gateway reply queue
 
-    def send(self, req: GenerateRequest, frames: list[Frame]) -> asyncio.Future:
+    def send(self, req: ApiRequest, frames: list[Frame]) -> asyncio.Future:
         """Hand frames over; the returned future is done when the broker has confirmed them."""
         if req.batch_id is not None:
             # Batch results must survive a broker restart and are acked one by one at the gateway.
@@ -126,32 +127,56 @@ def _settle_from(future: asyncio.Future, task: asyncio.Task) -> None:
         future.set_result(None)
 
 
-@dataclass
-class _Choice:
-    text: list[str] = field(default_factory=list)  # pending (streamed) or whole (non-streamed)
-    tokens: int = 0  # pending tokens for streams
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprob] | None = None  # echo with logprobs: sent once, with the next delta
-    total_tokens: int = 0
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
-    has_logprobs: bool = False
+def _openai_error(status: int, body: str) -> str:
+    """vLLM's own errors are in the OpenAI format already; a bare framework error (a route this
+    model does not serve: ``{"detail": "Not Found"}``) is put into it, with the same status."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+        return body
+    detail = parsed.get("detail") if isinstance(parsed, dict) else None
+    if status == 404 and detail == "Not Found":
+        message = "This model does not serve this endpoint (see GET /v1/models for what it serves)."
+    else:
+        message = detail if isinstance(detail, str) else "The request failed on the worker."
+    return json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                 "code": status}})
+
+
+def _content_type(headers: list[tuple[bytes, bytes]]) -> str:
+    for name, value in headers:
+        if name.lower() == b"content-type":
+            return value.decode("latin-1")
+    return CONTENT_TYPE
 
 
 class ReplyStream:
-    """The frames of one attempt of one request, with sequence numbers and coalescing."""
+    """The frames of one attempt of one request: the sink vLLM's response is written into.
+
+    A response that arrives as one body (every non-streamed answer, and vLLM's errors) is kept
+    whole and travels in the final frame with its status. One that arrives in pieces (server-sent
+    events) opens with a ``head`` frame and goes on in coalesced ``data`` frames.
+    """
 
     def __init__(
         self,
         publisher: ReplyPublisher,
-        req: GenerateRequest,
+        req: ApiRequest,
         attempt: int,
         worker_id: str,
         coalesce_ms: float = 20.0,
         coalesce_tokens: int = 16,
         clock: Callable[[], float] = time.monotonic,
+        delivery_lost: Callable[[], bool] = lambda: False,
+        on_lost: Callable[[], None] = lambda: None,
     ) -> None:
         self._pub = publisher
+        # The request's channel closed mid-stream: the broker redelivers it elsewhere, so this
+        # attempt stops at once (on_lost aborts it) and ships nothing more.
+        self._delivery_lost, self._on_lost = delivery_lost, on_lost
+        self.lost = False
         self.req = req
         self.attempt = attempt
         self._worker_id = worker_id
@@ -160,18 +185,19 @@ class ReplyStream:
         self._clock = clock
         self._seq = 0
         self._outbox: list[Frame] = []
-        self._choices: dict[int, _Choice] = {}
-        self._pending_tokens = 0
+        self._pending: list[bytes] = []
+        self._reported_tokens = 0  # output tokens already counted in a data frame
         self._last_flush = 0.0
         self._sent_first = False
         self._timer: asyncio.TimerHandle | None = None
-        self.prompt_tokens = 0
+        self.count = TokenCount()  # the engine's token counts for this request (gpu_worker.engine)
+        self.status = 200
+        self.content_type = CONTENT_TYPE
+        self.streaming = False
+        self._whole: list[bytes] = []
         self.started_sent = False
         self.handovers = 0  # frame groups handed to the publisher (it may bundle them further)
-        self.deltas_sent = 0
-
-    def _choice(self, index: int) -> _Choice:
-        return self._choices.setdefault(index, _Choice())
+        self.data_sent = 0
 
     def _frame_kw(self) -> dict:
         self._seq += 1
@@ -185,90 +211,79 @@ class ReplyStream:
         self.handovers += 1
         return self._pub.send(self.req, frames)
 
-    async def started(self, prompt_tokens: int) -> None:
-        """Once per attempt; later calls do nothing. A stream's ``started`` waits for its first
-        delta (same engine step) so both travel in one message."""
+    async def started(self) -> None:
+        """Once per attempt, as soon as the request is taken: the gateway stops waiting for a
+        worker here (however long the first output then takes), and knows whom to watch."""
         if self.started_sent:
             return
         self.started_sent = True
-        self.prompt_tokens = prompt_tokens
-        self._outbox.append(Started(**self._frame_kw(), worker_id=self._worker_id, prompt_tokens=prompt_tokens))
-        if not self.req.stream:
-            self._ship()
+        self._outbox.append(Started(**self._frame_kw(), worker_id=self._worker_id))
+        self._ship()
 
-    async def add(self, step: Step) -> None:
-        """Take one engine step; publishes when the coalescing rule says so."""
-        for c in step.choices:
-            ch = self._choice(c.index)
-            ch.total_tokens += c.tokens
-            if c.text:
-                ch.text.append(c.text)
-            ch.tokens += c.tokens
-            self._pending_tokens += c.tokens
-            if c.logprobs is not None:
-                ch.has_logprobs = True
-                ch.logprobs.extend(c.logprobs)
-            if c.prompt_logprobs is not None:
-                ch.prompt_logprobs = c.prompt_logprobs
-            if c.finish_reason is not None:
-                ch.finish_reason, ch.stop_reason = c.finish_reason, c.stop_reason
-        if self.req.stream and self._pending_tokens and not step.finished:
-            now = self._clock()
-            if (not self._sent_first or self._pending_tokens >= self._max_tokens
-                    or now - self._last_flush >= self._interval):
-                self._flush()
-            elif self._timer is None:
-                delay = self._interval - (now - self._last_flush)
-                self._timer = asyncio.get_running_loop().call_later(delay, self._flush)
-        # The final frame carries whatever is left; anything else waiting (a started) goes now.
-        if not step.finished:
-            self._ship()
+    # ------------------------------------------------------------------ the response (ResponseSink)
 
-    def _take_deltas(self) -> None:
-        """Move each choice's pending output into the outbox as one Delta."""
-        for index in sorted(self._choices):
-            ch = self._choices[index]
-            if not ch.tokens and not ch.text:
-                continue
-            self._outbox.append(Delta(**self._frame_kw(), index=index, text="".join(ch.text), tokens=ch.tokens,
-                                      logprobs=list(ch.logprobs) if ch.has_logprobs else None,
-                                      prompt_logprobs=ch.prompt_logprobs))
-            ch.prompt_logprobs = None
-            ch.text.clear()
-            ch.logprobs.clear()
-            ch.tokens = 0
-            self.deltas_sent += 1
-        self._pending_tokens = 0
+    def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.status, self.content_type = status, _content_type(headers)
+
+    async def body(self, data: bytes, more: bool) -> None:
+        if self.lost:
+            return
+        if more and self._delivery_lost():
+            self.lost = True
+            self._on_lost()
+            return
+        if not self.streaming:
+            if not more:  # the whole response (or its last piece, after no streamed one)
+                self._whole.append(data)
+                return
+            self.streaming = True
+            self._outbox.append(Head(**self._frame_kw(), status=self.status, content_type=self.content_type))
+            self._pending.extend(self._whole)
+            self._whole.clear()
+        if data:
+            self._pending.append(data)
+        if not more:
+            return  # the rest goes with the final frame
+        pending_tokens = self.count.completion_tokens - self._reported_tokens
+        now = self._clock()
+        if not self._sent_first or pending_tokens >= self._max_tokens or now - self._last_flush >= self._interval:
+            self._flush()
+        elif self._timer is None:
+            delay = self._interval - (now - self._last_flush)
+            self._timer = asyncio.get_running_loop().call_later(delay, self._flush)
+
+    def _take_data(self) -> None:
+        """Move the pending events into the outbox as one Data frame."""
+        if not self._pending:
+            return
+        tokens = self.count.completion_tokens
+        self._outbox.append(Data(**self._frame_kw(), data=b"".join(self._pending).decode("utf-8", "replace"),
+                                 tokens=tokens - self._reported_tokens))
+        self._reported_tokens = tokens
+        self._pending.clear()
+        self.data_sent += 1
 
     def _flush(self) -> None:
-        """Pending deltas (and a waiting started), shipped as one message."""
+        """Pending events (and a waiting head), shipped as one message."""
         self.cancel_timer()
-        self._take_deltas()
+        self._take_data()
         self._sent_first = True
         self._last_flush = self._clock()
         self._ship()
 
-    def completion_tokens(self) -> int:
-        return sum(ch.total_tokens for ch in self._choices.values())
+    # ------------------------------------------------------------------ the end
 
-    async def final(self, n: int) -> None:
+    async def final(self, aborted: bool = False) -> None:
         """The stream's tail and the final frame, in one message (awaited: the caller acks after it)."""
         self.cancel_timer()
-        if self.req.stream:
-            self._take_deltas()
-        choices = []
-        for index in range(n):
-            ch = self._choice(index)
-            end = ChoiceEnd(index=index, finish_reason=ch.finish_reason or "abort", stop_reason=ch.stop_reason)
-            if not self.req.stream:
-                end.text = "".join(ch.text)
-                end.logprobs = list(ch.logprobs) if ch.has_logprobs else None
-                end.prompt_logprobs = ch.prompt_logprobs
-            choices.append(end)
-        completion = self.completion_tokens()
-        usage = Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion,
-                      total_tokens=self.prompt_tokens + completion)
-        self._outbox.append(Final(**self._frame_kw(), choices=choices, usage=usage))
+        self._take_data()
+        body = None
+        if not self.streaming:
+            body = b"".join(self._whole).decode("utf-8", "replace")
+            if self.status >= 400:
+                body = _openai_error(self.status, body)
+        self._outbox.append(Final(**self._frame_kw(), usage=self.count.usage(), status=self.status,
+                                  content_type=self.content_type, body=body, aborted=aborted))
         await self._ship()
 
     async def error(self, status: int, code: str, message: str) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from broker_config.messages import ChoiceEnd, Error, Final, Started, Usage
+from broker_config.messages import Error, Final, Started, Usage
 from gateway.batches.config import BatchSettings
 from gateway.batches.dispatcher import Dispatcher
 from gateway.batches.ids import output_file_ids, parse_request_id, request_id
@@ -44,10 +44,10 @@ def test_each_bad_line_becomes_an_error_with_its_custom_id_and_reason(tmp_path: 
         json.dumps({"method": "POST", "url": CHAT, "body": {}}),
         _line("ok-1"),  # duplicate custom_id
         _line("wrong-url", url="/v1/embeddings"),
-        _line("bad-body", body={"model": "tiny", "messages": []}),
-        _line("bad-temp", body={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": 9}),
-        _line("tools", body={"model": "tiny", "messages": [{"role": "user", "content": "x"}],
-                             "tools": [{"type": "function"}]}),
+        _line("bad-body", body={"messages": []}),
+        _line("bad-n", body={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 99}),
+        _line("remote-image", body={"model": "tiny", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.org/cat.png"}}]}]}),
         _line("streamed", body={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stream": True}),
         "",
         "[1, 2]",
@@ -60,8 +60,8 @@ def test_each_bad_line_becomes_an_error_with_its_custom_id_and_reason(tmp_path: 
     assert len(parsed.lines) == 11  # the blank line is not a request
     assert [n for n, (_, s, _, _) in by_line.items() if s == "pending"] == [1, 12]
     expected = {2: (None, "invalid_json"), 3: (None, "missing_custom_id"), 4: ("ok-1", "duplicate_custom_id"),
-                5: ("wrong-url", "invalid_url"), 6: ("bad-body", None), 7: ("bad-temp", None),
-                8: ("tools", "unsupported_parameter"), 9: ("streamed", None), 11: (None, "invalid_request")}
+                5: ("wrong-url", "invalid_url"), 6: ("bad-body", None), 7: ("bad-n", None),
+                8: ("remote-image", "unsupported_parameter"), 9: ("streamed", None), 11: (None, "invalid_request")}
     for n, (cid, code) in expected.items():
         got_cid, state, req, res = by_line[n]
         assert state == "failed" and req is None, n
@@ -73,9 +73,9 @@ def test_each_bad_line_becomes_an_error_with_its_custom_id_and_reason(tmp_path: 
             assert res["response"]["status_code"] == 400
             if code:
                 assert res["response"]["body"]["error"]["code"] == code
-    assert "temperature" in _reason(by_line[7][3])
-    req = by_line[1][2]
-    assert req["model"] == "tiny" and req["kind"] == "chat" and req["sampling"]["max_tokens"] == 4
+    assert "'n'" in _reason(by_line[7][3]) and "data: URL" in _reason(by_line[8][3])
+    req = by_line[1][2]  # the body as sent: vLLM's layer on the worker reads it
+    assert req == {"model": "tiny", "endpoint": CHAT, "body": json.loads(_line("ok-1"))["body"]}
     assert parsed.model == "tiny"
 
 
@@ -125,10 +125,9 @@ def test_completions_endpoint_lines(tmp_path: Path):
     path.write_text(_line("a", url="/v1/completions", body={"model": "tiny", "prompt": "Once", "max_tokens": 3})
                     + "\n" + _line("b", url="/v1/completions", body={"model": "tiny", "prompt": ["x", [1]]}))
     parsed = parse_file(path, "/v1/completions", 10)
-    (_, _, s1, r1, _), (_, _, s2, _, e2) = parsed.lines
-    assert s1 == "pending" and r1["prompt"] == "Once" and r1["kind"] == "completion"
-    assert s2 == "failed" and e2["response"]["status_code"] == 400
-    assert e2["response"]["body"]["error"]["param"] == "prompt"
+    (_, _, s1, r1, _), (_, _, s2, r2, _) = parsed.lines
+    assert s1 == "pending" and r1["body"]["prompt"] == "Once" and r1["endpoint"] == "/v1/completions"
+    assert s2 == "pending" and r2["body"]["prompt"] == ["x", [1]]  # vLLM decides what a prompt may be
 
 
 @pytest.fixture
@@ -145,15 +144,15 @@ def service(tmp_path: Path) -> BatchService:
 def _started_batch(svc: BatchService, n: int = 3) -> str:
     bid = "batch_" + "a" * 24
     svc.store.create_batch(bid, "key_1", CHAT, "file-x", "24h", 2**31, None, None)
-    lines = [(i, f"c{i}", "pending", {"model": "tiny", "kind": "chat", "messages": [], "sampling": {}}, None)
+    lines = [(i, f"c{i}", "pending", {"model": "tiny", "endpoint": CHAT, "body": {"model": "tiny", "messages": []}}, None)
              for i in range(1, n + 1)]
     assert svc.store.start_batch(bid, lines, "tiny")
     return bid
 
 
-def _final(bid: str, line: int, reason: str = "length", text: str = "hello") -> bytes:
-    return Final(request_id=request_id(bid, line), attempt=1, seq=1,
-                 choices=[ChoiceEnd(index=0, finish_reason=reason, text=text)],
+def _final(bid: str, line: int, aborted: bool = False, text: str = "hello", body: str | None = None) -> bytes:
+    body = body or json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]})
+    return Final(request_id=request_id(bid, line), attempt=1, seq=1, body=body, aborted=aborted,
                  usage=Usage(prompt_tokens=5, completion_tokens=2, total_tokens=7)).encode()
 
 
@@ -164,8 +163,7 @@ def test_each_line_is_recorded_once_however_often_its_result_arrives(service: Ba
     d.handle_result(Started(request_id=request_id(bid, 1), worker_id="w").encode())  # ignored
     for _ in range(3):  # the broker redelivers; a re-published copy also answers
         d.handle_result(_final(bid, 1))
-    d.handle_result(Final(request_id=request_id(bid, 1), attempt=2, choices=[ChoiceEnd(index=0, finish_reason="stop",
-                          text="other")], usage=Usage()).encode())
+    d.handle_result(_final(bid, 1, text="other"))
     d.handle_result(Error(request_id=request_id(bid, 2), status=400, code="context_length_exceeded",
                           message="too long").encode())
     d.handle_result(Error(request_id=request_id(bid, 2), status=500, message="late duplicate").encode())
@@ -189,9 +187,9 @@ def test_results_commit_as_a_group_and_a_bad_frame_is_dropped_alone(service: Bat
     d = service.dispatcher.collector
     d.handle_results([_final(bid, 1), _final(bid, 1), _final(bid, 2)])
     assert service.store.get_batch(bid)["completed"] == 2 and d.duplicates == 1
-    with service.store.tx() as db:  # line 4 is broken: its result cannot be built
-        db.execute("UPDATE batch_lines SET request = NULL WHERE batch_id = ? AND line_no = 4", (bid,))
-    d.handle_results([_final(bid, 3), _final(bid, 4), _final(bid + "\u00b2", 1), _final(bid, 10 ** 30)])
+    # Line 4's frame is broken (its body is not JSON): its result cannot be built.
+    d.handle_results([_final(bid, 3), _final(bid, 4, body="{not json"), _final(bid + "\u00b2", 1),
+                      _final(bid, 10 ** 30)])
     assert service.store.get_line(bid, 3).state == "done"  # the group's good frame still commits
     assert service.store.get_line(bid, 4).state == "pending"  # the bad one was rolled back alone
     assert service.store.get_batch(bid)["completed"] == 3
@@ -203,10 +201,10 @@ def test_an_aborted_line_runs_again_unless_the_batch_is_cancelled(service: Batch
     service.store.mark_publishing(bid, [1, 2])
     service.store.mark_queued(bid, [1])
     service.store.mark_queued(bid, [2])
-    d.handle_result(_final(bid, 1, reason="abort"))
+    d.handle_result(_final(bid, 1, aborted=True))
     assert service.store.get_line(bid, 1).state == "pending"
     service.store.set_status(bid, "cancelling", only_from=("in_progress",))
-    d.handle_result(_final(bid, 2, reason="abort"))
+    d.handle_result(_final(bid, 2, aborted=True))
     assert service.store.get_line(bid, 2).state == "cancelled"
 
 
@@ -263,7 +261,7 @@ def test_expired_files_and_old_batches_are_swept(service: BatchService):
 async def test_a_batch_past_its_window_expires_with_its_results_kept(service: BatchService):
     bid = "batch_" + "c" * 24
     service.store.create_batch(bid, "key_1", CHAT, "file-x", "24h", expires_at=1, metadata=None, output_ttl=None)
-    lines = [(i, f"c{i}", "pending", {"model": "tiny", "kind": "chat", "messages": [], "sampling": {}}, None)
+    lines = [(i, f"c{i}", "pending", {"model": "tiny", "endpoint": CHAT, "body": {"model": "tiny", "messages": []}}, None)
              for i in (1, 2)]
     assert service.store.start_batch(bid, lines, "tiny")
     service.dispatcher.collector.handle_result(_final(bid, 1))

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import pytest
 
-from broker_config.messages import ChoiceEnd, Delta, Error, Final, GenerateRequest, Started, Usage
+from broker_config.messages import ApiRequest, Data, Error, Final, Head, Started, Usage
 from broker_config.timing import await_until
 from gateway.broker_port import BrokerPort, Subscription
 from gateway.cluster_errors import ClusterError, ClusterUnavailable, ModelNotFound, NoWorkerAvailable, QueueFull
@@ -34,7 +34,7 @@ class InMemoryBroker:
         self.script, self.refuse = script, refuse
         self.connected = True
         self.alive: set[str] = {"w1", "w2"}
-        self.published: list[GenerateRequest] = []
+        self.published: list[ApiRequest] = []
         self.cancelled: list[tuple[str, str]] = []
         self.subscriptions: dict[str, Subscription] = {}
 
@@ -43,7 +43,7 @@ class InMemoryBroker:
         self.subscriptions[request_id] = sub
         return sub
 
-    async def publish_request(self, request: GenerateRequest, *, priority: int, ttl: float | None,
+    async def publish_request(self, request: ApiRequest, *, priority: int, ttl: float | None,
                               persistent: bool = False) -> None:
         if self.refuse is not None:
             raise self.refuse
@@ -70,18 +70,23 @@ def started(rid: str, attempt: int = 1, worker: str = "w1") -> Started:
     return Started(request_id=rid, attempt=attempt, seq=0, worker_id=worker)
 
 
-def delta(rid: str, seq: int, text: str = "tok", attempt: int = 1, tokens: int = 1) -> Delta:
-    return Delta(request_id=rid, attempt=attempt, seq=seq, text=text, tokens=tokens)
+def delta(rid: str, seq: int, text: str = "tok", attempt: int = 1, tokens: int = 1) -> Data:
+    return Data(request_id=rid, attempt=attempt, seq=seq, data=text, tokens=tokens)
+
+
+def head(rid: str, seq: int, attempt: int = 1) -> Head:
+    return Head(request_id=rid, attempt=attempt, seq=seq)
 
 
 def final(rid: str, seq: int, attempt: int = 1) -> Final:
-    return Final(request_id=rid, attempt=attempt, seq=seq, choices=[ChoiceEnd(index=0, finish_reason="stop")],
+    return Final(request_id=rid, attempt=attempt, seq=seq,
                  usage=Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5))
 
 
 def generation(broker: InMemoryBroker, queue: float = 30.0, idle: float = 30.0) -> Generation:
     return Generation.build(_port(broker), Timeouts(queue=queue, idle=idle, liveness=0.01), model="tiny",
-                            kind="completion", prompt="hi", stream=True)
+                            endpoint="/v1/completions", body={"model": "tiny", "prompt": "hi", "stream": True},
+                            stream=True)
 
 
 async def collect(gen: Generation) -> list:
@@ -93,8 +98,8 @@ async def test_frames_pass_in_order_and_the_outcome_is_recorded():
                                          final(rid, 3)])
     gen = generation(broker)
     frames = await collect(gen)
-    assert [type(f).__name__ for f in frames] == ["Started", "Delta", "Delta", "Final"]
-    assert [f.text for f in frames if isinstance(f, Delta)] == ["a", "b"]
+    assert [type(f).__name__ for f in frames] == ["Started", "Data", "Data", "Final"]
+    assert [f.data for f in frames if isinstance(f, Data)] == ["a", "b"]
     assert gen.outcome.streamed_tokens == 3 and gen.outcome.worker_id == "w1" and gen.outcome.attempts == [1]
     assert gen.outcome.final is frames[-1]
     assert broker.published[0].deadline is not None and broker.published[0].reply_to == broker.reply_queue_name
@@ -111,8 +116,8 @@ async def test_duplicates_and_an_older_attempts_frames_are_dropped():
         final(rid, 2, attempt=2)])
     gen = generation(broker)
     frames = await collect(gen)
-    assert [type(f).__name__ for f in frames] == ["Started", "Started", "Delta", "Final"]
-    assert frames[2].text == "new"
+    assert [type(f).__name__ for f in frames] == ["Started", "Started", "Data", "Final"]
+    assert frames[2].data == "new"
     assert gen.outcome.attempts == [1, 2] and gen.outcome.worker_id == "w2"
 
 
@@ -120,7 +125,14 @@ async def test_frames_of_a_newer_attempt_before_its_start_are_ignored():
     broker = InMemoryBroker(lambda rid: [started(rid), delta(rid, 1, "early", attempt=2), delta(rid, 1, "ours"),
                                          final(rid, 2)])
     frames = await collect(generation(broker))
-    assert [f.text for f in frames if isinstance(f, Delta)] == ["ours"]
+    assert [f.data for f in frames if isinstance(f, Data)] == ["ours"]
+
+
+async def test_a_redelivery_after_the_head_ends_the_stream_with_worker_lost():
+    """The client has its 200 once the head is relayed: a restart could not be hidden from it."""
+    broker = InMemoryBroker(lambda rid: [started(rid, 1, "w1"), head(rid, 1), started(rid, 2, "w2")])
+    with pytest.raises(WorkerLost):
+        await collect(generation(broker))
 
 
 async def test_a_redelivery_after_tokens_ends_the_stream_with_worker_lost():
@@ -187,7 +199,7 @@ async def test_a_vanished_worker_is_replaced_by_the_redelivery():
     for frame in (started(rid, 2, "w2"), delta(rid, 1, "x", attempt=2), final(rid, 2, attempt=2)):
         broker.deliver(frame)
     rest = [await waiting] + [f async for f in frames]
-    assert [type(f).__name__ for f in rest] == ["Started", "Delta", "Final"]
+    assert [type(f).__name__ for f in rest] == ["Started", "Data", "Final"]
     assert gen.outcome.attempts == [1, 2] and broker.cancelled == []
 
 

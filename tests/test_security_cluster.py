@@ -37,7 +37,7 @@ from broker_config.messages import Final
 from circuit_breaker import hook
 from chatai.devstack.processes import free_port
 from chatai.devstack.sshd import LocalSshd
-from support.amqp_client import TestGatewayClient
+from support.amqp_client import TestGatewayClient, sse_chunks
 from support.waiting import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
@@ -266,20 +266,20 @@ async def test_a_cancel_from_another_deployment_is_ignored_by_the_worker(two_dep
     async with TestGatewayClient(url[a]) as gw_a, TestGatewayClient(url[b]) as gw_b:
         long = dict(max_tokens=400, ignore_eos=True, temperature=0.0)
         req = await gw_a.publish(gw_a.request(served_worker.model, **long))
-        await gw_a.wait_for(lambda: len(gw_a.frames[req.request_id]) >= 2, timeout=60)  # started + a delta
+        await gw_a.wait_for(lambda: len(gw_a.frames[req.request_id]) >= 3, timeout=60)  # started, head, data
         await gw_b.cancel(req.request_id)  # B knows (or guessed) A's request id
         frames = await gw_a.result(req.request_id, timeout=120)
         # Not aborted: it ran to its 400 tokens, and the worker says it refused B's cancel.
-        assert isinstance(frames[-1], Final) and frames[-1].choices[0].finish_reason == "length"
+        assert isinstance(frames[-1], Final) and sse_chunks(frames)[-1]["choices"][0]["finish_reason"] == "length"
         assert frames[-1].usage.completion_tokens == 400
         await wait_until(lambda: f"ignored a cancel for request_id={req.request_id}" in served_worker.log_text(),
                          timeout=30, what="the worker to see and refuse B's cancel")
         # A's own cancel still works (positive control).
         req2 = await gw_a.publish(gw_a.request(served_worker.model, **long))
-        await gw_a.wait_for(lambda: len(gw_a.frames[req2.request_id]) >= 2, timeout=60)
+        await gw_a.wait_for(lambda: len(gw_a.frames[req2.request_id]) >= 3, timeout=60)
         await gw_a.cancel(req2.request_id)
         frames = await gw_a.result(req2.request_id, timeout=60)
-        assert isinstance(frames[-1], Final) and frames[-1].choices[0].finish_reason == "abort"
+        assert isinstance(frames[-1], Final) and frames[-1].aborted
 
 
 def test_apply_replaces_an_old_direct_replies_exchange(tmp_path):

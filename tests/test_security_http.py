@@ -26,7 +26,7 @@ import pytest
 
 from broker_config import topology
 from broker_config.connection import user_of
-from broker_config.messages import CONTENT_TYPE, ChoiceEnd, Final, Usage
+from broker_config.messages import CONTENT_TYPE, Final, Usage
 from conftest import SERVED_MODEL
 from gateway.keys import KeyStore
 from support.gateway import GatewayProcess, start_gateway
@@ -323,7 +323,7 @@ async def test_malformed_result_frames_are_dropped_and_batches_go_on(sgw, broker
         "SELECT value FROM batch_meta WHERE key = 'deployment'").fetchone()[0]
     queue = topology.gateway_batch_results_queue(user_of(broker.url("gateway")), deployment)
     real_batch_id = "batch_" + secrets.token_hex(12)
-    final = dict(choices=[ChoiceEnd(index=0, finish_reason="stop", text="x")], usage=Usage())
+    final = dict(body='{"choices": []}', usage=Usage())
     bodies = [
         Final(request_id="batch_x.\u00b2", **final).encode(),  # a superscript digit: isdigit() but not int()
         Final(request_id=f"{real_batch_id}.{'9' * 30}", **final).encode(),  # too big for SQLite

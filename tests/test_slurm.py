@@ -22,7 +22,7 @@ from broker_config.messages import Error, Final, Started
 from chatai.devstack.slurm_cluster import LocalSlurmCluster
 from slurm_jobs.broker_view import BrokerView
 from slurm_jobs.slurm import Slurm
-from support.amqp_client import TestGatewayClient
+from support.amqp_client import TestGatewayClient, final_body
 from support.waiting import wait_until
 
 # Models of their own, so that a session-wide worker of other suites (serving "tiny") never
@@ -212,8 +212,8 @@ async def test_scale_up_array_serves_requests_through_the_real_worker(operator_e
             assert final.usage.completion_tokens > 0
             started = [f for f in client.frames[rid] if isinstance(f, Started)]
             assert started and f"{array_id}_0" in started[0].worker_id
-        assert all(final.choices[0].text for final in (client.terminals(r)[0] for r in plain))
-        assert sum(1 for f in client.frames[streamed] if f.type == "delta") >= 1
+        assert all(final_body(client.terminals(r))["choices"][0]["message"]["content"] for r in plain)
+        assert sum(1 for f in client.frames[streamed] if f.type == "data") >= 1
 
 
 async def test_status_shows_jobs_depth_consumers_and_heartbeats(operator_env, broker):

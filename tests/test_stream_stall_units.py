@@ -9,7 +9,7 @@ import asyncio
 from types import SimpleNamespace
 
 from gateway.generation import Outcome
-from gateway.routes.completions import LeasedStream
+from gateway.routes.inference import LeasedStream
 
 
 class _Lease:

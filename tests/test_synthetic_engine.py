@@ -3,41 +3,72 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
-from broker_config.messages import GenerateRequest, SamplingParams
+from broker_config.messages import ApiRequest
 from gpu_worker.synthetic import FILLER, SyntheticEngine
+from gpu_worker.token_count import TokenCount
 
 
-def request(max_tokens: int, n: int = 1, rid: str = "r1") -> GenerateRequest:
-    return GenerateRequest(request_id=rid, model="synthetic", kind="completion", prompt="x", reply_to="gw",
-                           stream=True, sampling=SamplingParams(max_tokens=max_tokens, n=n))
+class Sink:
+    def __init__(self) -> None:
+        self.status, self.parts = 0, []
+
+    def start(self, status: int, headers: list) -> None:
+        self.status = status
+
+    async def body(self, data: bytes, more: bool) -> None:
+        self.parts.append(data)
+
+    def events(self) -> list[dict]:
+        text = b"".join(self.parts).decode()
+        return [json.loads(e[6:]) for e in text.split("\n\n") if e.startswith("data: {")]
 
 
-async def collect(engine: SyntheticEngine, req: GenerateRequest) -> list:
-    return [step async for step in engine.generate(req)]
+def request(max_tokens: int, n: int = 1, rid: str = "r1", stream: bool = True) -> ApiRequest:
+    return ApiRequest(request_id=rid, model="synthetic", endpoint="/v1/completions", reply_to="gw", stream=stream,
+                      body={"model": "synthetic", "prompt": "x", "max_tokens": max_tokens, "n": n, "stream": stream})
+
+
+async def run(engine: SyntheticEngine, req: ApiRequest) -> tuple[Sink, TokenCount]:
+    sink, count = Sink(), TokenCount()
+    await engine.handle(req, sink, count)
+    return sink, count
 
 
 async def test_every_step_gives_each_request_its_tokens_until_max_tokens():
     engine = SyntheticEngine(max_num_seqs=8, step_ms=1, tokens_per_step=3)
     try:
-        a, b = await asyncio.gather(collect(engine, request(10, n=2, rid="a")), collect(engine, request(4, rid="b")))
+        (a, ca), (b, cb) = await asyncio.gather(run(engine, request(10, n=2, rid="a")), run(engine, request(4, rid="b")))
     finally:
         engine.shutdown()
-    assert [c.tokens for s in a for c in s.choices if c.index == 0] == [3, 3, 3, 1]
-    assert sum(c.tokens for s in a for c in s.choices) == 20  # two choices
-    assert a[-1].finished and a[-1].choices[0].finish_reason == "length" and not a[0].finished
-    assert "".join(c.text for s in b for c in s.choices) == FILLER * 4
+    steps = [e for e in a.events() if e["choices"][0]["text"]]
+    assert [len(e["choices"][0]["text"]) // len(FILLER) for e in steps] == [3, 3, 3, 1]
+    assert ca.completion_tokens == 20 and cb.completion_tokens == 4  # two choices of 10, one of 4
+    assert a.events()[-1]["choices"][0]["finish_reason"] == "length"
+    assert "".join(e["choices"][0]["text"] for e in b.events()) == FILLER * 4
+    assert b.parts[-1].endswith(b"data: [DONE]\n\n")
+
+
+async def test_a_whole_response_carries_its_text_and_usage():
+    engine = SyntheticEngine(max_num_seqs=8, step_ms=1, tokens_per_step=2)
+    try:
+        sink, count = await run(engine, request(5, stream=False))
+    finally:
+        engine.shutdown()
+    body = json.loads(b"".join(sink.parts))
+    assert sink.status == 200 and body["choices"][0]["text"] == FILLER * 5
+    assert body["usage"]["completion_tokens"] == 5 == count.completion_tokens
 
 
 async def test_abort_ends_the_request_with_abort():
     engine = SyntheticEngine(max_num_seqs=8, step_ms=1, tokens_per_step=1)
-    steps = []
     try:
-        async for step in engine.generate(request(10_000)):
-            steps.append(step)
-            if len(steps) == 3:
-                await engine.abort("r1")
+        task = asyncio.create_task(run(engine, request(10_000)))
+        await asyncio.sleep(0.05)
+        engine.abort("r1")
+        sink, count = await asyncio.wait_for(task, 10)
     finally:
         engine.shutdown()
-    assert steps[-1].finished and steps[-1].choices[0].finish_reason == "abort"
-    assert len(steps) == 4
+    assert sink.events()[-1]["choices"][0]["finish_reason"] == "abort"
+    assert 0 < count.completion_tokens < 10_000

@@ -14,10 +14,10 @@ import psutil
 import pytest_asyncio
 
 from broker_config import topology
-from broker_config.messages import Delta, Error, Final, Started
+from broker_config.messages import Data, Error, Final, Head, Started
 from conftest import SERVED_MODEL
 from gpu_worker.main import READY_LINE
-from support.amqp_client import TestGatewayClient
+from support.amqp_client import TestGatewayClient, final_body, sse_chunks, streamed_text
 from support.waiting import wait_until
 from support.worker_proc import start_worker
 
@@ -38,9 +38,9 @@ async def gw(broker, served_worker):
 
 def split(frames):
     started = [f for f in frames if isinstance(f, Started)]
-    deltas = [f for f in frames if isinstance(f, Delta)]
+    data = [f for f in frames if isinstance(f, Data)]
     ends = [f for f in frames if isinstance(f, (Final, Error))]
-    return started, deltas, ends
+    return started, data, ends
 
 
 def assert_well_formed(frames, attempt: int = 1):
@@ -79,24 +79,27 @@ def queue_counts(broker, model: str) -> dict:
     raise AssertionError(f"no queue {name}")
 
 
-# ------------------------------------------------------------------ generation through the session worker
+# ------------------------------------------------------------------ requests through the session worker
 
 
 async def test_stream_is_coalesced_and_usage_matches(gw, served_worker):
     req = gw.request(SERVED_MODEL, stream=True, max_tokens=64, ignore_eos=True)
     frames = await gw.generate(req)
     assert_well_formed(frames)
-    (started,), deltas, (final,) = split(frames)
+    (started,), data, (final,) = split(frames)
     assert started.worker_id == served_worker.worker_id
-    assert isinstance(final, Final)
-    assert final.usage.completion_tokens == 64 == sum(d.tokens for d in deltas)
-    assert final.usage.prompt_tokens == started.prompt_tokens > 5  # the chat template was applied
+    assert isinstance(frames[1], Head) and (frames[1].status, frames[1].content_type[:17]) == (200, "text/event-stream")
+    assert isinstance(final, Final) and final.body is None  # streamed: the events went in data frames
+    # The engine's own counts, although the client asked for no usage.
+    assert final.usage.completion_tokens == 64 == sum(d.tokens for d in data)
+    assert final.usage.prompt_tokens > 5  # the chat template was applied
     assert final.usage.total_tokens == final.usage.prompt_tokens + 64
-    assert final.choices[0].finish_reason == "length"
-    assert final.choices[0].text is None  # streamed: the text went in the deltas
-    assert deltas[0].tokens >= 1 and "".join(d.text for d in deltas)  # a delta may hold an incomplete UTF-8 tail
-    # How many deltas 64 tokens become depends on the machine's speed: the coalescing rule itself
-    # is pinned in test_reply_frames.py, and `chatai bench` prints messages per token.
+    chunks = sse_chunks(frames)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"  # vLLM's own chunks, unchanged
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert data[-1].data.endswith("data: [DONE]\n\n") and "usage" not in chunks[-1]
+    # How many data frames 64 tokens become depends on the machine's speed: the coalescing rule
+    # itself is pinned in test_reply_frames.py, and `chatai bench` prints messages per token.
 
 
 async def test_concurrent_streams_arrive_whole_and_in_order(gw):
@@ -106,97 +109,48 @@ async def test_concurrent_streams_arrive_whole_and_in_order(gw):
     results = [await gw.result(r.request_id) for r in reqs]
     for frames in results:
         assert_well_formed(frames)
-        _, deltas, (final,) = split(frames)
-        assert sum(d.tokens for d in deltas) == final.usage.completion_tokens == 48
+        _, data, (final,) = split(frames)
+        assert sum(d.tokens for d in data) == final.usage.completion_tokens == 48
+        assert len(sse_chunks(frames)) >= 2 and streamed_text(frames)
 
 
-async def test_non_streamed_gives_started_then_one_final_with_text(gw):
+async def test_non_streamed_gives_started_then_one_final_with_the_whole_response(gw):
     frames = await gw.generate(gw.request(SERVED_MODEL, stream=False, max_tokens=20, ignore_eos=True))
     assert_well_formed(frames)
     assert [type(f) for f in frames] == [Started, Final]
     final = frames[-1]
-    assert final.choices[0].finish_reason == "length"
-    assert final.choices[0].text
-    assert final.usage.completion_tokens == 20
+    body = final_body(frames)
+    assert final.status == 200 and body["object"] == "chat.completion"
+    assert body["choices"][0]["finish_reason"] == "length" and body["choices"][0]["message"]["content"]
+    assert body["usage"]["completion_tokens"] == final.usage.completion_tokens == 20
 
 
-async def test_completion_kind_and_echo(gw):
-    prompt = "Once upon a time"
-    frames = await gw.generate(gw.request(SERVED_MODEL, kind="completion", content=prompt, stream=False,
-                                          max_tokens=5, echo=True, temperature=0.0))
-    final = frames[-1]
-    assert isinstance(final, Final)
-    assert final.choices[0].text.startswith(prompt)
-    assert final.usage.prompt_tokens > 0 and final.usage.completion_tokens == 5
+async def test_a_completion_of_several_prompts_is_counted_whole(gw):
+    """One API request, several engine requests (one per prompt): usage sums them all."""
+    req = gw.request(SERVED_MODEL, kind="completion", stream=False, max_tokens=5, ignore_eos=True)
+    req.body["prompt"] = ["Once upon a time", [5, 6, 7]]
+    req.body["n"] = 2
+    frames = await gw.generate(req)
+    body = final_body(frames)
+    assert sorted(c["index"] for c in body["choices"]) == [0, 1, 2, 3]
+    assert frames[-1].usage.completion_tokens == 20 == body["usage"]["completion_tokens"]
+    assert frames[-1].usage.prompt_tokens == body["usage"]["prompt_tokens"]
 
 
-async def test_n2_gives_two_choices(gw):
-    frames = await gw.generate(gw.request(SERVED_MODEL, stream=False, n=2, max_tokens=12, ignore_eos=True, seed=3))
-    final = frames[-1]
-    assert [c.index for c in final.choices] == [0, 1]
-    assert all(c.text and c.finish_reason == "length" for c in final.choices)
-    assert final.usage.completion_tokens == 24
-    streamed = await gw.generate(gw.request(SERVED_MODEL, stream=True, n=2, max_tokens=12, ignore_eos=True))
-    _, deltas, (end,) = split(streamed)
-    assert {d.index for d in deltas} == {0, 1}
-    for i in (0, 1):
-        assert sum(d.tokens for d in deltas if d.index == i) == 12
-    assert [c.index for c in end.choices] == [0, 1]
-
-
-async def test_stop_sequence_ends_with_stop(gw):
-    base = (await gw.generate(gw.request(SERVED_MODEL, stream=False, max_tokens=40, temperature=0.0)))[-1]
-    text = base.choices[0].text
-    # A stop string taken from the middle of the greedy output; greedy makes the rerun identical.
-    assert len(text) >= 8, repr(text)
-    stop = text[len(text) // 2: len(text) // 2 + 3]
-    expected = text[: text.find(stop)]
-    frames = await gw.generate(gw.request(SERVED_MODEL, stream=False, max_tokens=40, temperature=0.0, stop=[stop]))
-    choice = frames[-1].choices[0]
-    assert choice.finish_reason == "stop"
-    assert choice.stop_reason == stop
-    assert choice.text == expected
-    streamed = await gw.generate(gw.request(SERVED_MODEL, stream=True, max_tokens=40, temperature=0.0, stop=[stop]))
-    _, deltas, (end,) = split(streamed)
-    assert "".join(d.text for d in deltas) == expected
-    assert end.choices[0].finish_reason == "stop"
-
-
-async def test_seed_makes_sampling_reproducible(gw):
-    def req(seed):
-        return gw.request(SERVED_MODEL, stream=False, max_tokens=24, ignore_eos=True, temperature=1.0, seed=seed)
-
-    a, b, c = [(await gw.generate(req(s)))[-1].choices[0].text for s in (7, 7, 8)]
-    assert a == b
-    assert a != c
-
-
-async def test_logprobs_top_n(gw):
-    final = (await gw.generate(gw.request(SERVED_MODEL, stream=False, max_tokens=6, ignore_eos=True, logprobs=2)))[-1]
-    lps = final.choices[0].logprobs
-    assert len(lps) == 6
-    assert all(len(lp.top_logprobs) == 2 and lp.logprob <= 0 for lp in lps)
-    _, deltas, _ = split(await gw.generate(gw.request(SERVED_MODEL, stream=True, max_tokens=6, ignore_eos=True,
-                                                     logprobs=0)))
-    assert sum(len(d.logprobs) for d in deltas) == 6
-
-
-async def test_prompt_too_long_is_a_400(gw):
+async def test_prompt_too_long_is_vllms_400_as_a_whole_response(gw):
     frames = await gw.generate(gw.request(SERVED_MODEL, content="hello world " * 400, stream=True))
     assert_well_formed(frames)
-    err = frames[-1]
-    assert isinstance(err, Error)
-    assert (err.status, err.code) == (400, "context_length_exceeded")
-    assert "512" in err.message
-    # Prompt fits but prompt + max_tokens does not: OpenAI answers 400 as well.
-    err2 = (await gw.generate(gw.request(SERVED_MODEL, stream=False, max_tokens=600)))[-1]
-    assert isinstance(err2, Error) and err2.code == "context_length_exceeded"
+    assert [type(f) for f in frames] == [Started, Final]  # no head: not a stream, a refusal
+    final = frames[-1]
+    assert final.status == 400 and "512" in final_body(frames)["error"]["message"]
+    assert final.usage.completion_tokens == 0
 
 
-async def test_max_tokens_none_fills_the_context(gw):
-    final = (await gw.generate(gw.request(SERVED_MODEL, stream=False, ignore_eos=True)))[-1]
-    assert final.choices[0].finish_reason == "length"
-    assert final.usage.total_tokens == 512
+async def test_an_endpoint_the_model_does_not_serve_is_a_404_in_the_openai_format(gw):
+    req = gw.request(SERVED_MODEL, stream=False)
+    req.endpoint, req.body = "/v1/embeddings", {"model": SERVED_MODEL, "input": "hi"}
+    frames = await gw.generate(req)
+    assert frames[-1].status == 404 and "does not serve" in final_body(frames)["error"]["message"]
 
 
 async def test_expired_deadline_is_dropped(gw, served_worker):
@@ -223,6 +177,7 @@ async def test_heartbeat_reports_the_worker(gw, served_worker):
     hb = await gw.heartbeat_where(served_worker.worker_id, lambda h: True, since=time.time())
     assert hb.state == "ready"
     assert (hb.model, hb.capacity, hb.max_model_len) == (SERVED_MODEL, 16, 512)
+    assert hb.tasks == ["generate"] and hb.adapters == []
     assert hb.node and hb.interval == 1.0
 
 
@@ -279,7 +234,7 @@ async def test_sigkill_mid_request_is_redelivered_and_idle_worker_exits(gw, brok
     second = [f for f in frames if f.attempt == 2]
     assert_well_formed(second, attempt=2)
     assert second[0].worker_id == b.worker_id
-    assert second[-1].choices[0].finish_reason == "length"
+    assert final_body(second)["choices"][0]["finish_reason"] == "length"
     assert second[-1].usage.completion_tokens == KILL_TOKENS
     # Nothing more to do: B leaves by itself after its idle timeout, with exit 0, and takes its
     # engine's processes along (vLLM's own shutdown may leave one behind for seconds).
@@ -303,7 +258,7 @@ async def test_cancel_aborts_a_running_generation(gw, own_workers):
     w = own_workers["drain"]
     req = gw.request(DRAIN_MODEL, stream=True, max_tokens=30_000, ignore_eos=True)
     await gw.publish(req)
-    await gw.wait_for(lambda: any(isinstance(f, Delta) for f in gw.frames[req.request_id]))
+    await gw.wait_for(lambda: any(isinstance(f, Data) for f in gw.frames[req.request_id]))
     t0 = time.monotonic()
     await gw.cancel(req.request_id)
     frames = await gw.result(req.request_id, timeout=10)
@@ -311,7 +266,7 @@ async def test_cancel_aborts_a_running_generation(gw, own_workers):
     assert_well_formed(frames)
     final = frames[-1]
     assert isinstance(final, Final)
-    assert final.choices[0].finish_reason == "abort"
+    assert final.aborted
     assert 0 < final.usage.completion_tokens < 30_000
     assert elapsed < 3.0
     hb = await gw.heartbeat_where(w.worker_id, lambda h: h.in_flight == 0, since=time.time(), timeout=5)
@@ -323,7 +278,7 @@ async def test_lost_broker_connection_redelivers_without_an_error_frame(gw, brok
     w = own_workers["drain"]
     req = gw.request(DRAIN_MODEL, stream=True, max_tokens=30_000, ignore_eos=True)
     await gw.publish(req)
-    await gw.wait_for(lambda: any(isinstance(f, Delta) for f in gw.frames[req.request_id]))
+    await gw.wait_for(lambda: any(isinstance(f, Data) for f in gw.frames[req.request_id]))
     # Every worker connection is cut (as by a broker restart or a network blip); aio-pika reconnects.
     await asyncio.to_thread(broker.admin.close_user_connections, "worker", "test: connection loss")
     started2 = await gw.wait_for(
@@ -333,7 +288,7 @@ async def test_lost_broker_connection_redelivers_without_an_error_frame(gw, brok
     assert not any(isinstance(f, (Final, Error)) for f in first), "attempt 1 must end silently"
     await gw.cancel(req.request_id)
     frames = await gw.result(req.request_id, timeout=10, attempt=2)
-    assert frames[-1].choices[0].finish_reason == "abort"
+    assert frames[-1].aborted
     await wait_log(w, f"request_id={req.request_id} attempt=1 delivery lost")
     # The session worker reconnected as well and serves.
     again = await gw.generate(gw.request(SERVED_MODEL, stream=False, max_tokens=3), timeout=60)
@@ -403,7 +358,7 @@ async def test_logs_hold_ids_not_text_or_passwords(gw, broker, served_worker):
     await wait_log(served_worker, frames[0].request_id)
     log = served_worker.log_text()
     assert secret not in log
-    text = frames[-1].choices[0].text
+    text = final_body(frames)["choices"][0]["message"]["content"]
     if len(text.strip()) >= 6:  # 8 random tokens; a very short one could occur by chance
         assert text not in log
     assert broker.passwords["worker"] not in log

@@ -1,4 +1,5 @@
-"""The ceiling: the worker's own engine adapter in-process, no HTTP, no broker, same load shape.
+"""The ceiling: the worker's own engine (vLLM's OpenAI layer, called in-process, as the worker
+calls it), no HTTP, no broker, same load shape.
 
 ``python -m chatai.bench.ceiling SETTINGS_JSON LEVELS_JSON`` prints one JSON list of level
 results. It runs in a process of its own because vLLM spawns its engine core (the ``__main__``
@@ -14,24 +15,36 @@ import sys
 import time
 import uuid
 
-from broker_config.messages import ChatMessage, GenerateRequest, SamplingParams
+from broker_config.messages import ApiRequest
 from chatai.bench.load import LevelResult, RequestRecord, summarize
 from gpu_worker.engine import Engine
 from gpu_worker.settings import WorkerSettings
+from gpu_worker.token_count import TokenCount
+
+
+class _FirstChunk:
+    """A response sink that notes when the first token's event arrives."""
+
+    def __init__(self, count: TokenCount, t0: float, rec: RequestRecord) -> None:
+        self.count, self.t0, self.rec = count, t0, rec
+
+    def start(self, status: int, headers: list) -> None:
+        pass
+
+    async def body(self, data: bytes, more: bool) -> None:
+        if self.count.completion_tokens and math.isnan(self.rec.ttft):
+            self.rec.ttft = time.perf_counter() - self.t0
 
 
 async def _one(engine: Engine, model: str, max_tokens: int, i: int) -> RequestRecord:
-    req = GenerateRequest(
-        request_id=uuid.uuid4().hex, model=model, kind="chat", reply_to="-", stream=True,
-        messages=[ChatMessage(role="user", content=f"Benchmark request {i}: tell me about the cluster.")],
-        sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=True))
-    rec = RequestRecord()
+    body = {"model": model, "stream": True, "max_tokens": max_tokens, "ignore_eos": True,
+            "messages": [{"role": "user", "content": f"Benchmark request {i}: tell me about the cluster."}]}
+    req = ApiRequest(request_id=uuid.uuid4().hex, model=model, endpoint="/v1/chat/completions", body=body,
+                     stream=True, reply_to="-")
+    rec, count = RequestRecord(), TokenCount()
     t0 = time.perf_counter()
-    async for step in engine.generate(req):
-        tokens = sum(c.tokens for c in step.choices)
-        if tokens and math.isnan(rec.ttft):
-            rec.ttft = time.perf_counter() - t0
-        rec.completion_tokens += tokens
+    await engine.handle(req, _FirstChunk(count, t0, rec), count)
+    rec.completion_tokens = count.completion_tokens
     rec.latency = time.perf_counter() - t0
     return rec
 
@@ -51,6 +64,7 @@ async def _level(engine: Engine, model: str, concurrency: int, requests: int, ma
 
 async def run(settings: WorkerSettings, levels: list[dict]) -> list[LevelResult]:
     engine = await asyncio.to_thread(Engine.start, settings)
+    await engine.open_api()
     try:
         results = []
         for lv in levels:

@@ -10,14 +10,14 @@ that serves interactive streams, and a busy batch costs one commit per group, no
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-import secrets
 import sqlite3
 from collections.abc import Awaitable, Callable
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from broker_config.messages import Delta, Error, Final, Started, decode_frame
+from broker_config.messages import Error, Final, decode_frame
 from broker_config.timing import Backoff, retry_async
 from gateway.batches.config import BatchSettings
 from gateway.batches.ids import parse_request_id
@@ -25,7 +25,6 @@ from gateway.batches.states import OPEN
 from gateway.batches.store import BatchStore
 from gateway.batches.validation import api_error_line, response_line
 from gateway.cluster_errors import WorkerFailed
-from gateway.formatting import ResponseBuilder
 from gateway.metrics import BATCH_RESULTS, MALFORMED_FRAMES
 
 log = logging.getLogger("chatai.gateway.batches")
@@ -128,7 +127,7 @@ class ResultCollector:
         except ValueError:
             self._malformed("not a frame")
             return
-        if isinstance(frame, (Started, Delta)):
+        if not isinstance(frame, (Final, Error)):
             return
         where = parse_request_id(frame.request_id)
         if where is None:
@@ -141,18 +140,18 @@ class ResultCollector:
             return
         rid = frame.request_id
         if isinstance(frame, Final):
-            if any(c.finish_reason == "abort" for c in frame.choices):
+            if frame.aborted:
                 batch = self.store.get_batch(bid)
                 if batch is not None and batch["status"] == "in_progress":
                     self.store.back_to_pending(bid, [line_no])  # aborted but still wanted: run it again
                 else:
                     self.store.cancel_open_lines(bid, line_no)
                 return
-            assert line.request is not None
-            builder = ResponseBuilder(line.request["kind"], secrets.token_hex(12), line.request["model"])
-            result = response_line(line.custom_id, 200, rid, builder.completion(frame))
+            body = json.loads(frame.body or "null")  # vLLM's response, as the endpoint would answer
+            result = response_line(line.custom_id, frame.status, rid, body)
             usage = (frame.usage.prompt_tokens, frame.usage.completion_tokens)
-            self._count(self.store.record_result(bid, line_no, True, result, usage), "completed")
+            ok = frame.status == 200
+            self._count(self.store.record_result(bid, line_no, ok, result, usage), "completed" if ok else "failed")
         elif isinstance(frame, Error):
             failed = WorkerFailed(frame.status, frame.code, frame.message)
             self._count(self.store.record_result(bid, line_no, False, api_error_line(line.custom_id, rid, failed)),

@@ -10,6 +10,7 @@ them and wakes the feeder when something changed (a new batch, a cancel, committ
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 import logging
 
 from broker_config.timing import run_periodically
@@ -24,14 +25,15 @@ log = logging.getLogger("chatai.gateway.batches")
 
 
 class Dispatcher:
-    def __init__(self, broker: GatewayBroker, store: BatchStore, files: FileStore, settings: BatchSettings) -> None:
+    def __init__(self, broker: GatewayBroker, store: BatchStore, files: FileStore, settings: BatchSettings,
+                 queue_for: Callable[[str], str] = lambda model: model) -> None:
         self.broker = broker
         self.store = store
         self.settings = settings
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._database_id = store.deployment_id()  # names this database's results queue
-        self.feeder = Feeder(broker, store, files, settings, self.results_queue)
+        self.feeder = Feeder(broker, store, files, settings, self.results_queue, queue_for)
         self.collector = ResultCollector(store, settings, on_committed=self.wake)
 
     @property

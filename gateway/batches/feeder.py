@@ -4,7 +4,7 @@ validating -> in_progress -> finalizing -> completed, or cancelling -> cancelled
 failed; each step reads and writes only SQLite (``BatchStore``), so a restart resumes from
 whatever was committed. The results come back through ``ResultCollector``.
 
-Sending: each line becomes a persistent, low-priority GenerateRequest (reply_to = this
+Sending: each line becomes a persistent, low-priority ApiRequest (reply_to = this
 deployment's durable results queue; no deadline; stream false) whose request id is
 ``<batch id>.<line number>``. At most ``max_in_flight`` lines of a batch are out at once;
 interactive requests, at a higher priority, overtake whatever a batch has queued.
@@ -27,10 +27,11 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from broker_config import topology as t
-from broker_config.messages import GenerateRequest
+from broker_config.messages import ApiRequest
 from broker_config.timing import Backoff
 from gateway.batches.config import BatchSettings
 from gateway.batches.files import FileStore
@@ -52,8 +53,9 @@ _NOT_RUN = {
 
 class Feeder:
     def __init__(self, broker: BrokerPort, store: BatchStore, files: FileStore, settings: BatchSettings,
-                 results_queue: str) -> None:
+                 results_queue: str, queue_for: Callable[[str], str] = lambda model: model) -> None:
         self.broker = broker
+        self.queue_for = queue_for  # a LoRA adapter's lines go to its base model's queue
         self.store = store
         self.files = files
         self.settings = settings
@@ -139,8 +141,9 @@ class Feeder:
         for i, line in enumerate(lines):
             assert line.request is not None
             rid = request_id(bid, line.line_no)
-            req = GenerateRequest(request_id=rid, reply_to=self.results_queue, stream=False, deadline=None,
-                                  batch_id=bid, **line.request)
+            req = ApiRequest(request_id=rid, reply_to=self.results_queue, stream=False, deadline=None,
+                             batch_id=bid, model=self.queue_for(line.request["model"]),
+                             endpoint=line.request["endpoint"], body=line.request["body"])
             try:
                 await self.broker.publish_request(req, priority=t.BATCH_PRIORITY, ttl=None, persistent=True)
             except ModelNotFound as exc:  # no queue for this model: the line fails, the batch goes on

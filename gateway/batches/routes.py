@@ -19,7 +19,7 @@ from gateway.batches.files import FileTooLarge, new_file_id
 from gateway.batches.service import BatchService
 from gateway.batches.store import ACTIVE, now
 from gateway.batches.upload import receive_upload
-from gateway.batches.validation import ENDPOINTS
+from broker_config.messages import ENDPOINTS
 from gateway.context import GatewayContext, get_context, require_api_key
 from gateway.errors import APIError
 from gateway.http_guard import file_too_large

@@ -6,8 +6,10 @@ cannot be a batch at all (not UTF-8 text, no request line, too many lines) fails
 Lines are parsed with limits (length, JSON nesting depth), so no line can exhaust memory or
 the stack of the gateway that validates it.
 
-Bodies go through the same pydantic models and ``check_supported`` as interactive requests,
-so a batch line is accepted exactly when the same body sent to the endpoint would be.
+Bodies go through the same checks as interactive requests (``gateway.schemas.check_body``), so
+a batch line is accepted by the gateway exactly when the same body sent to the endpoint would be;
+the worker's vLLM layer then answers it (or refuses it, in the line's response) as it answers
+that request.
 """
 
 from __future__ import annotations
@@ -18,14 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from pydantic import ValidationError
 from pydantic_core import from_json
 
 from gateway.cluster_errors import ClusterError
 from gateway.errors import APIError, to_api_error
-from gateway.schemas import ChatCompletionRequest, CompletionRequest
-
-ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+from gateway.schemas import check_body
 
 
 class BatchFileError(Exception):
@@ -60,29 +59,10 @@ def api_error_line(custom_id: str | None, request_id: str, exc: APIError | Clust
     return response_line(custom_id, error.status, request_id, error.body())
 
 
-def _validation_reason(exc: ValidationError) -> tuple[str, str | None]:
-    first = exc.errors()[0] if exc.errors() else {}
-    loc = ".".join(str(p) for p in first.get("loc", ())) or None
-    msg = first.get("msg", "invalid value")
-    return (f"Invalid value for '{loc}': {msg}." if loc else f"Invalid request body: {msg}."), loc
-
-
-def parse_body(kind: str, body: Any) -> dict[str, Any]:
-    """Validate one request body; returns the wire fields of its GenerateRequest or raises APIError."""
-    if not isinstance(body, dict):
-        raise APIError(400, "The request body must be a JSON object.", code="invalid_request", param="body")
-    model_cls = ChatCompletionRequest if kind == "chat" else CompletionRequest
-    try:
-        req = model_cls.model_validate(body)
-    except ValidationError as exc:
-        message, param = _validation_reason(exc)
-        raise APIError(400, message, code="invalid_request", param=param) from None
-    req.check_supported()
-    if req.stream:
-        raise APIError(400, "Batch requests cannot be streamed; remove 'stream'.", code="invalid_request",
-                       param="stream")
-    return {"model": req.model, "kind": kind, "sampling": req.sampling().model_dump(mode="json", exclude_none=True),
-            **req.wire_fields()}
+def parse_body(endpoint: str, body: Any) -> dict[str, Any]:
+    """Check one request body; returns what its line stores (model, endpoint, body) or raises APIError."""
+    routed = check_body(endpoint, body, batch=True)
+    return {"model": routed.model, "endpoint": endpoint, "body": routed.body}
 
 
 @dataclass
@@ -125,7 +105,6 @@ def parse_file(path: Path, endpoint: str, max_lines: int, max_line_bytes: int = 
     Memory stays bounded by the line cap whatever the file holds; a line that cannot be read
     becomes an error line, never an exception that escapes.
     """
-    kind = ENDPOINTS[endpoint]
     out = Parsed()
     seen: set[str] = set()
     try:
@@ -134,13 +113,13 @@ def parse_file(path: Path, endpoint: str, max_lines: int, max_line_bytes: int = 
         raise BatchFileError("file_not_found", "The input file was deleted before the batch was validated.") from None
     with f:
         for line_no, raw_bytes in enumerate(_lines(f, max_line_bytes), start=1):
-            _parse_line(out, seen, kind, endpoint, line_no, raw_bytes, max_lines, max_line_bytes)
+            _parse_line(out, seen, endpoint, line_no, raw_bytes, max_lines, max_line_bytes)
     if not out.lines:
         raise BatchFileError("empty_file", "The input file contains no requests.")
     return out
 
 
-def _parse_line(out: Parsed, seen: set[str], kind: str, endpoint: str, line_no: int, raw_bytes: bytes | None,
+def _parse_line(out: Parsed, seen: set[str], endpoint: str, line_no: int, raw_bytes: bytes | None,
                 max_lines: int, max_line_bytes: int) -> None:
     """Add one line to ``out``: a pending request or an error line."""
     if raw_bytes is not None and not raw_bytes.strip():
@@ -179,7 +158,7 @@ def _parse_line(out: Parsed, seen: set[str], kind: str, endpoint: str, line_no: 
         return bad(custom_id, "invalid_url",
                    f"Line {line_no}: url {url!r} does not match the batch's endpoint '{endpoint}'.")
     try:
-        fields = parse_body(kind, item.get("body"))
+        fields = parse_body(endpoint, item.get("body"))
     except APIError as exc:
         out.lines.append((line_no, custom_id, "failed", None, api_error_line(custom_id, "", exc)))
         return

@@ -1,7 +1,7 @@
 """The gateway's own AMQP side (``gateway.broker.GatewayBroker``), recording every frame for tests.
 
 It has exactly what a gateway process has: its reply and heartbeat queues, wired by the gateway's
-code with the gateway user's rights, and its publishing of GenerateRequests (confirms, mandatory)
+code with the gateway user's rights, and its publishing of ApiRequests (confirms, mandatory)
 and Cancels. It files incoming frames per request and keeps every heartbeat, so worker tests can
 await exactly the frames they expect.
 """
@@ -14,10 +14,8 @@ from collections import defaultdict
 from collections.abc import Callable
 
 from broker_config import topology
-from broker_config.messages import Delta, Error, Final, GenerateRequest, Heartbeat, Started
+from broker_config.messages import AnyFrame, ApiRequest, Data, Error, Final, Heartbeat
 from gateway.broker import GatewayBroker, Subscription
-
-AnyFrame = Started | Delta | Final | Error
 
 
 class _HeartbeatLog:
@@ -78,18 +76,21 @@ class TestGatewayClient:
         return await asyncio.wait_for(_wait(), timeout)
 
     def request(self, model: str, *, kind: str = "chat", content: str = "Hello there, how are you?",
-                stream: bool = True, **sampling) -> GenerateRequest:
+                stream: bool = True, **options) -> ApiRequest:
+        """A chat (or completion) request as a gateway would publish it; ``options`` go into the
+        OpenAI body (max_tokens, ignore_eos, ...)."""
         rid = f"req-{uuid.uuid4().hex[:12]}"
-        body: dict = dict(request_id=rid, model=model, kind=kind, stream=stream, reply_to=self.reply_queue,
-                          sampling=sampling)
+        body: dict = {"model": model, "stream": stream, **options}
         if kind == "chat":
             body["messages"] = [{"role": "user", "content": content}]
         else:
             body["prompt"] = content
-        return GenerateRequest.model_validate(body)
+        endpoint = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+        return ApiRequest(request_id=rid, model=model, endpoint=endpoint, body=body, stream=stream,
+                          reply_to=self.reply_queue)
 
-    async def publish(self, req: GenerateRequest, *, ttl: float | None = None,
-                      priority: int = topology.INTERACTIVE_PRIORITY) -> GenerateRequest:
+    async def publish(self, req: ApiRequest, *, ttl: float | None = None,
+                      priority: int = topology.INTERACTIVE_PRIORITY) -> ApiRequest:
         """Publish as the gateway does (confirmed, mandatory); its frames are filed from now on."""
         if req.request_id not in self._subscribed:
             self._subscribed.add(req.request_id)
@@ -112,7 +113,7 @@ class TestGatewayClient:
     async def result(self, request_id: str, timeout: float = 60.0, attempt: int | None = None) -> list[AnyFrame]:
         return await self.wait_for(lambda: self.done(request_id, attempt), timeout)
 
-    async def generate(self, req: GenerateRequest, timeout: float = 60.0) -> list[AnyFrame]:
+    async def generate(self, req: ApiRequest, timeout: float = 60.0) -> list[AnyFrame]:
         await self.publish(req)
         return await self.result(req.request_id, timeout)
 
@@ -133,3 +134,29 @@ class TestGatewayClient:
             return None
 
         return await self.wait_for(find, timeout)
+
+
+def sse_chunks(frames: list[AnyFrame]) -> list[dict]:
+    """The OpenAI chunks of a streamed answer's data frames (without the closing [DONE])."""
+    import json
+
+    text = "".join(f.data for f in frames if isinstance(f, Data))
+    return [json.loads(event[len("data: "):]) for event in text.split("\n\n")
+            if event.startswith("data: ") and event != "data: [DONE]"]
+
+
+def streamed_text(frames: list[AnyFrame]) -> str:
+    """The concatenated content of a streamed chat (or completion) answer's chunks."""
+    out = []
+    for chunk in sse_chunks(frames):
+        for choice in chunk.get("choices", []):
+            out.append((choice.get("delta") or {}).get("content") or choice.get("text") or "")
+    return "".join(out)
+
+
+def final_body(frames: list[AnyFrame]) -> dict:
+    """The whole response of a non-streamed answer."""
+    import json
+
+    final = next(f for f in frames if isinstance(f, Final))
+    return json.loads(final.body or "null")

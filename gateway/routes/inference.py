@@ -1,4 +1,10 @@
-"""``POST /v1/chat/completions`` and ``POST /v1/completions``, streamed or whole."""
+"""The OpenAI endpoints a worker answers (chat, completions, Responses, embeddings): relayed.
+
+The gateway authenticates, limits, checks a little (``gateway.schemas``), routes by model and
+relays: the worker's vLLM layer writes the response, and it goes out unchanged, with vLLM's
+status code. A streamed request gets its HTTP status only once a worker has started it and
+vLLM has begun its answer (or refused the request with a status of its own).
+"""
 
 from __future__ import annotations
 
@@ -11,16 +17,15 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from broker_config.messages import Final
-from gateway.context import GatewayContext, get_context, require_api_key
+from broker_config.messages import Final, Head
 from gateway.cluster_errors import ClusterError
+from gateway.context import GatewayContext, get_context, require_api_key
 from gateway.errors import APIError, to_api_error
-from gateway.formatting import ResponseBuilder
 from gateway.generation import Generation
 from gateway.limits import Lease
 from gateway.metrics import REQUESTS, STALLED_STREAMS, model_label
-from gateway.schemas import ChatCompletionRequest, CompletionRequest
-from gateway.streaming import SSE_HEADERS, event_stream
+from gateway.schemas import Routed, check_body, parse_json
+from gateway.streaming import SSE_HEADERS, relay
 
 log = logging.getLogger("chatai.gateway.completions")
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
@@ -51,26 +56,6 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
             if not t.done():
                 t.cancel()
         await asyncio.gather(task, watcher, return_exceptions=True)
-
-
-async def _collect(frames: AsyncGenerator) -> Final:
-    try:
-        async for frame in frames:
-            if isinstance(frame, Final):
-                return frame
-        raise APIError(502, "The worker ended the request without a result.", code="worker_error")
-    finally:
-        await frames.aclose()
-
-
-async def _prepend(first: object, frames: AsyncGenerator) -> AsyncGenerator:
-    """``first``, then the rest of ``frames``; closing this closes ``frames``."""
-    try:
-        yield first
-        async for frame in frames:
-            yield frame
-    finally:
-        await frames.aclose()
 
 
 class ClientStalled(Exception):
@@ -134,59 +119,80 @@ def _tokens_used(gen: Generation | None) -> int:
     return gen.outcome.streamed_tokens
 
 
-async def _serve(kind: str, body: ChatCompletionRequest | CompletionRequest, request: Request,
-                 ctx: GatewayContext, key_id: str) -> Response:
-    endpoint = "chat" if kind == "chat" else "completions"
+async def _answer(frames: AsyncGenerator, request: Request) -> Head | Final:
+    """The frame that decides the HTTP response: a streamed answer's head, or a whole one."""
+    try:
+        await until_disconnected(request, frames.__anext__())  # the worker's "started"
+        while True:
+            frame = await until_disconnected(request, frames.__anext__())
+            if isinstance(frame, (Head, Final)):
+                return frame
+    except StopAsyncIteration:
+        raise APIError(502, "The worker ended the request without a result.", code="worker_error") from None
+
+
+async def _serve(routed: Routed, request: Request, ctx: GatewayContext, key_id: str) -> Response:
+    endpoint = routed.endpoint.rsplit("/", 1)[-1]
+    label = model_label(routed.model)
     lease: Lease | None = None
     gen: Generation | None = None
     try:
-        body.check_supported()
         lease = ctx.admit(key_id)
-        gen = Generation.build(ctx.broker, ctx.timeouts, model=body.model, kind=kind,
-                               sampling=body.sampling(), stream=body.stream, **body.wire_fields())
-        builder = ResponseBuilder(kind, gen.request.request_id, body.model, body.include_usage)
+        gen = Generation.build(ctx.broker, ctx.timeouts, model=ctx.registry.queue_for(routed.model),
+                               endpoint=routed.endpoint, body=routed.body, stream=routed.stream)
         frames = gen.frames()
-        if body.stream:
-            try:
-                await until_disconnected(request, frames.__anext__())  # the worker's "started"
-                # ...and its first output, which travels in the same message: an error the worker
-                # finds in the request (a token id beyond the vocabulary, a prompt too long) then
-                # still gets its HTTP status instead of an error event in a 200 stream.
-                first = await until_disconnected(request, frames.__anext__())
-            except BaseException:
-                await frames.aclose()
-                raise
-            frames = _prepend(first, frames)
-            REQUESTS.labels(endpoint, model_label(body.model), "200").inc()
-            response = LeasedStream(event_stream(frames, builder, body.n), media_type="text/event-stream",
+        try:
+            first = await _answer(frames, request)
+        except BaseException:
+            await frames.aclose()
+            raise
+        if isinstance(first, Head):
+            REQUESTS.labels(endpoint, label, str(first.status)).inc()
+            response = LeasedStream(relay(frames), status_code=first.status, media_type=first.content_type,
                                     headers={**SSE_HEADERS, **lease.headers}, gen=gen, lease=lease,
                                     send_timeout=ctx.settings.stream_send_timeout)
             lease = None  # the response releases it
             return response
-        final = await until_disconnected(request, _collect(frames))
-        headers = lease.headers
+        await frames.aclose()
+        final, headers = first, lease.headers
     except (APIError, ClusterError) as exc:
-        REQUESTS.labels(endpoint, model_label(body.model), str(to_api_error(exc).status)).inc()
+        REQUESTS.labels(endpoint, label, str(to_api_error(exc).status)).inc()
         raise
     except ClientGone:
-        REQUESTS.labels(endpoint, model_label(body.model), "499").inc()
+        REQUESTS.labels(endpoint, label, "499").inc()
         return Response(status_code=499)
     finally:
         if lease is not None:
             lease.release(_tokens_used(gen))
-    REQUESTS.labels(endpoint, model_label(body.model), "200").inc()
-    return JSONResponse(builder.completion(final), headers=headers)
+    REQUESTS.labels(endpoint, label, str(final.status)).inc()
+    return Response(final.body or "", status_code=final.status, media_type=final.content_type, headers=headers)
 
 
+async def _relayed(endpoint: str, request: Request, ctx: GatewayContext, key_id: str) -> Response:
+    return await _serve(check_body(endpoint, parse_json(await request.body())), request, ctx, key_id)
+
+
+# One route per endpoint, so that each shows in the API reference; the body is the client's own
+# (FastAPI does not parse it: vLLM's layer does, on the worker).
 @router.post("/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request,
-                           ctx: GatewayContext = Depends(get_context),
+async def chat_completions(request: Request, ctx: GatewayContext = Depends(get_context),
                            key_id: str = Depends(require_api_key)) -> Response:
-    return await _serve("chat", body, request, ctx, key_id)
+    return await _relayed("/v1/chat/completions", request, ctx, key_id)
 
 
 @router.post("/completions")
-async def completions(body: CompletionRequest, request: Request,
-                      ctx: GatewayContext = Depends(get_context),
+async def completions(request: Request, ctx: GatewayContext = Depends(get_context),
                       key_id: str = Depends(require_api_key)) -> Response:
-    return await _serve("completion", body, request, ctx, key_id)
+    return await _relayed("/v1/completions", request, ctx, key_id)
+
+
+@router.post("/responses")
+async def responses(request: Request, ctx: GatewayContext = Depends(get_context),
+                    key_id: str = Depends(require_api_key)) -> Response:
+    return await _relayed("/v1/responses", request, ctx, key_id)
+
+
+@router.post("/embeddings")
+async def embeddings(request: Request, ctx: GatewayContext = Depends(get_context),
+                     key_id: str = Depends(require_api_key)) -> Response:
+    return await _relayed("/v1/embeddings", request, ctx, key_id)
