@@ -18,6 +18,8 @@ import json
 import logging
 import os
 from argparse import Namespace
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 from broker_config.messages import ApiRequest
@@ -59,6 +61,21 @@ def serve_args(settings: WorkerSettings) -> Namespace:
     args = make_arg_parser(FlexibleArgumentParser(prog="chatai worker")).parse_args(settings.vllm_argv())
     validate_parsed_serve_args(args)
     return args
+
+
+@contextmanager
+def _root_logging_kept() -> Iterator[None]:
+    """vLLM's app set-up imports SageMaker's hosting standards, which set the root logger (and
+    its handlers) to ERROR unless SAGEMAKER_CONTAINER_LOG_LEVEL says otherwise: the worker's own
+    log would fall silent from then on (no "worker ready" line, no request lines)."""
+    root = logging.getLogger()
+    levels = (root.level, [(h, h.level) for h in root.handlers])
+    try:
+        yield
+    finally:
+        root.setLevel(levels[0])
+        for handler, level in levels[1]:
+            handler.setLevel(level)
 
 
 class Engine:
@@ -108,7 +125,8 @@ class Engine:
 
         client = CountingEngineClient(self._llm)
         tasks = tuple(await self._llm.get_supported_tasks())
-        app = build_app(self._args, tasks, self._llm.model_config)
+        with _root_logging_kept():
+            app = build_app(self._args, tasks, self._llm.model_config)
         await init_app_state(client, app.state, self._args, tasks)
         self.tasks, self._app = list(tasks), app
 

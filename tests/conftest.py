@@ -113,7 +113,14 @@ def served_worker(broker: BrokerEnv, tiny_model_dir, tmp_path_factory: pytest.Te
     log_path = tmp_path_factory.mktemp("worker-logs") / "served-worker.log"
     worker = start_worker(tiny_model_dir, SERVED_MODEL, broker.url("worker"), log_path,
                           worker_id=f"served-worker-{os.getpid()}", max_num_seqs=16, max_model_len=512,
-                          heartbeat_interval=1.0, extra_args=["--coalesce-ms", "20", "--coalesce-tokens", "16"])
+                          heartbeat_interval=1.0,
+                          # vLLM's serving options, as an operator sets them for a Hermes-style model.
+                          extra_args=["--coalesce-ms", "20", "--coalesce-tokens", "16",
+                                      "--tool-call-parser", "hermes", "--enable-auto-tool-choice"],
+                          # Any other vLLM serve argument passes through. Random weights can pad a
+                          # JSON answer with whitespace for ever; a real model does not.
+                          env={"CHATAI_WORKER_VLLM_ARGS":
+                               '--structured-outputs-config \'{"backend": "xgrammar", "disable_any_whitespace": true}\''})
     try:
         worker.wait_ready()
     except BaseException:

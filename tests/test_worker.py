@@ -128,10 +128,11 @@ async def test_non_streamed_gives_started_then_one_final_with_the_whole_response
 async def test_a_completion_of_several_prompts_is_counted_whole(gw):
     """One API request, several engine requests (one per prompt): usage sums them all."""
     req = gw.request(SERVED_MODEL, kind="completion", stream=False, max_tokens=5, ignore_eos=True)
-    req.body["prompt"] = ["Once upon a time", [5, 6, 7]]
+    req.body["prompt"] = ["Once upon a time", "The cluster"]
     req.body["n"] = 2
     frames = await gw.generate(req)
     body = final_body(frames)
+    assert frames[-1].status == 200, body
     assert sorted(c["index"] for c in body["choices"]) == [0, 1, 2, 3]
     assert frames[-1].usage.completion_tokens == 20 == body["usage"]["completion_tokens"]
     assert frames[-1].usage.prompt_tokens == body["usage"]["prompt_tokens"]

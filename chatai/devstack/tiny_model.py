@@ -23,14 +23,16 @@ TOOL_TOKENS = ["<tool_call>", "</tool_call>"]
 VOCAB_SIZE = 1024
 
 # ChatML-like: every turn ends with the eos token, so a chat reply stops where a turn would.
-# Tool-capable the way Hermes-style templates are: the tools are listed in a system turn, an
+# Tool-capable the way Hermes-style templates are: the tools are named in a system turn (by name
+# only: a real template writes their whole schemas, which would fill most of this model's short
+# context), an
 # assistant's tool calls are written as <tool_call>{"name": ..., "arguments": ...}</tool_call>,
 # a tool's answer is a turn of its own. Content may be a string or a list of text parts.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
-    "{% if tools %}{{ '<|system|>\\nYou may call these tools:\\n' }}"
-    "{% for tool in tools %}{{ tool | tojson }}{{ '\\n' }}{% endfor %}"
-    "{{ 'Answer with <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>.' + eos_token + '\\n' }}"
+    "{% if tools %}{{ '<|system|>\\nTools: ' }}"
+    "{{ tools | map(attribute='function') | map(attribute='name') | join(', ') }}"
+    "{{ '. Call one as <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>.' + eos_token + '\\n' }}"
     "{% endif %}"
     "{% for message in messages %}"
     "{% set content = message['content'] if message['content'] is string else "

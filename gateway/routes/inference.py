@@ -131,8 +131,13 @@ async def _answer(frames: AsyncGenerator, request: Request) -> Head | Final:
         raise APIError(502, "The worker ended the request without a result.", code="worker_error") from None
 
 
+# The endpoint label of the request metrics.
+_LABELS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/responses": "responses",
+           "/v1/embeddings": "embeddings"}
+
+
 async def _serve(routed: Routed, request: Request, ctx: GatewayContext, key_id: str) -> Response:
-    endpoint = routed.endpoint.rsplit("/", 1)[-1]
+    endpoint = _LABELS[routed.endpoint]
     label = model_label(routed.model)
     lease: Lease | None = None
     gen: Generation | None = None
