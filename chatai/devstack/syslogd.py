@@ -6,7 +6,8 @@ Why not ``sshd -E FILE``: with -E, sshd escapes log text as for a terminal (``VI
 leaves CR and LF alone, so a stranger's user name, disconnect message or key-exchange offer can
 start new lines in the file. Through syslog, sshd escapes them (``VIS_NL|VIS_CSTYLE``) and every
 line is one message: the format the breaker's watcher reads on a login node (Debian's
-``/var/log/auth.log``). The socket is root-only, so only the private sshd writes here.
+``/var/log/auth.log``). The socket is 0666 like ``/dev/log`` (sshd's session child logs as the
+tunnel account), but only processes in the private sshd's mount namespace see it as /dev/log.
 
 Each datagram ``<PRI>Mmm dd HH:MM:SS TAG[PID]: MSG`` (glibc's syslog()) becomes
 ``RFC3339-TIME HOST TAG[PID]: MSG``; control characters are written as ``#ooo``, as rsyslog does.
@@ -43,9 +44,9 @@ def serve(sock_path: str, log_path: str) -> None:
     except FileNotFoundError:
         pass
     s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    old = os.umask(0o077)
+    old = os.umask(0o111)
     try:
-        s.bind(sock_path)  # 0600, root: only root processes (the private sshd) can log here
+        s.bind(sock_path)  # 0666 like /dev/log: sshd's session child logs as the tunnel account
     finally:
         os.umask(old)
     host = socket.gethostname().split(".")[0] or "localhost"
