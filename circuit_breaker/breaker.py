@@ -14,7 +14,8 @@ sticky ``trips/`` directory); everything here belongs to root:
 * ``watch`` polls the state: it absorbs trip markers into state.json and applies (and re-applies,
   every ``reapply`` seconds) the broker side of whatever the state is. It also follows sshd's
   log (``sshd_log`` in the config) and trips on every probe sshd refused by itself: forwards
-  elsewhere, remote forwards, sessions, pty / X11 / agent / env requests (see sshd_log.py).
+  elsewhere, remote forwards, sessions, pty / X11 / agent / env requests, by an authenticated
+  tunnel-account session only, never on text a client chose (see sshd_log.py).
 """
 
 from __future__ import annotations

@@ -9,6 +9,11 @@ sshd on a free port with its own host key and config). The breaker's files live 
 root-owned ``/run/chatai-breaker-<id>/`` because sshd refuses an AuthorizedKeysCommand whose
 path has a group- or world-writable component (so not under /tmp); the gateway-side files
 (client key, known_hosts) go to ``state_dir``. The system sshd and its config are not touched.
+
+sshd logs through syslog, as on a login node, not with ``-E``: it runs in a private mount
+namespace whose ``/dev/log`` is the socket of a small receiver (chatai/devstack/syslogd.py)
+writing ``sshd.log`` in auth.log's format. With ``-E``, sshd leaves CR/LF in client text and a
+stranger could write whole lines into the log the breaker's watcher reads.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +75,7 @@ class LocalSshd:
     config_path: Path  # the breaker config (chatai breaker --config ...)
     log_path: Path
     process: subprocess.Popen | None = None
+    syslogd: subprocess.Popen | None = None
     broker_host: str = "127.0.0.1"
     broker_port: int = 5672
     _stopped: bool = field(default=False, repr=False)
@@ -114,6 +121,9 @@ class LocalSshd:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(5)
+        if self.syslogd is not None and self.syslogd.poll() is None:
+            self.syslogd.terminate()
+            self.syslogd.wait(10)
         # Sessions of the throw-away account (children of our sshd), then the accounts.
         try:
             hook.end_sessions(pwd.getpwnam(self.user).pw_uid)
@@ -144,6 +154,33 @@ def _ssh_banner(port: int) -> bool:
             return s.recv(64).startswith(b"SSH-")
     except OSError:
         return False
+
+
+# Run in a private mount namespace: a /dev of its own (the host's devices sshd and its sessions
+# use, bound in) whose /dev/log is the receiver's socket. The host's /dev is not touched.
+_NAMESPACE_SETUP = """\
+set -e
+mount --make-rprivate /
+mount --rbind /dev "$1"
+mount -t tmpfs -o mode=755,size=1m chatai-dev /dev
+for d in null zero full random urandom tty; do
+    if [ -c "$1/$d" ]; then touch "/dev/$d"; mount --bind "$1/$d" "/dev/$d"; fi
+done
+if [ -d "$1/pts" ]; then mkdir /dev/pts; mount --rbind "$1/pts" /dev/pts; ln -s pts/ptmx /dev/ptmx; fi
+ln -s /proc/self/fd /dev/fd
+ln -s "$2" /dev/log
+shift 2
+exec "$@"
+"""
+
+
+def _start_syslogd(sock: Path, log_path: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "chatai.devstack.syslogd", str(sock), str(log_path)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    if proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        raise RuntimeError("the sshd log receiver did not start")
+    return proc
 
 
 def _keygen(path: Path, comment: str) -> str:
@@ -190,12 +227,18 @@ def start_local_sshd(state_dir: Path, broker_host: str, broker_port: int, *, fro
                            from_=from_, rabbit_node=rabbit_node, broker_user=broker_user,
                            public_keys=[client_pub], sshd_log=str(log_path))
         install(spec, layout)
-        sshd.process = subprocess.Popen([SSHD, "-D", "-f", str(layout.sshd_config), "-E", str(log_path)],
-                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
+        sock = base / "syslog.sock"
+        sshd.syslogd = _start_syslogd(sock, log_path)
+        host_dev = base / "dev.host"
+        host_dev.mkdir(mode=0o700)
+        sshd.process = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", _NAMESPACE_SETUP, "sh",
+             str(host_dev), str(sock), SSHD, "-D", "-f", str(layout.sshd_config)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(base / "sshd.stderr", "wb"))
         def exited() -> None:
             if sshd.process.poll() is not None:
-                raise RuntimeError(f"sshd exited: {log_path.read_text()[-2000:] if log_path.exists() else ''}")
+                err = (base / "sshd.stderr").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"sshd exited: {err} {log_path.read_text()[-2000:] if log_path.exists() else ''}")
 
         wait_until(lambda: _ssh_banner(port), timeout, "sshd to listen", check=exited)
     except BaseException:
