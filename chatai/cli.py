@@ -51,6 +51,9 @@ app = typer.Typer(
     help="Private OpenAI-compatible LLM serving from a Slurm GPU cluster.",
     no_args_is_help=True,
     add_completion=False,
+    # Plain (click) help for every command: rich's help tables cut option names with "…" at 80
+    # columns (`--release-pendi…`), click's layout wraps the descriptions instead.
+    rich_markup_mode=None,
     pretty_exceptions_show_locals=False,  # locals can hold API keys and passwords
 )
 
