@@ -83,6 +83,17 @@ class BrokerAdmin:
         self._run("delete_user", user)
         return True
 
+    def list_vhosts(self) -> list[str]:
+        out = self._run("list_vhosts", "name", "--formatter", "json")
+        return [v["name"] for v in json.loads(out or "[]")]
+
+    def delete_vhost(self, vhost: str) -> bool:
+        """Delete a vhost with everything in it (queues, exchanges, permissions), if it exists."""
+        if vhost not in self.list_vhosts():
+            return False
+        self._run("delete_vhost", vhost)
+        return True
+
     def exchange_types(self) -> dict[str, str]:
         out = self._run("list_exchanges", "-p", self.vhost, "name", "type", "--formatter", "json")
         return {e["name"]: e["type"] for e in json.loads(out or "[]")}

@@ -104,11 +104,18 @@ class Definitions:
     gateways: list[str] = field(default_factory=lambda: [DEFAULT_GATEWAY])  # one broker user each
     vhost: str = t.VHOST
     extra_users: list[dict] = field(default_factory=list)
+    # Broker user name of each role besides the gateways (default: the role's own name). Users
+    # are global on a node, so stacks sharing one broker (``chatai dev --broker URL``) name theirs.
+    role_users: dict[str, str] = field(default_factory=dict)
+
+    def user_of(self, role: str) -> str:
+        """The broker user that plays ``role`` (``worker`` or ``operator``)."""
+        return self.role_users.get(role, role)
 
     def render(self) -> dict:
         for name in self.gateways:
             t.check_deployment_name(name)
-        missing = (set(ROLES) | set(self.gateways)) - set(self.passwords)
+        missing = ({self.user_of(r) for r in ROLES} | set(self.gateways)) - set(self.passwords)
         if missing:
             raise ValueError(f"no password for broker users: {', '.join(sorted(missing))}")
         v = self.vhost
@@ -132,7 +139,7 @@ class Definitions:
              "destination_type": "queue", "routing_key": m, "arguments": {}}
             for m in self.models
         ]
-        roles = {**{g: "gateway" for g in self.gateways}, **{r: r for r in ROLES}}
+        roles = {**{g: "gateway" for g in self.gateways}, **{self.user_of(r): r for r in ROLES}}
         users = [
             {"name": user, "password_hash": hash_password(self.passwords[user]),
              "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": TAGS.get(role, [])}

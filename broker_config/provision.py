@@ -38,8 +38,12 @@ class Limits:
         return {"max-connections": self.gateway_max_connections, "max-channels": self.gateway_max_channels}
 
 
-def apply(admin: BrokerAdmin, definitions: Definitions, limits: Limits | None = None) -> list[str]:
-    """Import the definitions and lock the broker down; returns one line per thing done."""
+def apply(admin: BrokerAdmin, definitions: Definitions, limits: Limits | None = None,
+          delete_guest: bool = True) -> list[str]:
+    """Import the definitions and lock the broker down; returns one line per thing done.
+
+    ``delete_guest=False`` leaves ``guest`` alone: for a broker shared with others (``chatai dev
+    --broker URL``), whose users are not ours to change."""
     limits = limits or Limits()
     document = definitions.render()
     done = []
@@ -65,7 +69,9 @@ def apply(admin: BrokerAdmin, definitions: Definitions, limits: Limits | None = 
         admin.set_topic_permissions(gateway, p["exchange"], p["write"], p["read"])
         admin.set_user_limits(gateway, limits.gateway())
     done.append(f"gateway user limits: {limits.gateway()}")
-    if admin.delete_user(GUEST):
+    if not delete_guest:
+        done.append("left the 'guest' user as it is (a shared broker's users are not ours to change)")
+    elif admin.delete_user(GUEST):
         done.append("deleted the built-in 'guest' user (the SSH tunnel reaches the broker from its own host, "
                     "so loopback_users does not protect it)")
     else:

@@ -6,12 +6,54 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
+
+STACK_COMMANDS = ("scale", "autoscale", "breaker", "status", "batch")  # they use a running `chatai dev` stack
+HELP_FLAGS = ("--help", "-h")
+
+
+def hoist_stack_option(args: list[str]) -> list[str]:
+    """``--stack DIR`` anywhere before ``--`` moves to the front, where the ``chatai`` callback
+    takes it: ``chatai status --stack DIR`` and ``chatai --stack DIR status`` mean the same
+    (the breaker and batch commands have no option of their own for it)."""
+    out: list[str] = []
+    value: str | None = None
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            out.extend(args[i:])
+            break
+        if arg == "--stack" and i + 1 < len(args):
+            value, i = args[i + 1], i + 2
+            continue
+        if arg.startswith("--stack="):
+            value, i = arg.split("=", 1)[1], i + 1
+            continue
+        out.append(arg)
+        i += 1
+    return out if value is None else ["--stack", value, *out]
+
+
+class ChataiGroup(TyperGroup):
+    """The root command: takes ``--stack`` from anywhere and notes a request for help (which
+    must neither look for stacks nor print which one it uses)."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:  # type: ignore[no-untyped-def]
+        args = hoist_stack_option(list(args))
+        ctx.meta["chatai.help"] = any(a in HELP_FLAGS for a in args[: args.index("--") if "--" in args else None])
+        return super().parse_args(ctx, args)
+
 
 app = typer.Typer(
+    cls=ChataiGroup,
     name="chatai",
     help="Private OpenAI-compatible LLM serving from a Slurm GPU cluster.",
     no_args_is_help=True,
     add_completion=False,
+    # Plain (click) help for every command: rich's help tables cut option names with "…" at 80
+    # columns (`--release-pendi…`), click's layout wraps the descriptions instead.
+    rich_markup_mode=None,
     pretty_exceptions_show_locals=False,  # locals can hold API keys and passwords
 )
 
@@ -42,17 +84,26 @@ def _register() -> None:
     register_worker(app)
 
 
-OPERATOR_COMMANDS = ("scale", "autoscale", "breaker", "status")
-
-
 @app.callback()
-def main(ctx: typer.Context) -> None:
+def main(
+    ctx: typer.Context,
+    stack: Annotated[Optional[str], typer.Option(
+        "--stack", metavar="DIR", help="The `chatai dev` stack (its --state-dir) that scale, autoscale, breaker, "
+        "status and batch use when several run (env CHATAI_STACK; 'none': none). May follow the command too.")] = None,
+) -> None:
     """Private OpenAI-compatible LLM serving from a Slurm GPU cluster."""
-    if ctx.invoked_subcommand in OPERATOR_COMMANDS:
-        from chatai.discovery import apply_defaults
+    if ctx.invoked_subcommand not in STACK_COMMANDS or ctx.meta.get("chatai.help"):
+        return
+    from chatai.discovery import StackChoiceError, apply_defaults
 
-        # A running `chatai dev` stack's broker, breaker and Slurm become these commands' defaults.
-        apply_defaults(ctx.invoked_subcommand, quiet=ctx.invoked_subcommand == "status")
+    # A running `chatai dev` stack's broker, breaker and Slurm (for batch: its URL and key)
+    # become these commands' defaults.
+    try:
+        apply_defaults(ctx.invoked_subcommand, stack, quiet=ctx.invoked_subcommand == "status",
+                       client=ctx.invoked_subcommand == "batch")
+    except StackChoiceError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -84,7 +135,11 @@ def dev(
     state_dir: Annotated[Path, typer.Option(help="Where logs, keys, the tiny model and stack.json go.")] = Path(".chatai-dev"),
     model: Annotated[Optional[Path], typer.Option(help="Model directory (default: the tiny test model).")] = None,
     served_model_name: Annotated[str, typer.Option(help="Name clients use for the model.")] = "tiny",
-    broker: Annotated[str, typer.Option(help="auto (a reachable local RabbitMQ, else a private node), system or private.")] = "auto",
+    broker: Annotated[str, typer.Option(help="private (a RabbitMQ node of this stack's own), or a shared broker's amqp://HOST:PORT, "
+                                        "where the stack creates a vhost and users of its own and removes them on stop.")] = "private",
+    broker_node: Annotated[Optional[str], typer.Option(help="rabbitmqctl node name of the shared --broker (default: rabbitmqctl's).")] = None,
+    slurm_cpus: Annotated[int, typer.Option(help="CPUs the --slurm node declares (more than the machine has is fine: "
+                                            "each worker asks for one).")] = 8,
     demo: Annotated[bool, typer.Option(help="Stream one answer through the stack once it serves.")] = True,
     slurm: Annotated[bool, typer.Option("--slurm", help="Start the worker through a private single-node Slurm (sbatch array).")] = False,
     tunnel: Annotated[Optional[bool], typer.Option("--tunnel/--no-tunnel", help="Reach the broker through a local sshd with the circuit breaker (default: when sshd can run here).")] = None,
@@ -94,16 +149,20 @@ def dev(
     The API key to accept comes from CHATAI_DEV_API_KEY or --api-key-file (never the command line,
     which every local user can read); without one, a key is generated and written to stack.json.
     """
+    from chatai.devstack.broker_names import BrokerTarget
     from chatai.devstack.stack import DevError, DevStack, resolve_api_key, run
 
-    if broker not in ("auto", "system", "private"):
-        raise typer.BadParameter("--broker must be auto, system or private")
+    try:
+        BrokerTarget.parse(broker)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--broker") from None
     try:
         api_key = resolve_api_key(flag=api_key, file=api_key_file)
     except DevError as exc:
         raise typer.BadParameter(str(exc)) from None
     stack = DevStack(state_dir=state_dir.resolve(), port=port, api_key=api_key, model=model,
-                     served_model_name=served_model_name, broker=broker, tunnel=tunnel, slurm=slurm)
+                     served_model_name=served_model_name, broker=broker, broker_node=broker_node, tunnel=tunnel,
+                     slurm=slurm, slurm_cpus=slurm_cpus)
     raise typer.Exit(run(stack, demo=demo))
 
 

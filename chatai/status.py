@@ -64,18 +64,24 @@ def collect(gateway_url: str | None = None, models: list[str] | None = None, lis
     return out
 
 
+def _since(breaker: dict[str, Any]) -> str:
+    """The words " since WHEN" when the breaker's state records a date (a fresh one has none)."""
+    return f" since {breaker['since']}" if breaker.get("since") else ""
+
+
 def render(data: dict[str, Any], console: Console | None = None) -> None:
     from slurm_jobs.cli import print_fleet
 
-    console = console or Console(width=max(Console().width, 120))
+    console = console or Console()
     console.print(f"stack: {data['stack'] or 'no running chatai dev stack'}")
     b = data["breaker"]
     if b["error"]:
         console.print(f"[yellow]breaker: {b['error']}[/yellow]")
     elif b["tripped"]:
-        console.print(f"[red]breaker: TRIPPED since {b['since']} by {b['by']}: {b['reason']}[/red]")
+        console.print(f"[red]breaker: TRIPPED{_since(b)}{' by ' + str(b['by']) if b.get('by') else ''}: "
+                      f"{b['reason'] or 'no reason given'}[/red]")
     else:
-        console.print(f"[green]breaker: closed (service allowed) since {b['since']}[/green]")
+        console.print(f"[green]breaker: closed (service allowed){_since(b)}[/green]")
     g = data["gateway"]
     if g["error"]:
         console.print(f"[yellow]gateway: {g['error']}[/yellow]")

@@ -20,8 +20,8 @@ import openai
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
+from broker_config.terminal import print_rows
 from broker_config.timing import wait_until
 from gateway.batches.states import TERMINAL
 
@@ -107,8 +107,15 @@ def _counts(b: dict[str, Any]) -> tuple[int, int, int]:
     return c.get("completed", 0), c.get("failed", 0), c.get("total", 0)
 
 
-def wait(gw: Gateway, batch_id: str, poll: float = 1.0, quiet: bool = False) -> dict[str, Any]:
-    """Poll until the batch ends, with a progress bar on stderr."""
+PROGRESS_EVERY = 5.0  # seconds between progress lines when stderr is no terminal
+
+
+def wait(gw: Gateway, batch_id: str, poll: float = 1.0, quiet: bool = False,
+         every: float = PROGRESS_EVERY) -> dict[str, Any]:
+    """Poll until the batch ends, with a progress bar on stderr; without a terminal (a log, a
+    pipe, CI), a line every ``every`` seconds and at each change of status instead."""
+    if not err.is_terminal:
+        return _wait_lines(gw, batch_id, poll, quiet, every)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[failed]} failed"), TimeElapsedColumn())
     with Progress(*columns, console=err, disable=quiet, transient=False) as progress:
@@ -122,6 +129,23 @@ def wait(gw: Gateway, batch_id: str, poll: float = 1.0, quiet: bool = False) -> 
             return b if b["status"] in TERMINAL else None
 
         return wait_until(ended, timeout=None, what="the batch to end", every=poll)
+
+
+def _wait_lines(gw: Gateway, batch_id: str, poll: float, quiet: bool, every: float) -> dict[str, Any]:
+    start = time.monotonic()
+    last = {"at": float("-inf"), "status": None}
+
+    def ended() -> dict[str, Any] | None:
+        b = gw.batch(batch_id)
+        now = time.monotonic()
+        if not quiet and (b["status"] != last["status"] or now - last["at"] >= every):
+            done, failed, total = _counts(b)
+            err.print(f"{batch_id}: {b['status']} {done + failed}/{total} done, {failed} failed "
+                      f"({now - start:.0f} s)", soft_wrap=True, markup=False, highlight=False)
+            last.update(at=now, status=b["status"])
+        return b if b["status"] in TERMINAL else None
+
+    return wait_until(ended, timeout=None, what="the batch to end", every=poll)
 
 
 def write_results(gw: Gateway, b: dict[str, Any], out: Path) -> None:
@@ -187,13 +211,13 @@ def list_(limit: Annotated[int, typer.Option(help="How many, newest first.")] = 
           base_url: BaseUrl = None, api_key: ApiKey = None) -> None:
     """List your batches, newest first."""
     gw = Gateway(base_url, api_key)
-    rows = [b.to_dict() for b in gw.call(gw.client.batches.list, limit=limit).data]
-    table = Table("id", "status", "completed", "failed", "total", "created")
-    for b in rows:
+    rows = []
+    for b in (b.to_dict() for b in gw.call(gw.client.batches.list, limit=limit).data):
         done, failed, total = _counts(b)
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(b["created_at"]))
-        table.add_row(b["id"], b["status"], str(done), str(failed), str(total), created)
-    Console().print(table)
+        rows.append([b["id"], b["status"], str(done), str(failed), str(total), created])
+    print_rows(Console(), ["id", "status", "completed", "failed", "total", "created"], rows,
+               right=("completed", "failed", "total"))
 
 
 @app.command("cancel")

@@ -10,10 +10,10 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Column, Table
 
 from broker_config.connection import check_url
 from broker_config.settings_cli import settings_options
+from broker_config.terminal import print_rows
 from gateway.keys import KeyStore
 from gateway.settings import GatewaySettings
 
@@ -78,13 +78,12 @@ def keys_set_limits(key_id: str, state_dir: StateDir = None, rpm: Rpm = None, tp
 @keys_app.command("list")
 def keys_list(state_dir: StateDir = None) -> None:
     """Keys with their hints and own limits (others follow the CHATAI_GATEWAY_LIMIT_* defaults; 0: unlimited)."""
-    table = Table(Column("id", no_wrap=True), "name", Column("key", no_wrap=True), "created", "revoked",
-                  Column("limits", overflow="fold"))
     fmt = lambda ts: datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M") if ts else ""  # noqa: E731
+    rows = []
     for k in _store(state_dir).list():
         own = " ".join(f"{name.replace('_', '-')}={v}" for name, v in k.limits.items() if v is not None)
-        table.add_row(k.id, k.name, k.hint, fmt(k.created_at), fmt(k.revoked_at), own or "default")
-    Console().print(table)
+        rows.append([k.id, k.name, k.hint, fmt(k.created_at), fmt(k.revoked_at), own or "default"])
+    print_rows(Console(), ["id", "name", "key", "created", "revoked", "limits"], rows)
 
 
 @keys_app.command("revoke")

@@ -14,11 +14,12 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from broker_config.connection import redact
 from broker_config.settings_cli import settings_options
+from broker_config.terminal import print_rows
 from slurm_jobs.autoscale import Autoscaler, Policy
+from slurm_jobs.capacity import NodeRoom, TaskRequest, start_warnings
 from slurm_jobs.jobs import WorkerJobs, render_script
 from slurm_jobs.overview import broker_problem, busy_by_job, open_view, slurm_problem, status_rows
 from slurm_jobs.settings import SlurmSettings
@@ -59,10 +60,22 @@ def up(
         if dry_run:
             typer.echo(render_script(s, model, jobs.model_path(model, model_path)))
             return
+        warnings = _start_warnings(s, jobs.slurm, workers)  # before: our own tasks would take the room
         job_id = jobs.submit(model, workers, model_path)
     except (SlurmError, ValueError) as exc:
         _fail(exc)
     typer.echo(f"submitted array job {job_id} ({workers} worker(s) for {model})")
+    for line in warnings:
+        typer.secho(f"warning: {line}", fg=typer.colors.YELLOW, err=True)
+
+
+def _start_warnings(s: SlurmSettings, slurm: Slurm, workers: int) -> list[str]:
+    """What would keep tasks from starting, from the nodes' resources (nothing if unknown)."""
+    try:
+        nodes = [NodeRoom.from_scontrol(f) for f in slurm.show_nodes()]
+        return start_warnings(nodes, TaskRequest.from_settings(s), workers, s.partition)
+    except (SlurmError, ValueError):
+        return []
 
 
 @app.command()
@@ -80,10 +93,24 @@ def down(
     s = _settings()
     busy = {} if all_ else busy_by_job(s, model, 6.0)  # the least busy go first, when heartbeats can be had
     try:
-        gone = WorkerJobs(s, Slurm()).drain(model, None if all_ else workers, busy)
+        cancelled, draining = WorkerJobs(s, Slurm()).let_go(model, None if all_ else workers, busy)
     except (SlurmError, ValueError) as exc:
         _fail(exc)
-    typer.echo(f"draining {len(gone)} worker(s) of {model}: {' '.join(gone) or '-'}")
+    for line in let_go_lines(model, cancelled, draining):
+        typer.echo(line)
+
+
+def let_go_lines(model: str, cancelled: list[str], draining: list[str]) -> list[str]:
+    """What ``scale down`` did, in words: cancelled pending tasks, draining running workers, or nothing."""
+    if not cancelled and not draining:
+        return [f"no worker jobs of {model} to let go (none running or pending)"]
+    out = []
+    if cancelled:
+        out.append(f"cancelled {len(cancelled)} pending task(s) of {model} (they held nothing): {' '.join(cancelled)}")
+    if draining:
+        out.append(f"draining {len(draining)} running worker(s) of {model}: {' '.join(draining)} (each finishes "
+                   "what it holds, returns the rest to the queue and exits)")
+    return out
 
 
 @app.command()
@@ -101,7 +128,7 @@ def status(
     if as_json:
         typer.echo(json.dumps(data, indent=2))
         return
-    print_fleet(Console(width=max(Console().width, 120)), data)
+    print_fleet(Console(), data)
 
 
 def print_fleet(console: Console, data: dict[str, Any]) -> None:
@@ -113,25 +140,19 @@ def print_fleet(console: Console, data: dict[str, Any]) -> None:
     if not data["models"] and not data["workers"]:
         console.print(f"models: none seen (broker {data['broker'] or '-'}; no worker jobs, queues or heartbeats)")
         return
-    t = Table(title=f"models ({data['broker'] or 'no broker'})")
-    for col in ("model", "queued", "consumers", "jobs run/pend", "workers ready/draining", "in-flight/capacity"):
-        t.add_column(col)
     dash = lambda v: "-" if v is None else str(v)  # noqa: E731
-    for r in data["models"]:
-        t.add_row(r["model"], dash(r["queue_ready"]), dash(r["consumers"]), f"{r['running']}/{r['pending']}",
-                  f"{r['workers_ready']}/{r['workers_draining']}", f"{r['in_flight']}/{r['capacity']}")
-    console.print(t)
+    rows = [[r["model"], dash(r["queue_ready"]), dash(r["consumers"]), f"{r['running']}/{r['pending']}",
+             f"{r['workers_ready']}/{r['workers_draining']}", f"{r['in_flight']}/{r['capacity']}"] for r in data["models"]]
+    print_rows(console, ["model", "queued", "consumers", "jobs run/pend", "workers ready/draining",
+                         "in-flight/capacity"], rows, title=f"models ({data['broker'] or 'no broker'})")
     if not data["jobs"]:
         console.print("worker jobs: none" + (" (Slurm not reachable)" if data["slurm_error"] else ""))
-    jt = Table(title="worker jobs")
-    for col in ("job", "model", "state", "node / reason", "elapsed", "left", "worker", "hb state", "in-flight"):
-        jt.add_column(col)
-    for r in data["jobs"]:
-        where = r["node"] if r["state"] != "PENDING" else f"({r['reason']})"
-        jt.add_row(r["job"], r["model"], r["state"], where, r["elapsed"], r["time_left"], dash(r["worker"]),
-                   dash(r["worker_state"]), f"{dash(r['in_flight'])}/{dash(r['capacity'])}")
-    if data["jobs"]:
-        console.print(jt)
+    else:
+        rows = [[r["job"], r["model"], r["state"], r["node"] if r["state"] != "PENDING" else f"({r['reason']})",
+                 r["elapsed"], r["time_left"], dash(r["worker"]), dash(r["worker_state"]),
+                 f"{dash(r['in_flight'])}/{dash(r['capacity'])}"] for r in data["jobs"]]
+        print_rows(console, ["job", "model", "state", "node / reason", "elapsed", "left", "worker", "hb state",
+                             "in-flight"], rows, title="worker jobs")
     for w in data["workers"]:
         console.print(f"worker outside Slurm: {w['worker_id']} {w['model']} {w['state']} on {w['node']}")
 

@@ -124,13 +124,19 @@ class WorkerJobs:
         return ids
 
     def drain(self, model: str, count: int | None = None, busy: dict[str, int] | None = None) -> list[str]:
+        """:meth:`let_go`, as one list of task ids (cancelled, then draining)."""
+        cancelled, draining = self.let_go(model, count, busy)
+        return cancelled + draining
+
+    def let_go(self, model: str, count: int | None = None,
+               busy: dict[str, int] | None = None) -> tuple[list[str], list[str]]:
         """Let ``count`` workers go (all when None): pending tasks are cancelled first, then
         running ones get SIGTERM and drain - never SIGKILL. ``busy`` maps job id -> in-flight
-        requests (from heartbeats): the least busy go first."""
+        requests (from heartbeats): the least busy go first. Returns (cancelled, draining) ids."""
         gone = self.cancel_pending(model, count)
         left = None if count is None else count - len(gone)
         if left is not None and left <= 0:
-            return gone
+            return gone, []
         busy = busy or {}
         running = [j for j in self.jobs(model) if j.running]
         running.sort(key=lambda j: (busy.get(j.job_id, busy.get(j.display_id, 0)), -int(j.job_id)))
@@ -138,4 +144,4 @@ class WorkerJobs:
         # By task id ("123_4"), never the bare job id: one task of an array carries the array's
         # base id as its own, and Slurm applies a base id to every task of the array.
         self.slurm.signal([j.display_id for j in chosen], "TERM", batch_only=self.settings.cancel_mode == "batch")
-        return gone + [j.display_id for j in chosen]
+        return gone, [j.display_id for j in chosen]

@@ -195,3 +195,8 @@ class Slurm:
     # ------------------------------------------------------------------ scontrol
     def show_job(self, job_id: str) -> dict[str, str]:
         return parse_scontrol(self._run(["scontrol", "-o", "show", "job", job_id]))
+
+    def show_nodes(self) -> list[dict[str, str]]:
+        """Every node's ``scontrol -o show node`` fields (CfgTRES, AllocTRES, State, Partitions)."""
+        return [parse_scontrol(line) for line in self._run(["scontrol", "-o", "show", "node"]).splitlines()
+                if line.strip()]

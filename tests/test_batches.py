@@ -462,14 +462,17 @@ def test_cli_submit_plain_prompts_wait_and_download(bgw, tmp_path):
     batch_id = run.stdout.strip().splitlines()[0]
     assert batch_id.startswith("batch_")
     assert "20/20 completed" in run.stderr and "completed" in run.stderr
+    # No terminal here: progress comes as lines (at each change of status, and every few seconds).
+    progress = [ln for ln in run.stderr.splitlines() if ln.startswith(f"{batch_id}: ")]
+    assert progress and progress[-1].startswith(f"{batch_id}: completed 20/20 done, 0 failed"), run.stderr
     results = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["custom_id"] for r in results) == [f"prompt-{i:02d}" for i in range(1, 21)]  # line numbers
     assert all(r["response"]["status_code"] == 200 for r in results)
 
     status = subprocess.run([*cli, "status", batch_id], env=env, capture_output=True, text=True, timeout=60)
     assert status.returncode == 0 and "completed" in status.stdout and "20/20" in status.stdout
-    listing = subprocess.run([*cli, "list"], env=env, capture_output=True, text=True, timeout=60)
-    assert listing.returncode == 0 and batch_id[:12] in listing.stdout
+    listing = subprocess.run([*cli, "list"], env={**env, "COLUMNS": "80"}, capture_output=True, text=True, timeout=60)
+    assert listing.returncode == 0 and batch_id in listing.stdout and "…" not in listing.stdout  # ids whole
     again = tmp_path / "again.jsonl"
     dl = subprocess.run([*cli, "download", batch_id, "-o", str(again)], env=env, capture_output=True, text=True,
                         timeout=60)

@@ -93,13 +93,13 @@ def _stack(state: Path, pid: int, **extra: Any) -> Path:
 def test_a_published_stack_is_found_and_becomes_the_operator_defaults(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
     (tmp_path / "run").mkdir()
-    monkeypatch.delenv(discovery.STACK_ENV, raising=False)
+    monkeypatch.setenv(discovery.STACK_ENV, "")  # none given (and restored after apply_defaults sets it)
     monkeypatch.chdir(tmp_path)
     stack_json = _stack(tmp_path / "somewhere", os.getpid(),
                         slurm={"SLURM_CONF": "/x/slurm.conf", "job_id": "1"}, tunnel={"breaker_config": "/x/b.json"})
     assert discovery.find_stack() is None
-    pointer = discovery.publish(stack_json)
-    assert stat.S_IMODE(pointer.stat().st_mode) == 0o600 and stat.S_IMODE(pointer.parent.stat().st_mode) == 0o700
+    entry = discovery.publish(stack_json)
+    assert stat.S_IMODE(entry.stat().st_mode) == 0o600 and stat.S_IMODE(entry.parent.stat().st_mode) == 0o700
     found = discovery.find_stack()
     assert found is not None and found.path == stack_json.resolve()
     env = found.operator_env()
@@ -114,17 +114,21 @@ def test_a_published_stack_is_found_and_becomes_the_operator_defaults(tmp_path, 
     assert os.environ["CHATAI_SLURM_CPUS_PER_TASK"] == "4" and os.environ["SLURM_CONF"] == "/x/slurm.conf"
     assert SlurmSettings().models == {"tiny": "/models/tiny"}
     discovery.withdraw(stack_json)
-    assert not pointer.exists()
+    assert not entry.exists()
 
 
 def test_a_stack_whose_processes_are_gone_is_ignored(tmp_path, monkeypatch):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    # A `chatai dev` running on this machine must not count: its pointer file lives there.
+    # A `chatai dev` running on this machine must not count: its registry entry lives there.
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
-    monkeypatch.setenv(discovery.STACK_ENV, str(_stack(tmp_path / "s", dead.pid).parent))
+    dead_stack = _stack(tmp_path / "s", dead.pid)
     monkeypatch.chdir(tmp_path)
+    discovery.publish(dead_stack)  # a killed stack's entry: ignored
     assert discovery.find_stack() is None
+    monkeypatch.setenv(discovery.STACK_ENV, str(dead_stack.parent))  # named: an error that says so
+    with pytest.raises(discovery.StackChoiceError, match="no running chatai dev stack"):
+        discovery.find_stack()
     monkeypatch.setenv(discovery.STACK_ENV, "none")
     _stack(tmp_path / ".chatai-dev", os.getpid())
     assert discovery.find_stack() is None  # "none": never look

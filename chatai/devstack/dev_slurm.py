@@ -15,6 +15,7 @@ daemons stop). Usage::
 
 from __future__ import annotations
 
+import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,9 +86,17 @@ class DevSlurm:
             self.cluster.stop()
 
 
-def start_dev_slurm(state_dir: Path) -> DevSlurm:
+DEV_NODE_CPUS = 8
+
+
+def start_dev_slurm(state_dir: Path, cpus: int = DEV_NODE_CPUS) -> DevSlurm:
     """Start a private single-node Slurm for ``chatai dev --slurm``; state under ``state_dir/slurm``
-    (or a temporary directory when that path is too long for the munge socket)."""
+    (or a temporary directory when that path is too long for the munge socket).
+
+    The node declares ``cpus`` CPUs (at least the machine's), more than a laptop has: Slurm
+    allows it with ``SlurmdParameters=config_overrides``. Each worker asks for one CPU, so with
+    the machine's 2 the stack's own worker and a ``scale up --workers 2`` could not all run (the
+    last task would stay PENDING (Resources)); the tiny model's workers share the cores fine."""
     state_dir = Path(state_dir).resolve() / "slurm"
     state_dir.mkdir(parents=True, exist_ok=True)
     base = state_dir / "cluster"
@@ -97,4 +106,5 @@ def start_dev_slurm(state_dir: Path) -> DevSlurm:
         import shutil
 
         shutil.rmtree(base)  # stale state of an earlier run: start clean
-    return DevSlurm(cluster=start_local_cluster(base_dir=base), state_dir=state_dir)
+    cpus = max(cpus, os.cpu_count() or 1)
+    return DevSlurm(cluster=start_local_cluster(base_dir=base, cpus_per_node=cpus), state_dir=state_dir)

@@ -190,7 +190,7 @@ def _keygen(path: Path, comment: str) -> str:
 
 
 def start_local_sshd(state_dir: Path, broker_host: str, broker_port: int, *, from_: str | None = None,
-                     rabbit_node: str | None = None, broker_user: str = "gateway",
+                     rabbit_node: str | None = None, broker_user: str = "gateway", vhost: str = "chatai",
                      timeout: float = 15.0) -> LocalSshd:
     """Start a private sshd whose tunnel account may only forward to broker_host:broker_port."""
     if not sshd_available():
@@ -224,7 +224,7 @@ def start_local_sshd(state_dir: Path, broker_host: str, broker_port: int, *, fro
                      log_path=log_path, broker_host=broker_host, broker_port=broker_port)
     try:
         spec = BreakerSpec(tunnel_user=user, keys_user=keys_user, broker_host=broker_host, broker_port=broker_port,
-                           from_=from_, rabbit_node=rabbit_node, broker_user=broker_user,
+                           from_=from_, rabbit_node=rabbit_node, broker_user=broker_user, vhost=vhost,
                            public_keys=[client_pub], sshd_log=str(log_path))
         install(spec, layout)
         sock = base / "syslog.sock"

@@ -1,6 +1,7 @@
 """``chatai dev``: the whole stack on one machine, as a developer or a demo needs it.
 
-Broker (a reachable local RabbitMQ, or a private node started from ``broker_config/``), the
+Broker (a private RabbitMQ node started from ``broker_config/``, or with ``--broker URL`` a
+shared one where the stack owns a vhost and users of its own, see ``broker_names``), the
 definitions, a worker on the tiny model (or ``--model``), and the gateway, each a child
 process with its log under ``STATE_DIR/logs``. ``STATE_DIR/stack.json`` tells tests and tools
 where everything is. Ctrl-C or SIGTERM stops all of it, workers first so they drain.
@@ -29,6 +30,7 @@ from broker_config.admin import BrokerAdmin, BrokerAdminError
 from broker_config.definitions import load_or_create_passwords
 from broker_config.definitions import Definitions
 from broker_config.provision import apply as apply_definitions
+from chatai.devstack.broker_names import BrokerTarget, StackNames
 from chatai.devstack.broker_node import LocalBrokerNode, rabbitmq_installed
 from chatai.devstack.processes import Child, ChildExited, start_gateway, start_worker, wait_until
 from gateway.keys import KeyStore
@@ -79,9 +81,11 @@ class DevStack:
     api_key: str | None = None
     model: Path | None = None
     served_model_name: str = "tiny"
-    broker: str = "auto"  # auto | system | private
+    broker: str = "private"  # private, or a shared broker's amqp://HOST:PORT
+    broker_node: str | None = None  # rabbitmqctl -n for a shared broker (None: rabbitmqctl's default)
     tunnel: bool | None = None  # None: through a local sshd with the real breaker when one can run
     slurm: bool = False  # start the worker as a job array of a private single-node Slurm
+    slurm_cpus: int = 8  # CPUs that Slurm node declares (config_overrides): each worker asks for one
     worker_args: list[str] = field(default_factory=list)
     worker_env: dict[str, str] = field(default_factory=dict)  # extra CHATAI_WORKER_* settings
     key_limits: dict[str, int | None] = field(default_factory=dict)  # the generated key's own limits
@@ -93,7 +97,10 @@ class DevStack:
     dev_slurm: object | None = field(default=None, init=False)  # chatai.devstack.dev_slurm.DevSlurm
     _watch_stop: threading.Event = field(default_factory=threading.Event, init=False)
     _admin: BrokerAdmin | None = field(default=None, init=False)
+    broker_host: str = field(default="127.0.0.1", init=False)
     broker_port: int = field(default=5672, init=False)
+    names: StackNames = field(default_factory=StackNames, init=False)
+    _shared_admin: BrokerAdmin | None = field(default=None, init=False)  # set once our names exist there
     extra: dict[str, object] = field(default_factory=dict, init=False)
 
     # ------------------------------------------------------------------ pieces
@@ -103,23 +110,43 @@ class DevStack:
         return self.state_dir / "logs"
 
     def _start_broker(self) -> BrokerAdmin:
-        if self.broker in ("auto", "system"):
-            admin = BrokerAdmin(timeout=15, attempts=1)  # a probe: no retries
+        """A private node (the stack owns all of it), or a shared broker administered through
+        rabbitmqctl, where the stack gets a vhost and users named after its state folder."""
+        target = BrokerTarget.parse(self.broker)
+        if target.shared:
+            self.names = StackNames.for_state_dir(self.state_dir)
+            self.broker_host, self.broker_port = target.host, target.port
+            admin = BrokerAdmin(node=self.broker_node, vhost=self.names.vhost, timeout=15, attempts=1)
             try:
-                admin.list_user_connections("guest")  # can we administer the default node?
-                _say("using the local RabbitMQ on 127.0.0.1:5672")
-                return admin
+                admin.list_vhosts()  # can we administer it?
             except (BrokerAdminError, OSError, subprocess.TimeoutExpired) as exc:
-                if self.broker == "system":
-                    raise DevError(f"no reachable local RabbitMQ: {exc}") from None
+                raise DevError(f"cannot administer the broker at {target.host}:{target.port} with rabbitmqctl "
+                               f"(node {self.broker_node or 'rabbitmqctl default'}; --broker-node NAME): {exc}") from None
+            _say(f"using the shared RabbitMQ at {target.host}:{target.port}: vhost {self.names.vhost}, users "
+                 f"{', '.join(self.names.users().values())} (removed on stop; nothing else is changed)")
+            return BrokerAdmin(node=self.broker_node, vhost=self.names.vhost)
         if not rabbitmq_installed():
-            raise DevError("no reachable RabbitMQ and rabbitmq-server is not installed "
-                           "(apt-get install rabbitmq-server)")
+            raise DevError("rabbitmq-server is not installed (apt-get install rabbitmq-server), "
+                           "or give a shared broker with --broker amqp://HOST:PORT")
         self.node = LocalBrokerNode.create(name="chatai-dev")
         _say(f"starting a private RabbitMQ node {self.node.node} on port {self.node.port}")
         self.node.start()
         self.broker_port = self.node.port
         return BrokerAdmin(node=self.node.node)
+
+    def _remove_shared_names(self) -> None:
+        """On a shared broker: delete this stack's vhost (its queues go with it) and its users."""
+        admin = self._shared_admin
+        if admin is None:
+            return
+        self._shared_admin = None
+        try:
+            admin.delete_vhost(self.names.vhost)
+            for user in self.names.users().values():
+                admin.delete_user(user)
+            _say(f"removed vhost {self.names.vhost} and this stack's users from the shared broker")
+        except (BrokerAdminError, OSError, subprocess.TimeoutExpired) as exc:
+            _say(f"warning: could not remove vhost {self.names.vhost} and users from the shared broker: {exc}")
 
     def _model_dir(self) -> Path:
         if self.model is not None:
@@ -140,8 +167,9 @@ class DevStack:
         if not self.tunnel:
             _say("no local sshd (needs root and openssh-server): the gateway connects to the broker directly")
             return {}
-        sshd = start_local_sshd(self.state_dir / "tunnel", "127.0.0.1", self.broker_port,
-                                rabbit_node=self.node.node if self.node else None)
+        sshd = start_local_sshd(self.state_dir / "tunnel", self.broker_host, self.broker_port,
+                                rabbit_node=self.node.node if self.node else self.broker_node,
+                                broker_user=self.names.gateway, vhost=self.names.vhost)
         self.sshd = sshd
         # The breaker's enforcer: on a trip it shuts the gateway's broker user out, on reset lets it in.
         watcher = threading.Thread(target=sshd.breaker(self._admin).watch, kwargs={"stop": self._watch_stop},
@@ -158,7 +186,7 @@ class DevStack:
         """The worker as an operator runs it: ``chatai scale up`` against a private Slurm here."""
         from chatai.devstack.dev_slurm import start_dev_slurm
 
-        self.dev_slurm = start_dev_slurm(self.state_dir)
+        self.dev_slurm = start_dev_slurm(self.state_dir, cpus=self.slurm_cpus)
         job_id = self.dev_slurm.scale_up(self.served_model_name, model_dir, worker_url, workers=1,
                                          worker_args=self.worker_args)
         self.extra["slurm"] = {"job_id": job_id, **self.dev_slurm.env,
@@ -167,16 +195,27 @@ class DevStack:
              f"(SLURM_CONF={self.dev_slurm.env.get('SLURM_CONF')})")
 
     def broker_url(self, role: str, passwords: dict[str, str]) -> str:
-        return f"amqp://{role}:{passwords[role]}@127.0.0.1:{self.broker_port}/chatai"
+        return self.names.url(role, passwords[self.names.users()[role]], self.broker_host, self.broker_port)
 
     # ------------------------------------------------------------------ whole stack
 
     def start(self) -> dict:
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        other = discovery.stack_in(self.state_dir)
+        if other is not None:
+            raise DevError(f"a chatai dev stack already runs with the state folder {self.state_dir}: "
+                           "give this one another --state-dir")
         self.logs.mkdir(exist_ok=True)
         admin = self._admin = self._start_broker()
-        passwords = load_or_create_passwords(self.state_dir / "broker-secrets.json")
-        for line in apply_definitions(admin, Definitions(models=[self.served_model_name], passwords=passwords)):
+        users = self.names.users()
+        passwords = load_or_create_passwords(self.state_dir / "broker-secrets.json", tuple(users.values()))
+        shared = self.node is None
+        if shared:
+            self._shared_admin = admin  # from here on, stop() removes what the import creates
+        definitions = Definitions(models=[self.served_model_name], passwords=passwords, gateways=[users["gateway"]],
+                                  vhost=self.names.vhost,
+                                  role_users={"worker": users["worker"], "operator": users["operator"]})
+        for line in apply_definitions(admin, definitions, delete_guest=not shared):
             _say(f"broker: {line}")
 
         gw_state = self.state_dir / "gateway"
@@ -204,8 +243,12 @@ class DevStack:
             "model": self.served_model_name,
             "model_path": str(Path(model_dir).resolve()),
             "broker_url": self.broker_url("gateway", passwords),
-            "broker_node": self.node.node if self.node else None,
+            "broker_node": self.node.node if self.node else self.broker_node,
+            "broker_shared": self.node is None,
+            "broker_vhost": self.names.vhost,
+            "broker_users": self.names.users(),
             "pids": {name: c.pid for name, c in self.processes.items()},
+            "dev_pid": os.getpid(),
             "logs": str(self.logs),
             **self.extra,
         }
@@ -270,6 +313,7 @@ class DevStack:
         self._watch_stop.set()
         if self.sshd is not None:
             self.sshd.stop()
+        self._remove_shared_names()
         if self.node is not None:
             self.node.stop()
 
