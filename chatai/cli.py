@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -143,6 +144,10 @@ def dev(
     demo: Annotated[bool, typer.Option(help="Stream one answer through the stack once it serves.")] = True,
     slurm: Annotated[bool, typer.Option("--slurm", help="Start the worker through a private single-node Slurm (sbatch array).")] = False,
     tunnel: Annotated[Optional[bool], typer.Option("--tunnel/--no-tunnel", help="Reach the broker through a local sshd with the circuit breaker (default: when sshd can run here).")] = None,
+    worker_args: Annotated[str, typer.Option(help="More `chatai worker` options for the worker, shell-quoted, e.g. "
+                                             "'--tool-call-parser llama3_json --enable-auto-tool-choice' for a "
+                                             "--model of that family (docs/worker.md). Default for the tiny "
+                                             "model: its Hermes-style tool calling.")] = "",
 ) -> None:
     """Run the whole stack on this machine: broker, worker, gateway. Stops on Ctrl-C or SIGTERM.
 
@@ -160,10 +165,16 @@ def dev(
         api_key = resolve_api_key(flag=api_key, file=api_key_file)
     except DevError as exc:
         raise typer.BadParameter(str(exc)) from None
+    if not worker_args and model is None:
+        worker_args = TINY_MODEL_WORKER_ARGS
     stack = DevStack(state_dir=state_dir.resolve(), port=port, api_key=api_key, model=model,
                      served_model_name=served_model_name, broker=broker, broker_node=broker_node, tunnel=tunnel,
-                     slurm=slurm, slurm_cpus=slurm_cpus)
+                     slurm=slurm, slurm_cpus=slurm_cpus, worker_args=shlex.split(worker_args))
     raise typer.Exit(run(stack, demo=demo))
+
+
+# The tiny model's chat template writes Hermes-style tool calls (chatai/devstack/tiny_model.py).
+TINY_MODEL_WORKER_ARGS = "--tool-call-parser hermes --enable-auto-tool-choice"
 
 
 @app.command("make-tiny-model")
