@@ -53,7 +53,7 @@ async def connect(url: str, name: str, heartbeat: int = 30, reconnect_interval: 
     """A robust connection: aio-pika re-opens it, its channels, queues and consumers after a drop.
 
     ``transport``: open the byte stream another way than TCP to the URL's host and port (the
-    gateway's SSH tunnel, see gateway/tunnel.py); the URL then only gives credentials and vhost.
+    gateway's SSH tunnel, see gateway/cluster/tunnel.py); the URL then only gives credentials and vhost.
     """
     check_url(url)
     extra: dict[str, Any] = {}

@@ -65,7 +65,7 @@ def _register() -> None:
 
     app.add_typer(broker_app, name="broker")
     app.add_typer(keys_app, name="keys")
-    from gateway.batch_cli import app as batch_app
+    from chatai.batch_cli import app as batch_app
 
     app.add_typer(batch_app, name="batch")
     app.command("gateway")(serve)

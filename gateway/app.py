@@ -10,12 +10,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from gateway import private
-from gateway.broker import GatewayBroker
+from gateway.cluster.broker import GatewayBroker
 from gateway.context import GatewayContext
 from gateway.errors import install_error_handlers
 from gateway.http_guard import RequestGuard
 from gateway.keys import KeyStore
-from gateway.registry import WorkerRegistry
+from gateway.cluster.registry import WorkerRegistry
 from gateway.routes import health, inference, models
 from gateway.settings import GatewaySettings
 
@@ -33,7 +33,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         url = settings.broker_url.get_secret_value()
         tunnel = None
         if not settings.broker_direct:
-            from gateway.tunnel import BrokerTunnel
+            from gateway.cluster.tunnel import BrokerTunnel
 
             # AMQP goes through the tunnel in-process: the URL gives only credentials and vhost.
             tunnel = BrokerTunnel.from_settings(settings)

@@ -7,12 +7,12 @@ from typing import Any
 
 from fastapi import Depends, Header, Request
 
-from gateway.broker import GatewayBroker
+from gateway.cluster.broker import GatewayBroker
 from gateway.errors import invalid_api_key
-from gateway.generation import Timeouts
+from gateway.cluster.generation import Timeouts
 from gateway.keys import KeyStore
 from gateway.limits import Lease, Limits, RateLimiter
-from gateway.registry import WorkerRegistry
+from gateway.cluster.registry import WorkerRegistry
 from gateway.settings import GatewaySettings
 
 
@@ -22,7 +22,7 @@ class GatewayContext:
     keys: KeyStore
     registry: WorkerRegistry
     broker: GatewayBroker
-    tunnel: Any = None  # gateway.tunnel.BrokerTunnel when the cluster is reached through SSH
+    tunnel: Any = None  # gateway.cluster.tunnel.BrokerTunnel when the cluster is reached through SSH
     limiter: RateLimiter = field(default_factory=RateLimiter)  # this process's per-key counters
 
     def limits(self, key_id: str) -> Limits:

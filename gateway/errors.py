@@ -2,7 +2,7 @@
 
 Every failure a client can see goes through ``APIError``, so the status code, the type and
 the machine-readable code stay consistent across endpoints and the SDK raises the right class.
-The cluster's own failures (``gateway/cluster_errors.py``) become HTTP here and nowhere else
+The cluster's own failures (``gateway/cluster/errors.py``) become HTTP here and nowhere else
 (``to_api_error``, used by the exception handlers, the SSE error event and batch error lines).
 """
 
@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway.cluster_errors import (
+from gateway.cluster.errors import (
     ClusterError,
     ClusterOverloaded,
     ClusterUnavailable,

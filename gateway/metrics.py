@@ -46,7 +46,7 @@ def model_label(name: str) -> str:
     """The ``model`` label value for a model name a client sent."""
     return name if name in _known_models else OTHER_MODEL
 
-# The SSH tunnel (gateway/tunnel.py).
+# The SSH tunnel (gateway/cluster/tunnel.py).
 TUNNEL_UP = Gauge("chatai_tunnel_up", "1 while the SSH tunnel to the cluster is up")
 TUNNEL_STATE = Gauge("chatai_tunnel_state", "1 for the SSH tunnel's current state", ["state"])
 TUNNEL_CONNECT_ATTEMPTS = Counter("chatai_tunnel_connect_attempts", "SSH connection attempts to the login node")

@@ -13,7 +13,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from broker_config.messages import Data, Final
-from gateway.cluster_errors import ClusterError
+from gateway.cluster.errors import ClusterError
 from gateway.errors import APIError, to_api_error
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

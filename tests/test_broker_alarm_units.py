@@ -1,4 +1,4 @@
-"""The gateway's blocked-publisher tracker (gateway/broker_alarm.py), without a broker.
+"""The gateway's blocked-publisher tracker (gateway/cluster/broker_alarm.py), without a broker.
 
 The real frames come from RabbitMQ in tests/faults/test_broker_alarms.py; here the tracker's
 own rules: a publish racing a block is given up, a blocked connection refuses at once, and
@@ -11,8 +11,8 @@ import asyncio
 
 import pytest
 
-from gateway.broker_alarm import BlockedTracker, alarm_kind
-from gateway.cluster_errors import ClusterOverloaded
+from gateway.cluster.broker_alarm import BlockedTracker, alarm_kind
+from gateway.cluster.errors import ClusterOverloaded
 from gateway.errors import to_api_error
 
 

@@ -1,4 +1,4 @@
-"""The wire protocol's rules as the gateway applies them (``gateway/generation.py``), in memory.
+"""The wire protocol's rules as the gateway applies them (``gateway/cluster/generation.py``), in memory.
 
 ``Generation`` talks to the broker only through ``BrokerPort``; here an in-memory implementation
 of that port plays the broker and the worker: it delivers scripted frames, says which workers
@@ -16,11 +16,11 @@ import pytest
 
 from broker_config.messages import ApiRequest, Data, Error, Final, Head, Started, Usage
 from broker_config.timing import await_until
-from gateway.broker_port import BrokerPort, Subscription
-from gateway.cluster_errors import ClusterError, ClusterUnavailable, ModelNotFound, NoWorkerAvailable, QueueFull
-from gateway.cluster_errors import ClusterOverloaded, WorkerFailed, WorkerLost, WorkerTimeout
+from gateway.cluster.broker_port import BrokerPort, Subscription
+from gateway.cluster.errors import ClusterError, ClusterUnavailable, ModelNotFound, NoWorkerAvailable, QueueFull
+from gateway.cluster.errors import ClusterOverloaded, WorkerFailed, WorkerLost, WorkerTimeout
 from gateway.errors import to_api_error
-from gateway.generation import Generation, Timeouts
+from gateway.cluster.generation import Generation, Timeouts
 
 Script = Callable[[str], list]
 

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from gateway.quickack import TCP_QUICKACK, QuickAckDialer
+from gateway.cluster.quickack import TCP_QUICKACK, QuickAckDialer
 
 
 class Recorder(asyncio.Protocol):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
-from gateway.generation import Outcome
+from gateway.cluster.generation import Outcome
 from gateway.routes.inference import LeasedStream
 
 

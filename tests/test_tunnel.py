@@ -26,7 +26,7 @@ from broker_config.connection import connect
 from circuit_breaker import hook
 from chatai.devstack.sshd import LocalSshd
 from gateway.settings import GatewaySettings
-from gateway.tunnel import BrokerTunnel
+from gateway.cluster.tunnel import BrokerTunnel
 from support.waiting import wait_until
 
 

@@ -24,7 +24,7 @@ from gateway.batches.ids import parse_request_id
 from gateway.batches.states import OPEN
 from gateway.batches.store import BatchStore
 from gateway.batches.validation import api_error_line, response_line
-from gateway.cluster_errors import WorkerFailed
+from gateway.cluster.errors import WorkerFailed
 from gateway.metrics import BATCH_RESULTS, MALFORMED_FRAMES
 
 log = logging.getLogger("chatai.gateway.batches")

@@ -19,7 +19,7 @@ from gateway.batches.config import BatchSettings
 from gateway.batches.feeder import Feeder
 from gateway.batches.files import FileStore
 from gateway.batches.store import BatchStore
-from gateway.broker import GatewayBroker
+from gateway.cluster.broker import GatewayBroker
 
 log = logging.getLogger("chatai.gateway.batches")
 

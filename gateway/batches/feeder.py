@@ -39,8 +39,8 @@ from gateway.batches.ids import output_file_ids, request_id
 from gateway.batches.states import ACTIVE, IN_FLIGHT, OPEN
 from gateway.batches.store import BatchStore, LineRow, now
 from gateway.batches.validation import BatchFileError, api_error_line, error_line, parse_file
-from gateway.broker_port import BrokerPort
-from gateway.cluster_errors import ModelNotFound, TryLater
+from gateway.cluster.broker_port import BrokerPort
+from gateway.cluster.errors import ModelNotFound, TryLater
 from gateway.metrics import BATCH_LINES_SENT, model_label
 
 log = logging.getLogger("chatai.gateway.batches")

@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 
 from pydantic_core import from_json
 
-from gateway.cluster_errors import ClusterError
+from gateway.cluster.errors import ClusterError
 from gateway.errors import APIError, to_api_error
 from gateway.schemas import check_body
 

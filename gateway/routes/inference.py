@@ -18,10 +18,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from broker_config.messages import Final, Head
-from gateway.cluster_errors import ClusterError
+from gateway.cluster.errors import ClusterError
 from gateway.context import GatewayContext, get_context, require_api_key
 from gateway.errors import APIError, to_api_error
-from gateway.generation import Generation
+from gateway.cluster.generation import Generation
 from gateway.limits import Lease
 from gateway.metrics import REQUESTS, STALLED_STREAMS, model_label
 from gateway.schemas import Routed, check_body, parse_json

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from gateway.cluster_errors import ClusterUnavailable
+from gateway.cluster.errors import ClusterUnavailable
 from gateway.context import GatewayContext, get_context, require_api_key
 from gateway.errors import model_not_found
 

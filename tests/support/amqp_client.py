@@ -1,4 +1,4 @@
-"""The gateway's own AMQP side (``gateway.broker.GatewayBroker``), recording every frame for tests.
+"""The gateway's own AMQP side (``gateway.cluster.broker.GatewayBroker``), recording every frame for tests.
 
 It has exactly what a gateway process has: its reply and heartbeat queues, wired by the gateway's
 code with the gateway user's rights, and its publishing of ApiRequests (confirms, mandatory)
@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from broker_config import topology
 from broker_config.messages import AnyFrame, ApiRequest, Data, Error, Final, Heartbeat
-from gateway.broker import GatewayBroker, Subscription
+from gateway.cluster.broker import GatewayBroker, Subscription
 
 
 class _HeartbeatLog:

@@ -46,9 +46,9 @@ from gateway.metrics import (
     TUNNEL_UP,
 )
 
-from gateway.quickack import QuickAckDialer
+from gateway.cluster.quickack import QuickAckDialer
 
-log = logging.getLogger("chatai.gateway.tunnel")
+log = logging.getLogger("chatai.gateway.cluster.tunnel")
 
 STATES = ("connecting", "up", "down")
 
@@ -180,7 +180,7 @@ class BrokerTunnel:
             password=None, gss_host=None, keepalive_interval=self.keepalive,
             keepalive_count_max=self.keepalive_count_max, login_timeout=self.connect_timeout,
             connect_timeout=self.connect_timeout,
-            tunnel=QuickAckDialer(),  # a plain TCP socket that acks at once: see gateway.quickack
+            tunnel=QuickAckDialer(),  # a plain TCP socket that acks at once: see gateway.cluster.quickack
         )
 
     async def _run(self) -> None:

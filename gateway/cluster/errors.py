@@ -1,7 +1,7 @@
 """What can go wrong between the gateway and the cluster, in the cluster's own terms.
 
-The broker adapter (``gateway/broker.py``) and a request's life on the broker
-(``gateway/generation.py``) raise these; they know nothing of HTTP. ``gateway/errors.py`` is the
+The broker adapter (``gateway/cluster/broker.py``) and a request's life on the broker
+(``gateway/cluster/generation.py``) raise these; they know nothing of HTTP. ``gateway/errors.py`` is the
 one place that turns them into OpenAI error responses (status, type, code), so the batch
 dispatcher can decide on the kind of failure (``except ModelNotFound``) and the API answers
 every kind the same way on every endpoint. The messages are written for the API client.

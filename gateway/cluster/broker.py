@@ -9,7 +9,7 @@ deployment that sent the request. Publishing uses
 confirms and ``mandatory``, so an unknown model (no queue bound) and a full queue
 (reject-publish) are known at once (``ModelNotFound`` / ``QueueFull``, which the API answers
 404 / 429) instead of waiting. Nothing here speaks HTTP: failures are
-``gateway.cluster_errors``, mapped to responses by ``gateway/errors.py``.
+``gateway.cluster.errors``, mapped to responses by ``gateway/errors.py``.
 """
 
 from __future__ import annotations
@@ -33,13 +33,13 @@ from broker_config import topology as t
 from broker_config.connection import QueueDepth, connect, publish, queue_depth, redact, user_of
 from broker_config.messages import CONTENT_TYPE, Cancel, ApiRequest, Heartbeat, decode_frames_leniently
 from broker_config.timing import Backoff, retry_async
-from gateway.broker_alarm import BlockedTracker
-from gateway.broker_port import Subscription
-from gateway.cluster_errors import ClusterUnavailable, ModelNotFound, QueueFull
+from gateway.cluster.broker_alarm import BlockedTracker
+from gateway.cluster.broker_port import Subscription
+from gateway.cluster.errors import ClusterUnavailable, ModelNotFound, QueueFull
 from gateway.metrics import BROKER_CONNECTED, MALFORMED_FRAMES, know_model
-from gateway.registry import WorkerRegistry
+from gateway.cluster.registry import WorkerRegistry
 
-log = logging.getLogger("chatai.gateway.broker")
+log = logging.getLogger("chatai.gateway.cluster.broker")
 
 # Cancellations that could not be published (no connection) are kept this long, at most this many,
 # and sent when the connection returns: the worker may still be generating for a client that is gone.

@@ -1,9 +1,9 @@
 """What a request's life on the cluster needs from the broker, and nothing more.
 
-``Generation`` (``gateway/generation.py``) depends on this small interface instead of the AMQP
+``Generation`` (``gateway/cluster/generation.py``) depends on this small interface instead of the AMQP
 adapter, so the protocol rules it enforces (attempts, sequence numbers, a lost worker) are
 tested in memory (``tests/test_generation_units.py``) as well as end to end against the real
-broker. ``gateway.broker.GatewayBroker`` is the one production implementation.
+broker. ``gateway.cluster.broker.GatewayBroker`` is the one production implementation.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class Subscription:
 class BrokerPort(Protocol):
     """Publish a request, receive its frames, cancel it, and know whether a worker lives.
 
-    ``publish_request`` raises ``gateway.cluster_errors`` (ModelNotFound, QueueFull,
+    ``publish_request`` raises ``gateway.cluster.errors`` (ModelNotFound, QueueFull,
     ClusterUnavailable, ...) when nothing was queued.
     """
 

@@ -24,9 +24,9 @@ import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-from gateway.cluster_errors import ClusterOverloaded
+from gateway.cluster.errors import ClusterOverloaded
 
-log = logging.getLogger("chatai.gateway.broker")
+log = logging.getLogger("chatai.gateway.cluster.broker")
 T = TypeVar("T")
 
 _HANDLERS = ("_Connection__handle_connection_blocked", "_Connection__handle_connection_unblocked")

@@ -6,7 +6,7 @@ a duplicate sequence number is dropped, and a redelivery (a worker died) either 
 request transparently or, when part of a streamed response was already relayed to the client,
 ends it with an error, because tokens cannot be unsent.
 
-It speaks to the broker only through ``BrokerPort`` and fails with ``gateway.cluster_errors``
+It speaks to the broker only through ``BrokerPort`` and fails with ``gateway.cluster.errors``
 (the API maps them to HTTP in ``gateway/errors.py``), so these rules are unit-tested in memory.
 """
 
@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 from broker_config import topology as t
 from broker_config.messages import ApiRequest, Data, Error, Final, Head, Started
-from gateway.broker_port import CONNECTION_LOST, BrokerPort
-from gateway.cluster_errors import (
+from gateway.cluster.broker_port import CONNECTION_LOST, BrokerPort
+from gateway.cluster.errors import (
     ClusterError,
     ClusterUnavailable,
     NoWorkerAvailable,
