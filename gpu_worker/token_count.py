@@ -47,12 +47,16 @@ class TokenCount:
         completion = self.completion_tokens
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
+    def add_prompt(self, out: Any) -> None:
+        """The prompt of an engine output (``RequestOutput`` or ``PoolingRequestOutput``)."""
+        if out.request_id not in self.prompt and getattr(out, "prompt_token_ids", None) is not None:
+            self.prompt[out.request_id] = len(out.prompt_token_ids)
+
     def add(self, out: Any, delta: bool) -> None:
-        """One engine output (``RequestOutput`` or ``PoolingRequestOutput``)."""
+        """One generation output (``RequestOutput``): its prompt and each choice's tokens."""
+        self.add_prompt(out)
         rid = out.request_id
-        if rid not in self.prompt and getattr(out, "prompt_token_ids", None) is not None:
-            self.prompt[rid] = len(out.prompt_token_ids)
-        for choice in getattr(out, "outputs", None) or ():
+        for choice in out.outputs or ():
             ids = getattr(choice, "token_ids", None)
             if ids is None:
                 continue  # a pooling output: no generated tokens
@@ -93,7 +97,7 @@ class CountingEngineClient:
         try:
             async for out in outputs:
                 if count is not None:
-                    count.add(out, False)
+                    count.add_prompt(out)  # pooling: no generated tokens
                 yield out
         finally:
             await outputs.aclose()

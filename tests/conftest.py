@@ -101,9 +101,22 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model") / "tiny", seed=0)
 
 
+# A fine-tuned variant of SERVED_MODEL: a LoRA adapter the session worker serves beside it.
+SERVED_ADAPTER = "tiny-lora"
+
+
 @pytest.fixture(scope="session")
-def served_worker(broker: BrokerEnv, tiny_model_dir, tmp_path_factory: pytest.TempPathFactory):
-    """One real worker process (vLLM CPU engine) serving SERVED_MODEL for the whole session.
+def tiny_lora_dir(tiny_model_dir, tmp_path_factory: pytest.TempPathFactory):
+    """A LoRA adapter for the tiny model, in PEFT's layout."""
+    from chatai.devstack.tiny_model import make_tiny_lora
+
+    return make_tiny_lora(tmp_path_factory.mktemp("tiny-lora") / SERVED_ADAPTER, tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def served_worker(broker: BrokerEnv, tiny_model_dir, tiny_lora_dir, tmp_path_factory: pytest.TempPathFactory):
+    """One real worker process (vLLM CPU engine) serving SERVED_MODEL for the whole session,
+    with the LoRA adapter SERVED_ADAPTER beside it.
 
     ``.proc`` (Popen), ``.model``, ``.log_path``, ``.log_text()``, ``.worker_id``; stopped with SIGTERM at the end.
     Tests that kill, drain or idle a worker start their own with ``support.worker_proc``.
@@ -116,7 +129,8 @@ def served_worker(broker: BrokerEnv, tiny_model_dir, tmp_path_factory: pytest.Te
                           heartbeat_interval=1.0,
                           # vLLM's serving options, as an operator sets them for a Hermes-style model.
                           extra_args=["--coalesce-ms", "20", "--coalesce-tokens", "16",
-                                      "--tool-call-parser", "hermes", "--enable-auto-tool-choice"],
+                                      "--tool-call-parser", "hermes", "--enable-auto-tool-choice",
+                                      "--lora-modules", f"{SERVED_ADAPTER}={tiny_lora_dir}", "--max-lora-rank", "8"],
                           # Any other vLLM serve argument passes through. Random weights can pad a
                           # JSON answer with whitespace for ever; a real model does not.
                           env={"CHATAI_WORKER_VLLM_ARGS":

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
+import time
 
 import openai
 import pytest
 
-from conftest import SERVED_MODEL
+from conftest import SERVED_ADAPTER, SERVED_MODEL
 
 GREEDY = {"temperature": 0}
 # Grammar-constrained answers: sampled with a fixed seed (as reproducible as greedy, which can
@@ -195,3 +197,85 @@ def test_media_by_remote_url_is_refused_and_inline_media_reaches_vllm(client):
     with pytest.raises(openai.BadRequestError) as exc:
         ask(f"data:image/png;base64,{png}")
     assert "data: URL" not in exc.value.message  # not the gateway's refusal: vLLM's, with its status
+
+
+# ------------------------------------------------------------------ fine-tuned variants (LoRA)
+
+
+def test_a_lora_adapter_is_a_model_of_its_own_routed_to_its_base_models_workers(client):
+    models = {m.id: m for m in client.models.list().data}
+    assert SERVED_ADAPTER in models and models[SERVED_ADAPTER].model_extra["parent"] == SERVED_MODEL
+    assert client.models.retrieve(SERVED_ADAPTER).model_extra["root"] == SERVED_MODEL
+
+    def answer(model: str) -> str:
+        return client.completions.create(model=model, prompt="Once upon a time", max_tokens=12,
+                                          extra_body={"ignore_eos": True}, **GREEDY).choices[0].text
+
+    base, tuned = answer(SERVED_MODEL), answer(SERVED_ADAPTER)
+    assert tuned != base, "the adapter's weights changed the answer"
+    assert answer(SERVED_ADAPTER) == tuned  # and it is the adapter's, every time
+    chunks = list(client.chat.completions.create(model=SERVED_ADAPTER, messages=USER, max_tokens=4, stream=True))
+    assert chunks and all(c.model == SERVED_ADAPTER for c in chunks)
+
+
+# ------------------------------------------------------------------ embeddings (a worker in pooling mode)
+
+EMBED_MODEL = "tiny-embed"
+
+
+@pytest.fixture(scope="module")
+def embed_worker(broker, gateway, tiny_model_dir, tmp_path_factory):
+    """The tiny model's weights served as an embedding model (vLLM's pooling runner)."""
+    from support.worker_proc import start_worker
+
+    broker.apply([EMBED_MODEL])
+    worker = start_worker(tiny_model_dir, EMBED_MODEL, broker.url("worker"),
+                          tmp_path_factory.mktemp("embed-worker") / "worker.log", worker_id=f"embed-{os.getpid()}",
+                          extra_args=["--runner", "pooling", "--convert", "embed"])
+    try:
+        worker.wait_ready()
+        gateway.wait_for(lambda h: h["models"].get(EMBED_MODEL, {}).get("ready", 0) >= 1, timeout=60,
+                         what="the embedding worker's heartbeat")
+    except BaseException:
+        worker.kill()
+        raise
+    yield worker
+    worker.stop(timeout=60)
+
+
+def test_embeddings_from_a_pooling_worker(client, embed_worker):
+    out = client.embeddings.create(model=EMBED_MODEL, input=["hello there", "the cluster is busy"])
+    assert [d.index for d in out.data] == [0, 1]
+    assert all(len(d.embedding) == 128 for d in out.data)  # the tiny model's hidden size
+    assert out.data[0].embedding != out.data[1].embedding
+    assert out.usage.prompt_tokens > 2
+    with pytest.raises(openai.NotFoundError) as exc:  # a generating model serves no embeddings
+        client.embeddings.create(model=SERVED_MODEL, input="hello")
+    assert "does not serve" in exc.value.message
+
+
+def test_a_batch_takes_every_endpoint_the_workers_serve(client, embed_worker):
+    """One batch per endpoint (OpenAI's rule), each line answered by vLLM as the endpoint would."""
+    def run(endpoint: str, bodies: list[dict]) -> dict:
+        lines = [{"custom_id": f"c{i}", "method": "POST", "url": endpoint, "body": b} for i, b in enumerate(bodies)]
+        f = client.files.create(file=("in.jsonl", "\n".join(json.dumps(x) for x in lines).encode()), purpose="batch")
+        batch = client.batches.create(input_file_id=f.id, endpoint=endpoint, completion_window="24h")
+        deadline = time.monotonic() + 180
+        while batch.status not in ("completed", "failed", "expired", "cancelled") and time.monotonic() < deadline:
+            time.sleep(0.3)
+            batch = client.batches.retrieve(batch.id)
+        assert batch.status == "completed", (batch.status, batch.errors)
+        results = [json.loads(x) for x in client.files.content(batch.output_file_id).text.splitlines()]
+        return {r["custom_id"]: r["response"] for r in results}
+
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    chat = run("/v1/chat/completions", [
+        {"model": SERVED_MODEL, "messages": USER, "tools": [WEATHER], "tool_choice": named, "max_tokens": 100, **SEEDED},
+        {"model": SERVED_ADAPTER, "messages": USER, "max_tokens": 4}])
+    assert chat["c0"]["status_code"] == 200
+    assert chat["c0"]["body"]["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert chat["c1"]["body"]["model"] == SERVED_ADAPTER
+    responses = run("/v1/responses", [{"model": SERVED_MODEL, "input": "Hello", "max_output_tokens": 4}])
+    assert responses["c0"]["body"]["object"] == "response"
+    embeddings = run("/v1/embeddings", [{"model": EMBED_MODEL, "input": "hello"}])
+    assert len(embeddings["c0"]["body"]["data"][0]["embedding"]) == 128

@@ -15,7 +15,7 @@ import pytest_asyncio
 
 from broker_config import topology
 from broker_config.messages import Data, Error, Final, Head, Started
-from conftest import SERVED_MODEL
+from conftest import SERVED_ADAPTER, SERVED_MODEL
 from gpu_worker.main import READY_LINE
 from support.amqp_client import TestGatewayClient, final_body, sse_chunks, streamed_text
 from support.waiting import wait_until
@@ -178,7 +178,7 @@ async def test_heartbeat_reports_the_worker(gw, served_worker):
     hb = await gw.heartbeat_where(served_worker.worker_id, lambda h: True, since=time.time())
     assert hb.state == "ready"
     assert (hb.model, hb.capacity, hb.max_model_len) == (SERVED_MODEL, 16, 512)
-    assert hb.tasks == ["generate"] and hb.adapters == []
+    assert hb.tasks == ["generate"] and hb.adapters == [SERVED_ADAPTER]
     assert hb.node and hb.interval == 1.0
 
 

@@ -152,3 +152,31 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
         pad_token_id=tokenizer.pad_token_id,
     ).save_pretrained(out)
     return out
+
+
+def make_tiny_lora(out_dir: str | Path, base_model: str | Path, rank: int = 8, seed: int = 1) -> Path:
+    """A LoRA adapter for the tiny model, in PEFT's layout (``adapter_config.json`` and
+    ``adapter_model.safetensors``), as fine-tuning with PEFT writes one: random ``A`` and ``B`` on
+    every layer's query and value projections, large enough to change the model's answers."""
+    import torch
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = json.loads((Path(base_model) / "config.json").read_text())
+    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+    kv = config["num_key_value_heads"] * config.get("head_dim", hidden // config["num_attention_heads"])
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for i in range(layers):
+        for proj, width in (("q_proj", hidden), ("v_proj", kv)):
+            prefix = f"base_model.model.model.layers.{i}.self_attn.{proj}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, hidden, generator=gen) * 0.5
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(width, rank, generator=gen) * 0.5
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_model),
+        "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "target_modules": ["q_proj", "v_proj"], "inference_mode": True,
+    }, indent=2))
+    return out
