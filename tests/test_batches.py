@@ -258,7 +258,7 @@ def test_bad_lines_land_in_the_error_file_and_the_rest_runs(bgw):
     assert "no-such-model" in reason(by_id["unknown-model"])
     assert by_id["bad-body"]["response"]["status_code"] == 400
     assert by_id["too-long"]["response"]["status_code"] == 400
-    assert by_id["too-long"]["response"]["body"]["error"]["code"] == "context_length_exceeded"
+    assert "maximum context length" in reason(by_id["too-long"])  # vLLM's own words
     print("\nerror reasons:\n" + "\n".join(f"  {e['custom_id']}: {reason(e)}" for e in errors))
 
     # A file that cannot be a batch at all fails as a whole, with the reason in batch.errors.
@@ -267,7 +267,7 @@ def test_bad_lines_land_in_the_error_file_and_the_rest_runs(bgw):
     assert failed.errors.data[0].code == "empty_file" and failed.errors.data[0].message
     f = client.files.create(file=("in.jsonl", jsonl(good[:1])), purpose="batch")
     with pytest.raises(openai.BadRequestError):
-        client.batches.create(input_file_id=f.id, endpoint="/v1/embeddings", completion_window="24h")
+        client.batches.create(input_file_id=f.id, endpoint="/v1/audio/speech", completion_window="24h")
     with pytest.raises(openai.BadRequestError):
         client.batches.create(input_file_id=f.id, endpoint=CHAT, completion_window="1h")
     with pytest.raises(openai.NotFoundError):
@@ -413,8 +413,9 @@ async def test_interactive_requests_overtake_a_running_batch(own_gateway, broker
 
 
 def test_completions_features_in_a_batch_are_accepted_and_refused_as_interactively(bgw):
-    """Several prompts, token ids, logit_bias, echo with logprobs: the same validation as the
-    endpoint (tests/test_openai_features.py), the same answers' shape, the same 400s."""
+    """Several prompts, token ids, logit_bias, echo with logprobs: vLLM's layer answers a line as
+    it answers the endpoint (tests/test_openai_features.py): the same shape, the same 400s, and
+    what vLLM's server lets through (a bias of 101, clamped; 65 prompts) goes through here too."""
     client = bgw.client()
 
     def line(cid: str, **body) -> dict:
@@ -432,7 +433,7 @@ def test_completions_features_in_a_batch_are_accepted_and_refused_as_interactive
         line("out-of-vocab", prompt=[1, 10**6]),  # only the worker knows the vocabulary
     ]
     done = wait_done(client, submit(client, items, endpoint="/v1/completions").id, timeout=120)
-    assert done.status == "completed" and done.request_counts.completed == 4
+    assert done.status == "completed" and done.request_counts.completed == 6
     out = {o["custom_id"]: o["response"]["body"] for o in read(client, done.output_file_id)}
     assert [c["index"] for c in out["several"]["choices"]] == [0, 1, 2, 3]
     assert out["several"]["usage"]["completion_tokens"] == 12
@@ -443,11 +444,9 @@ def test_completions_features_in_a_batch_are_accepted_and_refused_as_interactive
     assert echo["logprobs"]["token_logprobs"][0] is None
     assert len(echo["logprobs"]["tokens"]) == out["echo"]["usage"]["prompt_tokens"] + 3
     errors = {e["custom_id"]: e["response"] for e in read(client, done.error_file_id)}
-    assert set(errors) == {"bias-out-of-range", "too-many", "negative-id", "out-of-vocab"}
-    assert all(r["status_code"] == 400 for r in errors.values())
-    assert errors["bias-out-of-range"]["body"]["error"]["param"] == "logit_bias"
-    assert errors["too-many"]["body"]["error"]["param"] == "prompt"
-    assert "vocab" in errors["out-of-vocab"]["body"]["error"]["message"]
+    assert set(errors) == {"negative-id", "out-of-vocab"}
+    assert all(r["status_code"] == 400 and r["body"]["error"]["message"] for r in errors.values())
+    assert len(out["too-many"]["choices"]) == 65
 
 
 def test_cli_submit_plain_prompts_wait_and_download(bgw, tmp_path):
