@@ -36,6 +36,10 @@ class GatewayContext:
         (RateLimited) over its limits."""
         return self.limiter.admit(key_id, self.limits(key_id), cost)
 
+    def over_rate(self, key_id: str) -> bool:
+        """The key has used its requests or tokens of the last minute (its batch lines wait)."""
+        return self.limiter.over(key_id, self.limits(key_id))
+
     def caps(self) -> RequestCaps:
         """What one request may ask now: the served contexts and the per-request budgets."""
         s = self.settings

@@ -43,8 +43,8 @@ Limit = Annotated[int, Query(ge=1, le=10_000)]
 
 def upload_quota_exceeded(cap: int, used: int) -> APIError:
     """Per-key storage cap: 429 as OpenAI does for quotas, but not worth an automatic retry."""
-    err = APIError(429, f"This API key's uploaded files would exceed its storage limit of {cap} bytes "
-                        f"({used} bytes in use). Delete files you no longer need (DELETE /v1/files/{{id}}).",
+    err = APIError(429, f"This API key's files would exceed its storage limit of {cap} bytes ({used} bytes in "
+                        "use, batch outputs included). Delete files you no longer need (DELETE /v1/files/{id}).",
                    code="upload_quota_exceeded", param="file", type="insufficient_quota")
     err.headers["x-should-retry"] = "false"
     return err
@@ -105,7 +105,7 @@ async def upload_file(owner: Owner, service: Service, ctx: Ctx, request: Request
     (gateway/http_guard.py).
     """
     cap = ctx.limits(owner).upload_bytes  # 0: no per-key cap
-    used = service.store.uploaded_bytes(owner) if cap else 0
+    used = service.store.stored_bytes(owner) if cap else 0
     if cap and used >= cap:
         raise upload_quota_exceeded(cap, used)
     max_bytes = service.settings.max_file_bytes
@@ -129,7 +129,7 @@ async def upload_file(owner: Owner, service: Service, ctx: Ctx, request: Request
     filename = (upload.filename or "upload.jsonl").rsplit("/", 1)[-1][:255]
     if not service.store.add_upload(file_id, owner, filename, purpose, upload.size, int(now() + ttl), cap):
         service.files.delete(file_id)  # another upload of this key took the room meanwhile
-        raise upload_quota_exceeded(cap, service.store.uploaded_bytes(owner))
+        raise upload_quota_exceeded(cap, service.store.stored_bytes(owner))
     return JSONResponse(file_object(_file(service, file_id, owner)))
 
 
