@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from urllib.parse import quote
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -63,6 +64,17 @@ def _page(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------- files
+
+
+def content_disposition(filename: str) -> str:
+    """``attachment`` with any stored name (RFC 6266): an ASCII fallback without quotes, backslashes
+    or control characters, and the name itself as ``filename*`` (UTF-8, percent-encoded). A header
+    holds no NUL, CR or LF and only latin-1, so the name as given (``☃``, one with a NUL) cannot go
+    in as it is: the server would fail on it (500, or a dropped connection)."""
+    printable = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in filename) or "file"
+    clean = "".join(c for c in filename if c >= " " and c != "\x7f") or "file"
+    return f"attachment; filename=\"{printable}\"; filename*=UTF-8''{quote(clean, safe='')}"
+
 
 
 def file_object(row: Any) -> dict[str, Any]:
@@ -151,7 +163,7 @@ async def file_content(file_id: str, owner: Owner, service: Service) -> Streamin
     if not service.files.path(file_id).exists():
         raise APIError(404, f"The contents of {file_id} are gone.", code="not_found", param="file_id")
     return StreamingResponse(service.files.read_chunks(file_id), media_type="application/octet-stream",
-                             headers={"Content-Disposition": f'attachment; filename="{row["filename"]}"'})
+                             headers={"Content-Disposition": content_disposition(row["filename"])})
 
 
 @files_router.delete("/{file_id}")
