@@ -174,7 +174,20 @@ def _check_context(endpoint: str, body: dict[str, Any], context: int) -> int:
 
 
 def _int(value: Any) -> int | None:
-    return value if type(value) is int else None  # a bool or a float is vLLM's to refuse
+    """An integer as vLLM's pydantic (lax mode) reads it: ``2000``, ``2000.0`` and ``"2000"`` alike,
+    so no spelling slips past a budget; None for what vLLM refuses anyway (a bool, ``2.5``, text)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return None
+    return None
 
 
 # Per endpoint: the fields that bound one choice's output tokens, in vLLM's order of precedence,

@@ -69,6 +69,8 @@ def test_output_and_logprob_budgets():
     assert err.code == "logprobs_budget_exceeded"
     assert refused(COMPLETIONS, {"model": "m", "prompt": "a", "prompt_logprobs": -1}).param == "prompt_logprobs"
     assert refused(CHAT, {"model": "m", "messages": [], "top_logprobs": 21, "logprobs": True}).param == "top_logprobs"
+    for spelling in (4000.0, "4000", " 4000 "):  # vLLM's pydantic reads each as 4000
+        assert refused(CHAT, {"model": "m", "messages": [], "n": 16, "max_tokens": spelling}).param == "max_tokens"
     # A request with no bound gets its share of the budget, at most the context.
     body = {"model": "m", "messages": [], "n": 4}
     assert check_body(CHAT, body, caps=CAPS).choices == 4 and body["max_completion_tokens"] == 512
