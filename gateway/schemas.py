@@ -61,7 +61,7 @@ class RequestCaps:
     @property
     def max_json_values(self) -> int:
         """Array items and object members a body may hold: enough for a token-id prompt or a
-        message list as long as the longest context (each message is ~3 values), no more."""
+        message list as long as the longest context (a message is ~2 commas), no more."""
         longest = max(self.contexts.values(), default=self.fallback_context)
         return max(self.min_json_values, 4 * longest)
 
@@ -82,15 +82,15 @@ _STRINGS = re.compile(rb'"[^"]*"')  # linear: run on text whose escaped quotes w
 
 
 def json_values(raw: bytes, cap: int) -> int:
-    """How many values (array items, object members) ``raw`` holds, as an upper bound, in C-speed
-    passes over the bytes and without parsing: commas and opening brackets. The first count
-    includes those inside strings; only when it passes ``cap`` are strings taken out (escaped
+    """How many values (array items, object members) ``raw`` holds, in C-speed passes over the
+    bytes and without parsing: its commas (values are at most commas + nesting depth + 1, and
+    the parser refuses nesting past ~200 levels itself, with its own message). The first count
+    includes commas inside strings; only when it passes ``cap`` are strings taken out (escaped
     backslashes and quotes first, so no string can hide a delimiter) and the count redone."""
-    rough = raw.count(b",") + raw.count(b"[") + raw.count(b"{")
+    rough = raw.count(b",")
     if rough <= cap:
         return rough
-    skeleton = _STRINGS.sub(b"", raw.replace(b"\\\\", b"").replace(b'\\"', b""))
-    return skeleton.count(b",") + skeleton.count(b"[") + skeleton.count(b"{")
+    return _STRINGS.sub(b"", raw.replace(b"\\\\", b"").replace(b'\\"', b"")).count(b",")
 
 
 def parse_json(raw: bytes, max_values: int | None = None) -> Any:

@@ -35,9 +35,10 @@ def refused(endpoint: str, body: dict, caps: RequestCaps = CAPS) -> APIError:
 
 
 def test_json_values_are_counted_without_parsing_and_strings_do_not_count():
-    assert json_values(b'{"a": [1, 2, 3]}', 100) == 4
+    assert json_values(b'{"a": [1, 2, 3], "b": 1}', 100) == 3
     text = json.dumps({"prompt": "a,b,[c]{d}" * 1000 + '\\",[', "n": 1}).encode()
-    assert json_values(text, 10) == 2  # over the rough bound, so counted exactly
+    assert json_values(text, 10) == 1  # over the rough bound, so counted exactly
+    assert json_values(b"[" * 50_000, 10) == 0  # nesting is the parser's to refuse (~200 levels)
     with pytest.raises(APIError) as info:
         parse_json(b"[" + b"1," * 2_089_999 + b"1]", CAPS.max_json_values)
     assert info.value.code == "too_many_values"
