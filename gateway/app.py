@@ -60,8 +60,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 await tunnel.close()
             ctx.keys.close()
 
+    # Swagger UI loads its scripts from a CDN, on the same origin as the chat page's storage (the
+    # key, conversations): off unless the operator asks for it. /openapi.json is plain JSON.
     app = FastAPI(title="chatai gateway", version="0.1.0", lifespan=lifespan,
-                  docs_url="/docs", redoc_url=None)
+                  docs_url="/docs" if settings.api_docs else None, redoc_url=None)
     app.state.startup_hooks = []
     app.state.shutdown_hooks = []
     from gateway.batches.config import BatchSettings

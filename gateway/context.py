@@ -13,6 +13,7 @@ from gateway.cluster.generation import Timeouts
 from gateway.keys import KeyStore
 from gateway.limits import Lease, Limits, RateLimiter
 from gateway.cluster.registry import WorkerRegistry
+from gateway.schemas import RequestCaps
 from gateway.settings import GatewaySettings
 
 
@@ -30,9 +31,21 @@ class GatewayContext:
         request, so ``chatai keys set-limits`` applies at once)."""
         return self.settings.default_limits.merged(self.keys.limits(key_id))
 
-    def admit(self, key_id: str) -> Lease:
-        """Count one generation request of an authenticated key; 429 (RateLimited) over its limits."""
-        return self.limiter.admit(key_id, self.limits(key_id))
+    def admit(self, key_id: str, cost: int = 1) -> Lease:
+        """Count a generation request of an authenticated key (``cost``: its choices); 429
+        (RateLimited) over its limits."""
+        return self.limiter.admit(key_id, self.limits(key_id), cost)
+
+    def over_rate(self, key_id: str) -> bool:
+        """The key has used its requests or tokens of the last minute (its batch lines wait)."""
+        return self.limiter.over(key_id, self.limits(key_id))
+
+    def caps(self) -> RequestCaps:
+        """What one request may ask now: the served contexts and the per-request budgets."""
+        s = self.settings
+        return RequestCaps(self.registry.contexts(), fallback_context=s.context_fallback,
+                           max_output_tokens=s.max_output_tokens, max_top_logprobs=s.max_top_logprobs,
+                           max_logprob_tokens=s.max_logprob_tokens, min_json_values=s.min_json_values)
 
     @property
     def timeouts(self) -> Timeouts:

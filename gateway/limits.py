@@ -6,8 +6,10 @@ Why in memory and hand-written: the checks sit on every request's path and must 
 
 - **Requests per minute**: a sliding window of the last 60 s (kept in half-second buckets, so a
   key's state is bounded whatever its limit). ``rpm`` requests in any 60 s, never more: the
-  ``rpm + 1``-th request within a minute is refused, however fast or slow the machine.
-- **Tokens per minute**: prompt + completion tokens of the requests that ended in the last 60 s,
+  ``rpm + 1``-th request within a minute is refused, however fast or slow the machine. A
+  request counts for its choices (``n`` x prompts): 16 choices are 16 generations on the GPU.
+- **Tokens per minute**: prompt + completion tokens of the requests and batch lines that ended in
+  the last 60 s,
   charged **after the fact** from the worker's final usage (a stream the client left early is
   charged the tokens it was sent). The gateway has no tokenizer, so an estimate up front would
   be a guess (and ``max_tokens`` is often absent); instead a request is admitted while the key
@@ -46,7 +48,7 @@ _GRAIN = 0.5  # bucket width of the sliding windows
 class Limits:
     """A key's effective limits; 0 means unlimited."""
 
-    rpm: int = 0  # requests per minute (chat and completions)
+    rpm: int = 0  # requests per minute (chat, completions, responses: by choices, n x prompts)
     tpm: int = 0  # prompt + completion tokens per minute
     max_concurrent: int = 0  # requests in flight at once
     upload_bytes: int = 0  # total bytes of the key's uploaded files kept at once
@@ -166,12 +168,15 @@ class RateLimiter:
         self._clock = clock
         self._keys: dict[str, _KeyState] = {}
 
-    def admit(self, key_id: str, limits: Limits) -> Lease:
-        """Admit one request of ``key_id`` or raise RateLimited (429)."""
+    def admit(self, key_id: str, limits: Limits, cost: int = 1) -> Lease:
+        """Admit one request of ``key_id`` or raise RateLimited (429). ``cost``: what it counts for
+        in requests per minute (its choices: ``n`` x prompts). A request costing more than the
+        whole limit is admitted only into an empty window, so it is never refused for ever."""
         now = self._clock()
         st = self._keys.setdefault(key_id, _KeyState())
-        if limits.rpm and st.requests.used(now) >= limits.rpm:
-            wait = st.requests.free_in(now, limits.rpm)
+        used = st.requests.used(now)
+        if limits.rpm and (used >= limits.rpm or (used and used + cost > limits.rpm)):
+            wait = st.requests.free_in(now, limits.rpm, min(cost, limits.rpm))
             raise RateLimited(
                 f"Rate limit reached for requests per minute: limit {limits.rpm}, used {st.requests.used(now)}. "
                 f"Please try again in {duration(wait)}.",
@@ -187,9 +192,25 @@ class RateLimiter:
                 f"Too many concurrent requests for this API key: limit {limits.max_concurrent}. "
                 "Wait for one of your requests to finish.",
                 "concurrency_limit_exceeded", self._headers(st, limits, now), 1.0)
-        st.requests.add(now, 1)
+        st.requests.add(now, cost)
         st.active += 1
         return Lease(self, key_id, self._headers(st, limits, now))
+
+    def over(self, key_id: str, limits: Limits) -> bool:
+        """Whether the key has used its requests or tokens of the last minute: its batch lines
+        wait (they are not refused, only held back) until the window has room again."""
+        st = self._keys.get(key_id)
+        if st is None:
+            return False
+        now = self._clock()
+        return bool((limits.rpm and st.requests.used(now) >= limits.rpm)
+                    or (limits.tpm and st.tokens.used(now) >= limits.tpm))
+
+    def charge(self, key_id: str, tokens: int) -> None:
+        """Count tokens used outside an admitted request (a batch line's result)."""
+        if tokens > 0:
+            self._keys.setdefault(key_id, _KeyState()).tokens.add(self._clock(), tokens)
+        self._forget_if_idle(key_id)
 
     def _release(self, key_id: str, tokens: int) -> None:
         now = self._clock()
@@ -197,7 +218,12 @@ class RateLimiter:
         st.active -= 1
         if tokens > 0:
             st.tokens.add(now, tokens)
-        if not st.active and not st.requests.used(now) and not st.tokens.used(now):
+        self._forget_if_idle(key_id)
+
+    def _forget_if_idle(self, key_id: str) -> None:
+        st = self._keys.get(key_id)
+        now = self._clock()
+        if st is not None and not st.active and not st.requests.used(now) and not st.tokens.used(now):
             del self._keys[key_id]  # nothing left to remember: keep the table small
 
     def active(self, key_id: str) -> int:

@@ -46,6 +46,22 @@ class GatewaySettings(BaseSettings):
         "(its socket buffers full) before the gateway ends the stream and cancels the generation "
         "(docs/reliability.md, slow clients).")
     max_request_bytes: int = 4 * 1024 * 1024  # any body but a file upload (BATCH_MAX_FILE_BYTES)
+    header_timeout: float = Field(
+        10.0, gt=0, description="Seconds a client has to send a request's head (request line and headers) "
+        "once it connected or began the request: slow or silent clients (slowloris) are disconnected.")
+    api_docs: bool = Field(False, description="Serve Swagger UI at /docs. It loads scripts from a CDN on the "
+                           "chat page's origin, so it is off unless asked for; /openapi.json is always served.")
+
+    # What one request may ask of a GPU, and of the gateway (docs/api.md, "What the gateway itself
+    # checks"). Interactive requests and batch lines alike; 400 over any of them.
+    max_output_tokens: int = Field(32_768, ge=1, description="choices (n x prompts) x max tokens per request.")
+    max_top_logprobs: int = Field(20, ge=0, description="top_logprobs, logprobs (completions), prompt_logprobs.")
+    max_logprob_tokens: int = Field(65_536, ge=1, description="Logprob entries per request: output tokens x "
+                                    "(1 + top_logprobs), when logprobs are asked for (~100 bytes each).")
+    context_fallback: int = Field(131_072, ge=1, description="The context assumed for a model no worker has "
+                                  "announced yet (heartbeats carry max_model_len).")
+    min_json_values: int = Field(16_384, ge=1, description="JSON values (array items, object members) a body "
+                                 "may hold: 4 x the longest context served, at least this.")
     # A bearer token Prometheus must send for /metrics (its `authorization: credentials_file`).
     # None: /metrics is open, for a gateway that only trusted hosts can reach (docs/security.md).
     metrics_token: SecretStr | None = None
@@ -54,7 +70,9 @@ class GatewaySettings(BaseSettings):
     # Per-API-key limits: the default for keys without their own (``chatai keys create/set-limits``).
     # 0 means unlimited. See gateway/limits.py and docs/security.md ("Per-key limits").
     limit_rpm: int = Field(600, ge=0)  # chat + completion requests per minute
-    limit_tpm: int = Field(0, ge=0)  # prompt + completion tokens per minute (what a GPU can give depends on the model)
+    # prompt + completion tokens per minute, interactive and batch alike: about what one GPU gives a
+    # mid-sized model (~8,000 tokens/s); raise it per key (`chatai keys set-limits --tpm`) for more.
+    limit_tpm: int = Field(500_000, ge=0)
     limit_concurrent: int = Field(64, ge=0)  # requests in flight at once
     limit_upload_bytes: int = Field(2 * 1024**3, ge=0)  # bytes of uploaded batch files kept at once
     limit_open_batches: int = Field(20, ge=0)  # batches not yet completed, failed, expired or cancelled

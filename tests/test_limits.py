@@ -76,7 +76,7 @@ def in_flight(gateway) -> float:
 
 
 def test_requests_per_minute_gives_429_with_openai_headers_and_spares_other_keys(gateway):
-    key_id, key = new_key(gateway, rpm=3)
+    key_id, key = new_key(gateway, rpm=3, tpm=0)  # tpm 0: unlimited, no -tokens headers
     client = sdk(gateway, key)
     for i in range(3):
         raw = client.chat.completions.with_raw_response.create(model=SERVED_MODEL, messages=CHAT, max_tokens=2)

@@ -176,10 +176,12 @@ def test_status_page_shows_the_live_worker(browser, gateway, served_worker):
     browser.get(gateway.base_url + "/status")
     browser.find_element(By.ID, "api-key").send_keys(gateway.api_key)
     browser.find_element(By.ID, "connect").click()
-    row = _until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, f'#workers tr[data-worker-id="{served_worker.worker_id}"]'),
+    row = _until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, f'#workers tr[data-model="{SERVED_MODEL}"]'),
                  "the served worker's row")[0]
     cells = [td.text for td in row.find_elements(By.TAG_NAME, "td")]
     assert cells[1] == SERVED_MODEL and cells[2] == "ready" and cells[5].endswith("/ 16")
+    # Where the worker runs is for the operator (the metrics token), not for API keys.
+    assert cells[0] == cells[3] == "–" and served_worker.worker_id not in browser.page_source
     model_row = browser.find_element(By.CSS_SELECTOR, f'#models tr[data-model="{SERVED_MODEL}"]')
     m = [td.text for td in model_row.find_elements(By.TAG_NAME, "td")]
     assert m[1] == "1" and m[4] == "16"  # one ready worker, its capacity

@@ -42,8 +42,11 @@ async def _settle(ack: Awaitable[object]) -> None:
 
 
 class ResultCollector:
-    def __init__(self, store: BatchStore, settings: BatchSettings, on_committed: Callable[[], None]) -> None:
+    def __init__(self, store: BatchStore, settings: BatchSettings, on_committed: Callable[[], None],
+                 charge: Callable[[str, int], None] = lambda key_id, tokens: None) -> None:
         self.store = store
+        self._charge = charge  # a result's tokens count against its key's tokens per minute
+        self._charges: list[tuple[str, int]] = []  # (owner, tokens) of the group being committed
         self.settings = settings
         self._on_committed = on_committed  # wakes the feeder: a batch may be complete now
         self._messages: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
@@ -83,6 +86,7 @@ class ResultCollector:
             messages = [await self._messages.get()]
             while not self._messages.empty() and len(messages) < self.settings.results_prefetch:
                 messages.append(self._messages.get_nowait())
+            self._charges = []
             try:
                 await asyncio.to_thread(self.handle_results, [m.body for m in messages])
             except Exception:
@@ -92,6 +96,8 @@ class ResultCollector:
                 for m in messages:
                     await _settle(m.nack(requeue=True))
                 continue
+            for owner, tokens in self._charges:  # on the loop, before the feeder looks again
+                self._charge(owner, tokens)
             for m in messages:
                 await _settle(m.ack())
             self._on_committed()
@@ -151,7 +157,11 @@ class ResultCollector:
             result = response_line(line.custom_id, frame.status, rid, body)
             usage = (frame.usage.prompt_tokens, frame.usage.completion_tokens)
             ok = frame.status == 200
-            self._count(self.store.record_result(bid, line_no, ok, result, usage), "completed" if ok else "failed")
+            recorded = self.store.record_result(bid, line_no, ok, result, usage)
+            self._count(recorded, "completed" if ok else "failed")
+            batch = self.store.get_batch(bid) if recorded else None
+            if batch is not None:
+                self._charges.append((batch["owner"], sum(usage)))
         elif isinstance(frame, Error):
             failed = WorkerFailed(frame.status, frame.code, frame.message)
             self._count(self.store.record_result(bid, line_no, False, api_error_line(line.custom_id, rid, failed)),

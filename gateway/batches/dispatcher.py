@@ -16,7 +16,7 @@ import logging
 from broker_config.timing import run_periodically
 from gateway.batches.collector import ResultCollector
 from gateway.batches.config import BatchSettings
-from gateway.batches.feeder import Feeder
+from gateway.batches.feeder import Feeder, KeyBudget
 from gateway.batches.files import FileStore
 from gateway.batches.store import BatchStore
 from gateway.cluster.broker import GatewayBroker
@@ -26,15 +26,16 @@ log = logging.getLogger("chatai.gateway.batches")
 
 class Dispatcher:
     def __init__(self, broker: GatewayBroker, store: BatchStore, files: FileStore, settings: BatchSettings,
-                 queue_for: Callable[[str], str] = lambda model: model) -> None:
+                 queue_for: Callable[[str], str] = lambda model: model, keys: KeyBudget | None = None,
+                 charge: Callable[[str, int], None] = lambda key_id, tokens: None) -> None:
         self.broker = broker
         self.store = store
         self.settings = settings
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._database_id = store.deployment_id()  # names this database's results queue
-        self.feeder = Feeder(broker, store, files, settings, self.results_queue, queue_for)
-        self.collector = ResultCollector(store, settings, on_committed=self.wake)
+        self.feeder = Feeder(broker, store, files, settings, self.results_queue, queue_for, keys)
+        self.collector = ResultCollector(store, settings, on_committed=self.wake, charge=charge)
 
     @property
     def results_queue(self) -> str:

@@ -28,7 +28,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from broker_config import topology as t
 from broker_config.messages import ApiRequest
@@ -41,7 +41,9 @@ from gateway.batches.store import BatchStore, LineRow, now
 from gateway.batches.validation import BatchFileError, api_error_line, error_line, parse_file
 from gateway.cluster.broker_port import BrokerPort
 from gateway.cluster.errors import ModelNotFound, TryLater
+from gateway.limits import Limits
 from gateway.metrics import BATCH_LINES_SENT, model_label
+from gateway.schemas import RequestCaps
 
 log = logging.getLogger("chatai.gateway.batches")
 
@@ -51,10 +53,22 @@ _NOT_RUN = {
 }
 
 
+class KeyBudget(Protocol):
+    """What the feeder asks of the per-key limits (``GatewayContext``)."""
+
+    def limits(self, key_id: str) -> Limits: ...
+
+    def over_rate(self, key_id: str) -> bool: ...
+
+    def caps(self) -> RequestCaps: ...
+
+
 class Feeder:
     def __init__(self, broker: BrokerPort, store: BatchStore, files: FileStore, settings: BatchSettings,
-                 results_queue: str, queue_for: Callable[[str], str] = lambda model: model) -> None:
+                 results_queue: str, queue_for: Callable[[str], str] = lambda model: model,
+                 keys: KeyBudget | None = None) -> None:
         self.broker = broker
+        self.keys = keys  # the owners' limits: lines wait while a key is over them
         self.queue_for = queue_for  # a LoRA adapter's lines go to its base model's queue
         self.store = store
         self.files = files
@@ -92,7 +106,7 @@ class Feeder:
                 await self._send_cancels(batch["id"], "batch expired")
                 await asyncio.to_thread(self.finalize, batch["id"], "expired")
             else:
-                await self._feed(batch["id"])
+                await self._feed(batch["id"], batch["owner"])
         elif status == "cancelling":
             await self._cancelling(batch["id"])
         elif status == "finalizing":
@@ -103,7 +117,8 @@ class Feeder:
         try:
             parsed = await asyncio.to_thread(parse_file, self.files.path(batch["input_file_id"]),
                                              batch["endpoint"], self.settings.max_lines,
-                                             self.settings.max_line_bytes)
+                                             self.settings.max_line_bytes,
+                                             self.keys.caps() if self.keys is not None else None)
         except BatchFileError as exc:
             self._fail(bid, exc.code, exc.message, exc.line)
             return
@@ -111,7 +126,23 @@ class Feeder:
             bad = sum(1 for line in parsed.lines if line[2] == "failed")
             log.info("batch %s in progress: %d requests, %d invalid", bid, len(parsed.lines), bad)
 
-    async def _feed(self, bid: str) -> None:
+    def _held(self, bid: str, owner: str) -> bool:
+        """Whether the owner's limits hold this batch's lines back now. Over the storage quota
+        (uploads, outputs and results collected so far), the lines not yet sent fail: the output
+        is bounded by the quota plus what was in flight. Over rpm or tpm, they wait."""
+        if self.keys is None:
+            return False
+        cap = self.keys.limits(owner).upload_bytes
+        if cap and self.store.stored_bytes(owner) >= cap:
+            message = (f"The API key's storage limit of {cap} bytes was reached (uploads and batch outputs); "
+                       "this request was not run. Delete files, then run the remaining requests again.")
+            failed = self.store.fail_pending(bid, lambda n, cid: error_line(cid, "storage_quota_exceeded", message, n))
+            if failed:
+                log.info("batch %s: storage quota reached, %d lines not run", bid, failed)
+            return True
+        return self.keys.over_rate(owner)
+
+    async def _feed(self, bid: str, owner: str) -> None:
         stale = self.store.stale_queued(bid, time.time() - self.settings.republish_after)
         if stale:
             log.warning("batch %s: %d lines without a result after %.0f s are sent again", bid, len(stale),
@@ -121,7 +152,7 @@ class Feeder:
             if self.store.set_status(bid, "finalizing", only_from=("in_progress",)):  # not if just cancelled
                 await asyncio.to_thread(self.finalize, bid, "completed")
             return
-        if not self.broker.connected or time.monotonic() < self._paused_until:
+        if not self.broker.connected or time.monotonic() < self._paused_until or self._held(bid, owner):
             return
         free = self.settings.max_in_flight - self.store.count_lines(bid, IN_FLIGHT)
         if free <= 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from urllib.parse import quote
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -43,8 +44,8 @@ Limit = Annotated[int, Query(ge=1, le=10_000)]
 
 def upload_quota_exceeded(cap: int, used: int) -> APIError:
     """Per-key storage cap: 429 as OpenAI does for quotas, but not worth an automatic retry."""
-    err = APIError(429, f"This API key's uploaded files would exceed its storage limit of {cap} bytes "
-                        f"({used} bytes in use). Delete files you no longer need (DELETE /v1/files/{{id}}).",
+    err = APIError(429, f"This API key's files would exceed its storage limit of {cap} bytes ({used} bytes in "
+                        "use, batch outputs included). Delete files you no longer need (DELETE /v1/files/{id}).",
                    code="upload_quota_exceeded", param="file", type="insufficient_quota")
     err.headers["x-should-retry"] = "false"
     return err
@@ -63,6 +64,17 @@ def _page(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------- files
+
+
+def content_disposition(filename: str) -> str:
+    """``attachment`` with any stored name (RFC 6266): an ASCII fallback without quotes, backslashes
+    or control characters, and the name itself as ``filename*`` (UTF-8, percent-encoded). A header
+    holds no NUL, CR or LF and only latin-1, so the name as given (``☃``, one with a NUL) cannot go
+    in as it is: the server would fail on it (500, or a dropped connection)."""
+    printable = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in filename) or "file"
+    clean = "".join(c for c in filename if c >= " " and c != "\x7f") or "file"
+    return f"attachment; filename=\"{printable}\"; filename*=UTF-8''{quote(clean, safe='')}"
+
 
 
 def file_object(row: Any) -> dict[str, Any]:
@@ -105,7 +117,7 @@ async def upload_file(owner: Owner, service: Service, ctx: Ctx, request: Request
     (gateway/http_guard.py).
     """
     cap = ctx.limits(owner).upload_bytes  # 0: no per-key cap
-    used = service.store.uploaded_bytes(owner) if cap else 0
+    used = service.store.stored_bytes(owner) if cap else 0
     if cap and used >= cap:
         raise upload_quota_exceeded(cap, used)
     max_bytes = service.settings.max_file_bytes
@@ -129,7 +141,7 @@ async def upload_file(owner: Owner, service: Service, ctx: Ctx, request: Request
     filename = (upload.filename or "upload.jsonl").rsplit("/", 1)[-1][:255]
     if not service.store.add_upload(file_id, owner, filename, purpose, upload.size, int(now() + ttl), cap):
         service.files.delete(file_id)  # another upload of this key took the room meanwhile
-        raise upload_quota_exceeded(cap, service.store.uploaded_bytes(owner))
+        raise upload_quota_exceeded(cap, service.store.stored_bytes(owner))
     return JSONResponse(file_object(_file(service, file_id, owner)))
 
 
@@ -151,7 +163,7 @@ async def file_content(file_id: str, owner: Owner, service: Service) -> Streamin
     if not service.files.path(file_id).exists():
         raise APIError(404, f"The contents of {file_id} are gone.", code="not_found", param="file_id")
     return StreamingResponse(service.files.read_chunks(file_id), media_type="application/octet-stream",
-                             headers={"Content-Disposition": f'attachment; filename="{row["filename"]}"'})
+                             headers={"Content-Disposition": content_disposition(row["filename"])})
 
 
 @files_router.delete("/{file_id}")

@@ -55,7 +55,8 @@ async def start_batches(ctx) -> BatchService:
     state_dir = ctx.settings.state_dir
     store = BatchStore(settings.resolve_db(state_dir))
     files = FileStore(settings.resolve_files(state_dir))
-    dispatcher = Dispatcher(ctx.broker, store, files, settings, ctx.registry.queue_for)
+    dispatcher = Dispatcher(ctx.broker, store, files, settings, ctx.registry.queue_for, keys=ctx,
+                            charge=ctx.limiter.charge)
     service = BatchService(settings, store, files, dispatcher)
     dispatcher.start()
     service._sweeper = asyncio.create_task(service._sweep_loop(), name="batch-sweeper")

@@ -29,7 +29,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +72,7 @@ CREATE TABLE IF NOT EXISTS batches (
     failed INTEGER NOT NULL DEFAULT 0,
     prompt_tokens INTEGER NOT NULL DEFAULT 0,
     completion_tokens INTEGER NOT NULL DEFAULT 0,
+    result_bytes INTEGER NOT NULL DEFAULT 0,
     created_at INTEGER NOT NULL,
     expires_at INTEGER,
     in_progress_at INTEGER,
@@ -124,6 +125,9 @@ class BatchStore:
         # writers itself (BEGIN IMMEDIATE in tx(), the busy timeout in private.connect).
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
+        columns = {r["name"] for r in self._all("PRAGMA table_info(batches)")}
+        if "result_bytes" not in columns:  # a database of an older version
+            self._db.execute("ALTER TABLE batches ADD COLUMN result_bytes INTEGER NOT NULL DEFAULT 0")
 
     @property
     def _db(self) -> sqlite3.Connection:
@@ -205,11 +209,14 @@ class BatchStore:
         else:
             self._db.execute(sql, args)
 
-    def uploaded_bytes(self, owner: str) -> int:
-        """Bytes of the files ``owner`` uploaded and still has (outputs of its batches not counted)."""
-        row = self._one("SELECT COALESCE(SUM(bytes), 0) AS n FROM batch_files WHERE owner = ? AND purpose = 'batch'",
-                        (owner,))
-        return int(row["n"]) if row else 0
+    _STORED = ("SELECT (SELECT COALESCE(SUM(bytes), 0) FROM batch_files WHERE owner = ?) + "
+               f"(SELECT COALESCE(SUM(result_bytes), 0) FROM batches WHERE owner = ? AND status IN "
+               f"({','.join(repr(s) for s in sorted(ACTIVE))}))")
+
+    def stored_bytes(self, owner: str) -> int:
+        """What ``owner`` keeps on the gateway's disk: its uploads, its batches' output and error
+        files, and the results its running batches have collected so far (the storage quota)."""
+        return int(self._db.execute(self._STORED, (owner, owner)).fetchone()[0])
 
     def add_upload(self, file_id: str, owner: str, filename: str, purpose: str, size: int,
                    expires_at: int | None, max_total: int) -> bool:
@@ -220,8 +227,7 @@ class BatchStore:
         """
         with self.tx() as db:
             if max_total:
-                used = db.execute("SELECT COALESCE(SUM(bytes), 0) FROM batch_files WHERE owner = ? AND "
-                                  "purpose = 'batch'", (owner,)).fetchone()[0]
+                used = db.execute(self._STORED, (owner, owner)).fetchone()[0]
                 if used + size > max_total:
                     return False
             self.add_file(file_id, owner, filename, purpose, size, expires_at, conn=db)
@@ -415,17 +421,26 @@ class BatchStore:
     def record_result(self, batch_id: str, line_no: int, ok: bool, result: dict[str, Any],
                       usage: tuple[int, int] = (0, 0)) -> bool:
         """Write a line's result once: False if it already had one (a duplicate) or is gone."""
+        text = json.dumps(result)
         with self.tx() as db:
             cur = db.execute(
                 "UPDATE batch_lines SET state = ?, result = ?, request = NULL WHERE batch_id = ? AND line_no = ? "
                 "AND state IN ('pending', 'publishing', 'queued')",
-                ("done" if ok else "failed", json.dumps(result), batch_id, line_no))
+                ("done" if ok else "failed", text, batch_id, line_no))
             if cur.rowcount != 1:
                 return False
             db.execute(f"UPDATE batches SET {'completed' if ok else 'failed'} = "
                        f"{'completed' if ok else 'failed'} + 1, prompt_tokens = prompt_tokens + ?, "
-                       f"completion_tokens = completion_tokens + ? WHERE id = ?", (*usage, batch_id))
+                       f"completion_tokens = completion_tokens + ?, result_bytes = result_bytes + ? WHERE id = ?",
+                       (*usage, len(text.encode()) + 1, batch_id))
         return True
+
+    def fail_pending(self, batch_id: str, result: Callable[[int, str | None], dict[str, Any]]) -> int:
+        """Give every line not yet sent a failed result (``result(line_no, custom_id)``), at once."""
+        with self.tx():
+            lines = self.lines_in(batch_id, ("pending",))
+            return sum(self.record_result(batch_id, line.line_no, False, result(line.line_no, line.custom_id))
+                       for line in lines)
 
     def cancel_open_lines(self, batch_id: str, line_no: int | None = None) -> int:
         """Lines without a result (all of the batch's, or one) will never run: drop their requests."""

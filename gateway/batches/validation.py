@@ -24,7 +24,7 @@ from pydantic_core import from_json
 
 from gateway.cluster.errors import ClusterError
 from gateway.errors import APIError, to_api_error
-from gateway.schemas import check_body
+from gateway.schemas import RequestCaps, check_body, json_values
 
 
 class BatchFileError(Exception):
@@ -59,9 +59,9 @@ def api_error_line(custom_id: str | None, request_id: str, exc: APIError | Clust
     return response_line(custom_id, error.status, request_id, error.body())
 
 
-def parse_body(endpoint: str, body: Any) -> dict[str, Any]:
+def parse_body(endpoint: str, body: Any, caps: RequestCaps | None = None) -> dict[str, Any]:
     """Check one request body; returns what its line stores (model, endpoint, body) or raises APIError."""
-    routed = check_body(endpoint, body, batch=True)
+    routed = check_body(endpoint, body, batch=True, caps=caps)
     return {"model": routed.model, "endpoint": endpoint, "body": routed.body}
 
 
@@ -99,7 +99,8 @@ def _load(raw: str, line_no: int) -> Any:
         raise ValueError(f"Line {line_no} is not valid JSON.") from None
 
 
-def parse_file(path: Path, endpoint: str, max_lines: int, max_line_bytes: int = 4 * 1024 * 1024) -> Parsed:
+def parse_file(path: Path, endpoint: str, max_lines: int, max_line_bytes: int = 4 * 1024 * 1024,
+               caps: RequestCaps | None = None) -> Parsed:
     """Read an input file; line numbers count from 1, blank lines are skipped.
 
     Memory stays bounded by the line cap whatever the file holds; a line that cannot be read
@@ -113,14 +114,14 @@ def parse_file(path: Path, endpoint: str, max_lines: int, max_line_bytes: int = 
         raise BatchFileError("file_not_found", "The input file was deleted before the batch was validated.") from None
     with f:
         for line_no, raw_bytes in enumerate(_lines(f, max_line_bytes), start=1):
-            _parse_line(out, seen, endpoint, line_no, raw_bytes, max_lines, max_line_bytes)
+            _parse_line(out, seen, endpoint, line_no, raw_bytes, max_lines, max_line_bytes, caps)
     if not out.lines:
         raise BatchFileError("empty_file", "The input file contains no requests.")
     return out
 
 
 def _parse_line(out: Parsed, seen: set[str], endpoint: str, line_no: int, raw_bytes: bytes | None,
-                max_lines: int, max_line_bytes: int) -> None:
+                max_lines: int, max_line_bytes: int, caps: RequestCaps | None = None) -> None:
     """Add one line to ``out``: a pending request or an error line."""
     if raw_bytes is not None and not raw_bytes.strip():
         return
@@ -137,6 +138,9 @@ def _parse_line(out: Parsed, seen: set[str], endpoint: str, line_no: int, raw_by
     except UnicodeDecodeError:
         raise BatchFileError("invalid_file_format", "The input file is not UTF-8 text (JSONL expected).",
                              line_no) from None
+    if caps is not None and json_values(raw_bytes, caps.max_json_values) > caps.max_json_values:
+        return bad(None, "too_many_values", f"Line {line_no} holds more than {caps.max_json_values} JSON values: "
+                   "more than the longest context a model here serves.")
     try:
         item = _load(raw, line_no)
     except ValueError as exc:
@@ -158,7 +162,7 @@ def _parse_line(out: Parsed, seen: set[str], endpoint: str, line_no: int, raw_by
         return bad(custom_id, "invalid_url",
                    f"Line {line_no}: url {url!r} does not match the batch's endpoint '{endpoint}'.")
     try:
-        fields = parse_body(endpoint, item.get("body"))
+        fields = parse_body(endpoint, item.get("body"), caps)
     except APIError as exc:
         out.lines.append((line_no, custom_id, "failed", None, api_error_line(custom_id, "", exc)))
         return

@@ -12,11 +12,26 @@ class WorkerRegistry:
 
     def __init__(self, expiry_intervals: float = 3.0) -> None:
         self._book = HeartbeatBook(expiry_intervals)
+        # The last context each model was announced with: it still bounds requests that wait for a
+        # worker while none is up (scaled to zero). A handful of ints per model, never forgotten.
+        self._contexts: dict[str, int] = {}
 
     def update(self, hb: Heartbeat) -> None:
         self._book.add(hb)
         if hb.state != "stopped":
             know_model(hb.model)
+            if hb.max_model_len:
+                self._contexts[hb.model] = self._live_context(hb.model) or hb.max_model_len
+                for adapter in hb.adapters:
+                    self._contexts[adapter] = self._contexts[hb.model]
+
+    def _live_context(self, model: str) -> int:
+        return max((h.max_model_len or 0 for h in self.models().get(model, ())), default=0)
+
+    def contexts(self) -> dict[str, int]:
+        """Model (or adapter) name -> the longest context its workers announced (``max_model_len``):
+        the longest prompt a request for it can have. A copy, safe to hand to a thread."""
+        return dict(self._contexts)
 
     def live(self) -> list[Heartbeat]:
         return self._book.live()

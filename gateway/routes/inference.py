@@ -142,7 +142,7 @@ async def _serve(routed: Routed, request: Request, ctx: GatewayContext, key_id: 
     lease: Lease | None = None
     gen: Generation | None = None
     try:
-        lease = ctx.admit(key_id)
+        lease = ctx.admit(key_id, routed.choices)
         gen = Generation.build(ctx.broker, ctx.timeouts, model=ctx.registry.queue_for(routed.model),
                                endpoint=routed.endpoint, body=routed.body, stream=routed.stream)
         frames = gen.frames()
@@ -174,7 +174,9 @@ async def _serve(routed: Routed, request: Request, ctx: GatewayContext, key_id: 
 
 
 async def _relayed(endpoint: str, request: Request, ctx: GatewayContext, key_id: str) -> Response:
-    return await _serve(check_body(endpoint, parse_json(await request.body())), request, ctx, key_id)
+    caps = ctx.caps()
+    body = parse_json(await request.body(), caps.max_json_values)  # counted before it is parsed
+    return await _serve(check_body(endpoint, body, caps=caps), request, ctx, key_id)
 
 
 # One route per endpoint, so that each shows in the API reference; the body is the client's own

@@ -4,8 +4,9 @@ Models, live workers (from heartbeats) and their capacity, queue depths (a passi
 the gateway's own broker connection: nothing is created and no permission is needed), the
 tunnel and the broker connection, and what the gateway can tell of the circuit breaker (it
 cannot read the breaker's state on the login node; it sees only its effects). Internals stay
-behind a key, as ``/metrics`` does behind its token (docs/security.md); the gateway id, which
-names its reply queue, is not shown.
+behind a key, as ``/metrics`` does behind its token (docs/security.md); where workers run
+(worker id, node, Slurm job) only behind the metrics token; the gateway id, which names its
+reply queue, is not shown.
 """
 
 from __future__ import annotations
@@ -24,14 +25,20 @@ router = APIRouter(include_in_schema=False)
 QUEUE_CACHE_SECONDS = 1.0  # many open status pages cost one passive declare per model per second
 
 
-async def status_access(request: Request, ctx: GatewayContext = Depends(get_context)) -> None:
-    """An API key, or the metrics token where one is set; 401 otherwise."""
+async def status_access(request: Request, ctx: GatewayContext = Depends(get_context)) -> bool:
+    """An API key, or the metrics token where one is set; 401 otherwise. True for the operator
+    (the metrics token): only they see where workers run."""
     token = ctx.settings.metrics_token
     if token is not None and token_matches(request.headers, token.get_secret_value()):
-        return
+        return True
     given = bearer_token(request.headers)
     if given is None or ctx.keys.verify(given) is None:
         raise invalid_api_key()
+    return False
+
+
+# What only the operator sees of a worker: where it runs (its id is node-job-pid).
+OPERATOR_ONLY = ("worker_id", "node", "slurm_job_id")
 
 
 class _QueueCache:
@@ -64,8 +71,8 @@ def breaker_view(ctx: GatewayContext) -> dict[str, str]:
     return {"state": "unknown", "detail": error.strip() or f"tunnel {tunnel.state}"}
 
 
-@router.get("/api/status", dependencies=[Depends(status_access)])
-async def status(ctx: GatewayContext = Depends(get_context)) -> dict:
+@router.get("/api/status")
+async def status(ctx: GatewayContext = Depends(get_context), operator: bool = Depends(status_access)) -> dict:
     now = time.time()
     by_model = ctx.registry.models()
     depths = await _queues.get(ctx, sorted(by_model))
@@ -85,6 +92,8 @@ async def status(ctx: GatewayContext = Depends(get_context)) -> dict:
         "heartbeat_age": round(max(0.0, now - h.sent_at), 1),
         "job_ends_in": None if h.job_end_at is None else round(h.job_end_at - now),
     } for h in sorted(ctx.registry.live(), key=lambda h: (h.model, h.worker_id))]
+    if not operator:
+        workers = [{k: v for k, v in w.items() if k not in OPERATOR_ONLY} for w in workers]
     tunnel = None if ctx.tunnel is None else {"state": ctx.tunnel.state, "last_error": ctx.tunnel.last_error}
     return {
         "time": now,

@@ -60,9 +60,11 @@ function render(st) {
     m.queue ? m.queue.waiting : null, m.queue ? m.queue.consumers : null,
   ], { model: m.name })), 8, "No model has a live worker."));
   $("workers").tBodies[0].replaceChildren(...rowsOrNone(st.workers.map((w) => row([
+    // worker id, node and Slurm job come only with the operator's metrics token: "–" for API keys
     w.worker_id, w.model, w.state, w.node, w.slurm_job_id, `${w.in_flight} / ${w.capacity}`,
     seconds(w.heartbeat_age) + " ago", seconds(w.job_ends_in),
-  ], { workerId: w.worker_id, state: w.state })), 8, "No live workers (none has sent a heartbeat lately)."));
+  ], { workerId: w.worker_id ?? "", model: w.model, state: w.state })), 8,
+  "No live workers (none has sent a heartbeat lately)."));
   show("updated", "updated " + new Date(st.time * 1000).toLocaleTimeString(), "ok");
 }
 
