@@ -40,6 +40,7 @@ class Queues:
 
     def __init__(self, **consumers: int) -> None:
         self.consumers = consumers
+        self.connected = True
 
     async def queue_depth(self, model: str) -> QueueDepth | None:
         n = self.consumers.get(model)
@@ -93,6 +94,10 @@ async def test_nothing_will_start_a_worker_is_said_at_once_with_retry_after():
     # An unknown model (no queue) is not "not loaded": the publish answers 404 as before.
     plan = await plan_start(reg, Queues(), "nope", QUEUE, COLD)
     assert (plan.wait, plan.cold) == (QUEUE, False)
+    # Without a broker nothing is known: no verdict, the publish answers 503 service_paused.
+    away = Queues(tiny=0)
+    away.connected = False
+    assert (await plan_start(WorkerRegistry(), away, "tiny", QUEUE, COLD)).wait == QUEUE
 
 
 async def test_an_autoscaler_that_stopped_promises_nothing_any_more():

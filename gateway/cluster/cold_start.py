@@ -74,6 +74,9 @@ class StartPlan:
 
 
 class QueueProbe(Protocol):
+    @property
+    def connected(self) -> bool: ...
+
     async def queue_depth(self, model: str) -> QueueDepth | None: ...
 
 
@@ -86,12 +89,14 @@ async def plan_start(registry: WorkerRegistry, broker: QueueProbe, model: str, q
         return StartPlan(queue_timeout, False, v)
     if v.state == "starting" or v.on_demand:
         return StartPlan(cold_start_timeout, True, v)
+    if not broker.connected:  # nothing can be known: the publish answers 503 service_paused
+        return StartPlan(queue_timeout, False, v)
     await registry.heard_everyone()
     v = view(registry, model)
     if v.state != "cold" or v.on_demand:
         return await plan_start(registry, broker, model, queue_timeout, cold_start_timeout)
     depth = await broker.queue_depth(model)
-    if depth is None:  # no such queue (the publish answers 404), or no broker (503 service_paused)
+    if depth is None:  # no such queue (the publish answers 404), or the broker just went away
         return StartPlan(queue_timeout, False, v)
     if depth.consumers:  # a consumer that sends no heartbeats (an old worker): as before
         return StartPlan(queue_timeout, False, v)

@@ -30,10 +30,13 @@ class WorkerRegistry:
         self._listening_since = time.monotonic()
 
     async def heard_everyone(self) -> None:
-        """Return once every live worker and autoscaler has had time to be heard."""
-        while self._listening_since is None or time.monotonic() - self._listening_since < HEAR_EVERYONE_WITHIN:
-            since = self._listening_since
-            await asyncio.sleep(0.5 if since is None else HEAR_EVERYONE_WITHIN - (time.monotonic() - since))
+        """Return once every live worker and autoscaler has had time to be heard since the
+        heartbeat queue was (re)opened; at once if it never was (no broker: nothing to hear)."""
+        while self._listening_since is not None:
+            left = HEAR_EVERYONE_WITHIN - (time.monotonic() - self._listening_since)
+            if left <= 0:
+                return
+            await asyncio.sleep(left)
 
     def update(self, hb: Heartbeat) -> None:
         self._book.add(hb)
