@@ -63,10 +63,12 @@ ROLE_PERMISSIONS: dict[str, dict[str, str]] = {
     },
     # Operators and the autoscaler look at queue depths and consumers (passive declare needs no
     # permission) and listen to heartbeats through queues of their own, bound to the workers
-    # exchange. They can neither publish anything nor read requests or replies.
+    # exchange. The autoscaler announces itself there too (which models it starts workers for, so
+    # that gateways let a cold model's requests wait): that is all it may publish. It can read
+    # neither requests nor replies.
     "operator": {
         "configure": _prefix(t.OPERATOR_QUEUE_PREFIX),
-        "write": _prefix(t.OPERATOR_QUEUE_PREFIX),
+        "write": _either(_exact(t.WORKERS_EXCHANGE), _prefix(t.OPERATOR_QUEUE_PREFIX)),
         "read": _either(_exact(t.WORKERS_EXCHANGE), _prefix(t.OPERATOR_QUEUE_PREFIX)),
     },
 }

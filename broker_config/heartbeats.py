@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from broker_config.messages import Heartbeat
+from broker_config.messages import Heartbeat, ScalerHeartbeat
 
 
 @dataclass
@@ -49,3 +49,22 @@ class HeartbeatBook:
         for hb in self.live():
             out.setdefault(hb.model, []).append(hb)
         return out
+
+
+@dataclass
+class ScalerBook:
+    """The latest heartbeat of every running autoscaler, forgotten after a few missed rounds:
+    an autoscaler that stopped (or lost its broker connection) no longer promises a worker."""
+
+    expiry_intervals: float = 3.0
+    clock: Callable[[], float] = time.monotonic
+    _scalers: dict[str, tuple[ScalerHeartbeat, float]] = field(default_factory=dict)
+
+    def add(self, hb: ScalerHeartbeat) -> None:
+        self._scalers[hb.scaler_id] = (hb, self.clock())
+
+    def live(self) -> list[ScalerHeartbeat]:
+        now = self.clock()
+        for scaler_id in [s for s, (hb, at) in self._scalers.items() if now - at > hb.interval * self.expiry_intervals]:
+            del self._scalers[scaler_id]
+        return [hb for hb, _ in self._scalers.values()]

@@ -194,3 +194,31 @@ class Heartbeat(_Wire):
     job_end_at: float | None = None  # unix time the Slurm job ends, when known
     adapters: list[str] = Field(default_factory=list)  # LoRA adapters served beside the model
     tasks: list[str] = Field(default_factory=list)  # vLLM's supported tasks: generate, embed, ...
+    # Seconds from the worker's process start to "ready" (its model load): what a user of a cold
+    # model waits for. Sent once ready; gateways and the autoscaler remember the last one per model.
+    startup_seconds: float | None = None
+
+
+# An autoscaler's heartbeat travels on the same workers exchange, told apart by the AMQP message
+# ``type`` property (a worker's heartbeat has none): listeners of older versions skip it as malformed.
+SCALER_MESSAGE_TYPE = "chatai.scaler"
+
+
+class ScaledModel(_Wire):
+    """One model an autoscaler brings back from zero on demand."""
+
+    model: str
+    max_workers: int
+    pending: int = 0  # array tasks Slurm has not started yet
+    running: int = 0  # array tasks running (loading their model, serving or draining)
+    startup_seconds: float | None = None  # the last worker's measured start-up (see Heartbeat)
+
+
+class ScalerHeartbeat(_Wire):
+    """What a running ``chatai autoscale`` tells every gateway each round: which models it starts
+    workers for when requests wait (so a cold model is worth waiting for), and how long a start took."""
+
+    scaler_id: str
+    models: list[ScaledModel]
+    interval: float = 5.0  # a gateway forgets the autoscaler after a few missed intervals
+    sent_at: float

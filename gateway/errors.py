@@ -20,6 +20,7 @@ from gateway.cluster.errors import (
     ClusterOverloaded,
     ClusterUnavailable,
     ModelNotFound,
+    ModelNotLoaded,
     NoWorkerAvailable,
     QueueFull,
     WorkerFailed,
@@ -74,6 +75,7 @@ _CLUSTER_HTTP: dict[type[ClusterError], tuple[int, str, str | None]] = {
     ClusterUnavailable: (503, "service_paused", None),
     ClusterOverloaded: (503, "cluster_overloaded", None),
     NoWorkerAvailable: (503, "no_worker_available", None),
+    ModelNotLoaded: (503, "model_not_loaded", None),
     WorkerLost: (502, "worker_lost", None),
     WorkerTimeout: (504, "worker_timeout", None),
 }
@@ -85,11 +87,17 @@ def to_api_error(exc: APIError | ClusterError) -> APIError:
         return exc
     if isinstance(exc, WorkerFailed):  # the worker chose the status and code
         return APIError(exc.status, exc.message, code=exc.code)
+    error = APIError(502, exc.message, code="cluster_error")
     for cls in type(exc).__mro__:
         if cls in _CLUSTER_HTTP:
             status, code, param = _CLUSTER_HTTP[cls]
-            return APIError(status, exc.message, code=code, param=param)
-    return APIError(502, exc.message, code="cluster_error")
+            error = APIError(status, exc.message, code=code, param=param)
+            break
+    if exc.retry_after is not None:
+        error.headers["retry-after"] = f"{exc.retry_after:g}"
+    if exc.should_retry is not None:  # the OpenAI SDKs obey it before their own retry rules
+        error.headers["x-should-retry"] = "true" if exc.should_retry else "false"
+    return error
 
 
 def model_not_found(model: str) -> APIError:

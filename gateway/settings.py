@@ -40,6 +40,19 @@ class GatewaySettings(BaseSettings):
     tunnel_backoff_max: float = Field(10.0, gt=0)
 
     queue_timeout: float = Field(30.0, description="Seconds an interactive request may wait for a worker.")
+    # Scale to zero (docs/operators.md, "Cold models"): a request for a model with no ready worker
+    # waits for one to start while an autoscaler runs for it or a worker is loading.
+    cold_start_timeout: float = Field(
+        540.0, gt=0, description="Seconds a request for a cold model may wait for a worker to start. Below the "
+        "OpenAI SDK's default read timeout (600 s), so its client gets the gateway's answer, not its own timeout.")
+    cold_start_timeouts: dict[str, float] = Field(
+        default_factory=dict, description="Per model (JSON: name -> seconds), for models that load for longer.")
+    models: list[str] = Field(
+        default_factory=list, description="The deployment's models (JSON list, the names given to `chatai broker "
+        "apply --model`): listed by /v1/models even while no worker serves them and no autoscaler runs.")
+    stream_keepalive: float = Field(
+        10.0, gt=0, description="A streamed request that waits for a cold model's worker gets its 200 status "
+        "after this many seconds (once the broker has accepted it) and an SSE comment every as many seconds.")
     stream_idle_timeout: float = 120.0  # longest silence from a worker mid-generation
     stream_send_timeout: float = Field(
         30.0, gt=0, description="Seconds a streamed response may wait for a client that takes no bytes "
@@ -85,6 +98,9 @@ class GatewaySettings(BaseSettings):
                 "or ask for a direct broker connection with --broker-direct"
             )
         return self
+
+    def cold_start_timeout_for(self, model: str) -> float:
+        return self.cold_start_timeouts.get(model, self.cold_start_timeout)
 
     @property
     def default_limits(self) -> Limits:

@@ -47,6 +47,7 @@ class Heartbeater:
         self.job_end_at: float | None = None
         self.adapters: list[str] = []  # known once the engine has started
         self.tasks: list[str] = []
+        self.startup_seconds: float | None = None  # process start -> ready, once ready
         self.state: State = "starting"
         self._debounce = debounce
         self._kick = asyncio.Event()
@@ -69,6 +70,7 @@ class Heartbeater:
             interval=self.interval,
             sent_at=time.time(),
             job_end_at=self.job_end_at,
+            startup_seconds=self.startup_seconds,
         )
 
     async def send(self) -> None:

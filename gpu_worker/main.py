@@ -121,9 +121,11 @@ async def run(settings: WorkerSettings) -> int:
             work_channel = await conn.channel()
             await consumer.start_control(work_channel)
             await consumer.start(work_channel)
+            hb.startup_seconds = round(since_process_start(), 1)  # what a cold model's first user waits
             await hb.set_state("ready")
-            log.info("%s: worker_id=%s model=%s capacity=%d startup=%.1fs", READY_LINE, settings.worker_id,
-                     model, engine.max_num_seqs, time.monotonic() - t0)
+            log.info("%s: worker_id=%s model=%s capacity=%d startup=%.1fs (%.1fs since the process started)",
+                     READY_LINE, settings.worker_id, model, engine.max_num_seqs, time.monotonic() - t0,
+                     hb.startup_seconds)
 
             watchers = [
                 asyncio.create_task(watch_idle(stop, settings.idle_timeout, lambda: consumer.in_flight,
@@ -158,6 +160,13 @@ async def run(settings: WorkerSettings) -> int:
             gc.unfreeze()  # start-up's heap was frozen (freeze_heap): let shutdown's collection reach it
             engine.shutdown()
     return 1 if fatal else 0
+
+
+def since_process_start() -> float:
+    """Seconds since this process started, imports included (vLLM's take seconds of a start)."""
+    import psutil
+
+    return max(0.0, time.time() - psutil.Process().create_time())
 
 
 def freeze_heap() -> None:

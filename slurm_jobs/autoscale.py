@@ -9,6 +9,10 @@ Scaling down is deliberately not the autoscaler's job: it never signals a runnin
 worker exits by itself after its ``--idle-timeout`` without work, which is also the moment its
 GPU is least valuable to us and most valuable to the cluster; that is how a model reaches zero.
 The autoscaler only cancels *pending* tasks nobody needs any more (they hold nothing).
+
+Each round ends with the autoscaler's own heartbeat (``slurm_jobs/announce.py``): gateways learn
+from it that a model scaled to zero comes back on demand, so its requests wait for the start
+instead of failing, and that wait is the backlog that makes the next round submit a worker.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from broker_config.messages import Heartbeat
+from broker_config.messages import Heartbeat, ScaledModel
 from broker_config.timing import run_periodically
+from slurm_jobs.announce import Announcer, StartupTimes
 from slurm_jobs.broker_view import BrokerView
 from slurm_jobs.jobs import WorkerJobs
 
@@ -51,6 +56,7 @@ class Observation:
     draining: int = 0  # running workers that announced they are leaving (heartbeat state)
     last_submit_at: float | None = None
     queue_empty_since: float | None = None  # when the queue was last seen non-empty -> empty
+    queue_exists: bool = True  # the broker has a queue for the model
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,8 @@ class Autoscaler:
     model_paths: dict[str, str] = field(default_factory=dict)
     interval: float = 5.0
     state: dict[str, _ModelState] = field(default_factory=dict)
+    announcer: Announcer | None = None  # tells gateways which cold models are worth a wait
+    startup: StartupTimes = field(default_factory=StartupTimes)
 
     async def observe(self, model: str, jobs_by_model: dict, heartbeats: list[Heartbeat], now: float) -> Observation:
         stats = await self.view.queue_stats(model)
@@ -129,6 +137,7 @@ class Autoscaler:
             pending=sum(1 for j in jobs if j.pending), running=sum(1 for j in jobs if j.running),
             draining=sum(1 for hb in heartbeats if hb.model == model and hb.state == "draining"),
             last_submit_at=st.last_submit_at, queue_empty_since=st.queue_empty_since,
+            queue_exists=stats.ready is not None,
         )
 
     async def step(self) -> dict[str, Decision]:
@@ -136,11 +145,17 @@ class Autoscaler:
         now = time.time()
         by_model = await asyncio.to_thread(self.jobs.jobs_by_model)
         heartbeats = self.view.book.live()
+        self.startup.learn(heartbeats)
         decisions = {}
+        announced = []
         for model, policy in self.policies.items():
             obs = await self.observe(model, by_model, heartbeats, now)
             d = decide(obs, policy)
             decisions[model] = d
+            if obs.queue_exists:  # a model without a queue cannot be asked for: nothing to promise
+                announced.append(ScaledModel(model=model, max_workers=policy.max_workers,
+                                             pending=obs.pending + d.submit - d.cancel_pending, running=obs.running,
+                                             startup_seconds=self.startup.seconds.get(model)))
             if d.submit:
                 job_id = await asyncio.to_thread(self.jobs.submit, model, d.submit, self.model_paths.get(model))
                 self.state[model].last_submit_at = now
@@ -151,6 +166,8 @@ class Autoscaler:
             else:
                 log.debug("%s: %s (ready=%d consumers=%d pending=%d running=%d)", model, d.reason,
                           obs.ready, obs.consumers, obs.pending, obs.running)
+        if self.announcer is not None:
+            await self.announcer.announce(announced)
         return decisions
 
     async def run(self, stop: asyncio.Event | None = None) -> None:

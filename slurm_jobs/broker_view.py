@@ -19,7 +19,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from broker_config import topology as t
 from broker_config.connection import connect, queue_depth
 from broker_config.heartbeats import HeartbeatBook
-from broker_config.messages import Heartbeat
+from broker_config.messages import SCALER_MESSAGE_TYPE, Heartbeat
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,8 @@ class BrokerView:
             self._conn = None
 
     async def _on_heartbeat(self, message: AbstractIncomingMessage) -> None:
+        if message.type == SCALER_MESSAGE_TYPE:  # an autoscaler's own heartbeat, not a worker's
+            return
         try:
             hb = Heartbeat.model_validate_json(message.body)
         except ValueError:
@@ -92,6 +94,11 @@ class BrokerView:
             except asyncio.TimeoutError:
                 return False
         return True
+
+    @property
+    def connection(self) -> aio_pika.abc.AbstractRobustConnection:
+        assert self._conn is not None, "open() first"
+        return self._conn
 
     async def queue_stats(self, model: str) -> QueueStats:
         """Depth and consumers of a model queue (passive declare)."""

@@ -18,6 +18,7 @@ from rich.console import Console
 from broker_config.connection import redact
 from broker_config.settings_cli import settings_options
 from broker_config.terminal import print_rows
+from slurm_jobs.announce import Announcer
 from slurm_jobs.autoscale import Autoscaler, Policy
 from slurm_jobs.capacity import NodeRoom, TaskRequest, start_warnings
 from slurm_jobs.jobs import WorkerJobs, render_script
@@ -201,7 +202,7 @@ async def _autoscale(s: SlurmSettings, policies: dict[str, Policy], paths: dict[
     except Exception as exc:  # noqa: BLE001 - one clear line, not a traceback
         raise ValueError(f"broker: {broker_problem(exc)}") from None
     try:
-        scaler = Autoscaler(jobs, view, policies, paths, interval)
+        scaler = Autoscaler(jobs, view, policies, paths, interval, announcer=Announcer(view.connection, interval))
         logging.getLogger("chatai.autoscale").info(
             "autoscaling %s every %.0f s (broker %s)", ", ".join(policies), interval, redact(view.url))
         await scaler.run(stop)

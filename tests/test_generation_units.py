@@ -17,7 +17,7 @@ import pytest
 from broker_config.messages import ApiRequest, Data, Error, Final, Head, Started, Usage
 from broker_config.timing import await_until
 from gateway.cluster.broker_port import BrokerPort, Subscription
-from gateway.cluster.errors import ClusterError, ClusterUnavailable, ModelNotFound, NoWorkerAvailable, QueueFull
+from gateway.cluster.errors import ClusterError, ClusterUnavailable, ModelNotFound, ModelNotLoaded, NoWorkerAvailable, QueueFull
 from gateway.cluster.errors import ClusterOverloaded, WorkerFailed, WorkerLost, WorkerTimeout
 from gateway.errors import to_api_error
 from gateway.cluster.generation import Generation, Timeouts
@@ -246,6 +246,7 @@ async def test_a_client_that_leaves_cancels_the_request():
     (ClusterUnavailable(), 503, "service_paused"),
     (ClusterOverloaded(), 503, "cluster_overloaded"),
     (NoWorkerAvailable("m", 5), 503, "no_worker_available"),
+    (ModelNotLoaded("m"), 503, "model_not_loaded"),
     (WorkerLost(), 502, "worker_lost"),
     (WorkerTimeout(), 504, "worker_timeout"),
     (WorkerFailed(400, "context_length_exceeded", "too long"), 400, "context_length_exceeded"),

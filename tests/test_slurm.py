@@ -13,9 +13,11 @@ import json
 import os
 import re
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 
 from broker_config.messages import Error, Final, Started
@@ -333,6 +335,112 @@ async def test_autoscaler_takes_a_model_from_zero_to_n_and_back_to_zero(operator
     assert scaler.returncode == 0, text
     assert re.search(r"submitted 2 task\(s\)", text), text
     assert "Traceback" not in text, text
+
+
+def _models(gw) -> dict[str, dict]:
+    r = httpx.get(gw.base_url + "/v1/models", headers={"Authorization": f"Bearer {gw.api_key}"}, timeout=10)
+    return {m["id"]: m for m in r.json()["data"]}
+
+
+CHAT_STATUS_LOG = """
+window.statuses = [];
+new MutationObserver(() => window.statuses.push(document.getElementById('chat-status').textContent))
+  .observe(document.getElementById('chat-status'), {childList: true, characterData: true, subtree: true});
+"""
+
+
+async def test_a_scaled_to_zero_model_answers_its_first_users_while_the_autoscaler_starts_a_worker(
+        operator_env, broker, slurm_gateway):
+    """Scale to zero without failing anyone. With nothing to start a worker, a request is told so at
+    once (503 model_not_loaded, retry-after). With the autoscaler running, the model stays listed
+    (cold, on demand), and a non-streamed and a streamed request (the OpenAI SDK's default
+    timeout, no retries) and the chat page (headless Chromium) all wait for the one worker that
+    their waiting requests make the autoscaler start, and get their answers."""
+    from openai import OpenAI, APIStatusError
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from support.browser import chromium
+
+    assert not worker_jobs()
+    gw = slurm_gateway
+    await wait_until(lambda: MODEL not in _models(gw) or not _models(gw)[MODEL]["on_demand"], 30,
+                     "the last test's autoscaler to be forgotten")
+    sdk = OpenAI(base_url=gw.base_url + "/v1", api_key=gw.api_key, max_retries=0)  # default timeout (600 s)
+    messages = [{"role": "user", "content": "Tell me about Slurm."}]
+    began = time.monotonic()
+    with pytest.raises(APIStatusError) as refused:
+        await asyncio.to_thread(sdk.chat.completions.create, model=MODEL, messages=messages, max_tokens=8)
+    assert time.monotonic() - began < 25, "told at once, not after the 30 s queue timeout"
+    assert refused.value.status_code == 503 and refused.value.code == "model_not_loaded"
+    assert refused.value.response.headers["retry-after"] == "60"
+    assert refused.value.response.headers["x-should-retry"] == "false"  # the SDK's own retries would not help
+
+    env = {**operator_env, "CHATAI_SLURM_IDLE_TIMEOUT": "8"}
+    log_path = Path(operator_env["CHATAI_SLURM_LOG_DIR"]) / "autoscaler-cold.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        scaler = subprocess.Popen(["chatai", "autoscale", "--model", MODEL, "--max-workers", "1", "--cooldown", "5",
+                                   "--interval", "1"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        listed = await wait_until(lambda: _models(gw).get(MODEL, {}).get("on_demand") and _models(gw)[MODEL], 30,
+                                  "the gateway to hear the autoscaler")
+        assert listed["state"] == "cold" and not worker_jobs()
+        status = httpx.get(gw.base_url + "/api/status", headers={"Authorization": f"Bearer {gw.api_key}"},
+                           timeout=10).json()
+        assert {"name": MODEL, "state": "cold", "on_demand": True}.items() <= \
+            next(m for m in status["models"] if m["name"] == MODEL).items()
+
+        def plain() -> str:
+            r = sdk.chat.completions.create(model=MODEL, messages=messages, max_tokens=8,
+                                            extra_body={"ignore_eos": True})
+            return r.choices[0].message.content
+
+        def streamed() -> str:
+            chunks = sdk.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, stream=True,
+                                                 extra_body={"ignore_eos": True})
+            return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+        with chromium() as browser:
+            browser.get(gw.base_url + "/")
+            browser.find_element(By.ID, "api-key").send_keys(gw.api_key)
+            browser.find_element(By.ID, "connect").click()
+            option = WebDriverWait(browser, 60).until(
+                lambda d: d.find_elements(By.CSS_SELECTOR, f'#model option[value="{MODEL}"]'), "the cold model listed")
+            assert option[0].text == f"{MODEL} (cold)"
+            Select(browser.find_element(By.ID, "model")).select_by_value(MODEL)
+            browser.find_element(By.CSS_SELECTOR, "#settings summary").click()
+            browser.find_element(By.ID, "max-tokens").send_keys("8")
+            browser.find_element(By.ID, "extra-params").send_keys('{"ignore_eos": true}')
+            browser.execute_script(CHAT_STATUS_LOG)
+            answers = asyncio.gather(asyncio.to_thread(plain), asyncio.to_thread(streamed))
+            await asyncio.sleep(0.2)  # both SDK requests are on their way (threads of their own)
+            browser.find_element(By.ID, "prompt").send_keys("Hello from the browser")
+            browser.find_element(By.ID, "send").click()
+            page_done = WebDriverWait(browser, 400, poll_frequency=0.5).until
+            try:
+                await asyncio.to_thread(page_done, lambda d: d.find_element(By.ID, "chat-status").text == "Done."
+                                        or "Error" in d.find_element(By.ID, "chat-status").text, "the page's answer")
+                texts = await asyncio.wait_for(answers, 400)
+            except Exception:
+                raise AssertionError(log_path.read_text() + job_log(operator_env))
+            statuses = browser.execute_script("return window.statuses")
+            page_answer = browser.find_element(By.CSS_SELECTOR, "#messages .message.assistant .content").text
+            final_status = browser.find_element(By.ID, "chat-status").text
+        assert final_status == "Done.", statuses
+        assert page_answer.strip() and all(t.strip() for t in texts), (page_answer, texts)
+        # The page said what it waited for, then the gateway's SSE comments kept the stream alive.
+        assert any(s.startswith(f"Starting a worker for {MODEL} (") for s in statuses), statuses
+        assert any("waited" in s for s in statuses), statuses
+        assert _models(gw)[MODEL]["state"] == "ready"
+        assert _models(gw)[MODEL]["startup_seconds"] > 0  # measured by the worker, for the next "about N s"
+        await no_worker_jobs_left(broker, 90)  # idle again: back to zero, and still listed
+        await wait_until(lambda: _models(gw)[MODEL]["state"] == "cold", 30, "the model to be cold again")
+    finally:
+        scaler.terminate()
+        scaler.wait(timeout=20)
+    text = log_path.read_text()
+    assert re.search(r"submitted 1 task\(s\)", text) and "could not announce" not in text, text
 
 
 async def test_dev_slurm_handle_submits_through_the_template_and_drains_on_stop(tmp_path):

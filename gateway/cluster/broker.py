@@ -31,7 +31,15 @@ from pamqp.commands import Basic
 
 from broker_config import topology as t
 from broker_config.connection import QueueDepth, connect, publish, queue_depth, redact, user_of
-from broker_config.messages import CONTENT_TYPE, Cancel, ApiRequest, Heartbeat, decode_frames_leniently
+from broker_config.messages import (
+    CONTENT_TYPE,
+    SCALER_MESSAGE_TYPE,
+    ApiRequest,
+    Cancel,
+    Heartbeat,
+    ScalerHeartbeat,
+    decode_frames_leniently,
+)
 from broker_config.timing import Backoff, retry_async
 from gateway.cluster.broker_alarm import BlockedTracker
 from gateway.cluster.broker_port import Subscription
@@ -105,6 +113,7 @@ class GatewayBroker:
         connection.reconnect_callbacks.add(self._on_reconnected)
         self.alarm.watch(connection)
         self._connection, self._channel = connection, channel
+        self.registry.listening()
         self._set_connected(True)
         log.info("connected to broker %s as gateway %s", redact(self._url), self.gateway_id)
 
@@ -128,6 +137,7 @@ class GatewayBroker:
     def _on_reconnected(self, *_: object) -> None:
         if self._connection is not None:
             self.alarm.watch(self._connection)  # a new AMQP connection underneath
+        self.registry.listening()  # a new heartbeat queue: what was missed meanwhile is unknown
         self._set_connected(True)
         log.info("broker connection restored")
         if self._unsent_cancels:
@@ -162,7 +172,10 @@ class GatewayBroker:
 
     async def _on_heartbeat(self, message: AbstractIncomingMessage) -> None:
         try:
-            self.registry.update(Heartbeat.model_validate_json(message.body))
+            if message.type == SCALER_MESSAGE_TYPE:  # an autoscaler's round, on the same exchange
+                self.registry.update_scaler(ScalerHeartbeat.model_validate_json(message.body))
+            else:
+                self.registry.update(Heartbeat.model_validate_json(message.body))
         except ValueError:
             MALFORMED_FRAMES.labels("heartbeats").inc()
             log.warning("dropped a malformed heartbeat")

@@ -13,6 +13,9 @@ from __future__ import annotations
 class ClusterError(Exception):
     """Base of every failure on the broker path."""
 
+    retry_after: float | None = None  # seconds after which the same request may work (retry-after)
+    should_retry: bool | None = None  # False: an automatic retry would only wait again (x-should-retry)
+
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
@@ -55,13 +58,36 @@ class ClusterOverloaded(TryLater):
 
 
 class NoWorkerAvailable(ClusterError):
-    """No worker started the request within the queue timeout (the message's TTL ran out)."""
+    """No worker started the request within the queue timeout (the message's TTL ran out), or,
+    for a cold model, within its cold-start timeout."""
 
-    def __init__(self, model: str, timeout: float) -> None:
-        super().__init__(
-            f"No worker picked up the request within {timeout:g} s: model '{model}' has no free worker right "
-            "now (workers may be starting, busy or scaled to zero). Try again later.")
+    def __init__(self, model: str, timeout: float, cold_start: bool = False) -> None:
+        if cold_start:
+            super().__init__(
+                f"No worker of model '{model}' started within the cold-start timeout of {timeout:g} s (the model "
+                "had no running worker; one was being started, but it did not come in time). Try again later.")
+            self.retry_after, self.should_retry = 60, False  # a retry at once would wait as long again
+        else:
+            super().__init__(
+                f"No worker picked up the request within {timeout:g} s: model '{model}' has no free worker right "
+                "now (its workers are busy). Try again later.")
+            self.retry_after = 10
         self.model, self.timeout = model, timeout
+
+
+class ModelNotLoaded(ClusterError):
+    """The model has no worker, and nothing will start one: no autoscaler runs for it and no
+    worker is on its way. Said at once, instead of a wait that cannot end well."""
+
+    retry_after = 60
+    should_retry = False  # nothing changes by itself: an operator has to act
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"Model '{model}' has no running worker and nothing will start one: no autoscaler is running for "
+            "it and no worker job is starting. Ask the service's operators to start a worker (chatai scale up) "
+            "or to run the autoscaler (chatai autoscale), then try again.")
+        self.model = model
 
 
 class WorkerLost(ClusterError):

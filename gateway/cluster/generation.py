@@ -41,6 +41,7 @@ class Timeouts:
     queue: float  # for a worker to start the request (and to restart it after a redelivery)
     idle: float  # for the next frame of a started request
     liveness: float = 1.0  # between checks that the broker and the request's worker are still there
+    cold_start: bool = False  # ``queue`` is a cold model's wait for a worker to start (gateway/cluster/cold_start.py)
 
 
 @dataclass
@@ -62,6 +63,7 @@ class Generation:
         self.request = request
         self.timeouts = timeouts
         self.outcome = Outcome()
+        self.published = False  # the broker confirmed the request: no 404 or 429 can follow
         self._done = False
 
     @classmethod
@@ -82,6 +84,7 @@ class Generation:
             except ClusterError:
                 self._done = True  # nothing was queued: nothing to cancel
                 raise
+            self.published = True
             attempt, last_seq, started_at = 0, -1, None
             first_token_seen = False
             while True:
@@ -144,7 +147,7 @@ class Generation:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 if waiting_for_start:
-                    raise NoWorkerAvailable(self.request.model, self.timeouts.queue)
+                    raise NoWorkerAvailable(self.request.model, self.timeouts.queue, self.timeouts.cold_start)
                 raise WorkerTimeout()
             try:
                 return self._checked(await asyncio.wait_for(frames.get(),

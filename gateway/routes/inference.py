@@ -3,14 +3,18 @@
 The gateway authenticates, limits, checks a little (``gateway.schemas``), routes by model and
 relays: the worker's vLLM layer writes the response, and it goes out unchanged, with vLLM's
 status code. A streamed request gets its HTTP status only once a worker has started it and
-vLLM has begun its answer (or refused the request with a status of its own).
+vLLM has begun its answer (or refused the request with a status of its own); except while a
+cold model's worker starts (``gateway/cluster/cold_start.py``): once the broker has accepted the
+request (no 404 or 429 can follow) and ``stream_keepalive`` seconds have passed, it gets 200 and
+SSE comments until the worker starts it, and a later failure is the stream's error event.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import replace
 from typing import TypeVar
 
 from fastapi import APIRouter, Depends, Request
@@ -18,6 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from broker_config.messages import Final, Head
+from gateway.cluster.cold_start import plan_start
 from gateway.cluster.errors import ClusterError
 from gateway.context import GatewayContext, get_context, require_api_key
 from gateway.errors import APIError, to_api_error
@@ -25,7 +30,7 @@ from gateway.cluster.generation import Generation
 from gateway.limits import Lease
 from gateway.metrics import REQUESTS, STALLED_STREAMS, model_label
 from gateway.schemas import Routed, check_body, parse_json
-from gateway.streaming import SSE_HEADERS, relay
+from gateway.streaming import SSE_HEADERS, relay, waiting_relay
 
 log = logging.getLogger("chatai.gateway.completions")
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
@@ -40,22 +45,6 @@ async def _disconnected(request: Request) -> None:
     """Returns when the client hangs up (the body was read already, so only that can arrive)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Run ``work`` but cancel it the moment the client hangs up."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            return task.result()
-        raise ClientGone
-    finally:
-        for t in (task, watcher):
-            if not t.done():
-                t.cancel()
-        await asyncio.gather(task, watcher, return_exceptions=True)
 
 
 class ClientStalled(Exception):
@@ -119,16 +108,39 @@ def _tokens_used(gen: Generation | None) -> int:
     return gen.outcome.streamed_tokens
 
 
-async def _answer(frames: AsyncGenerator, request: Request) -> Head | Final:
+async def _decisive(frames: AsyncGenerator) -> Head | Final:
     """The frame that decides the HTTP response: a streamed answer's head, or a whole one."""
     try:
-        await until_disconnected(request, frames.__anext__())  # the worker's "started"
         while True:
-            frame = await until_disconnected(request, frames.__anext__())
+            frame = await frames.__anext__()  # the worker's "started" first
             if isinstance(frame, (Head, Final)):
                 return frame
     except StopAsyncIteration:
         raise APIError(502, "The worker ended the request without a result.", code="worker_error") from None
+
+
+async def _answer(frames: AsyncGenerator, request: Request, commit_after: float | None = None,
+                  committable: Callable[[], bool] = lambda: False) -> Head | Final | asyncio.Future:
+    """The decisive frame; or, given ``commit_after``, the task still waiting for it once that many
+    seconds have passed and ``committable()`` holds (the caller then owns the task)."""
+    decisive = asyncio.ensure_future(_decisive(frames))
+    watcher = asyncio.ensure_future(_disconnected(request))
+    handed_over = False
+    try:
+        while True:
+            await asyncio.wait({decisive, watcher}, timeout=commit_after, return_when=asyncio.FIRST_COMPLETED)
+            if decisive.done():
+                return decisive.result()
+            if watcher.done():
+                raise ClientGone
+            if committable():
+                handed_over = True
+                return decisive
+    finally:
+        watcher.cancel()
+        if not handed_over and not decisive.done():
+            decisive.cancel()  # the frames' generator ends with it (and cancels the request)
+        await asyncio.gather(watcher, *(() if handed_over else (decisive,)), return_exceptions=True)
 
 
 # The endpoint label of the request metrics.
@@ -143,14 +155,26 @@ async def _serve(routed: Routed, request: Request, ctx: GatewayContext, key_id: 
     gen: Generation | None = None
     try:
         lease = ctx.admit(key_id, routed.choices)
-        gen = Generation.build(ctx.broker, ctx.timeouts, model=ctx.registry.queue_for(routed.model),
+        model = ctx.registry.queue_for(routed.model)
+        plan = await plan_start(ctx.registry, ctx.broker, model, ctx.settings.queue_timeout,
+                                ctx.settings.cold_start_timeout_for(model))
+        gen = Generation.build(ctx.broker, replace(ctx.timeouts, queue=plan.wait, cold_start=plan.cold), model=model,
                                endpoint=routed.endpoint, body=routed.body, stream=routed.stream)
         frames = gen.frames()
+        keepalive = ctx.settings.stream_keepalive if routed.stream and plan.cold else None
         try:
-            first = await _answer(frames, request)
+            first = await _answer(frames, request, keepalive, lambda: gen.published)
         except BaseException:
             await frames.aclose()
             raise
+        if isinstance(first, asyncio.Future):  # a cold start: committed to 200, comments until it starts
+            REQUESTS.labels(endpoint, label, "200").inc()
+            body = waiting_relay(first, frames, routed.model, plan.view.startup_seconds, keepalive or 0.0)
+            response = LeasedStream(body, status_code=200, media_type="text/event-stream",
+                                    headers={**SSE_HEADERS, **lease.headers}, gen=gen, lease=lease,
+                                    send_timeout=ctx.settings.stream_send_timeout)
+            lease = None  # the response releases it
+            return response
         if isinstance(first, Head):
             REQUESTS.labels(endpoint, label, str(first.status)).inc()
             response = LeasedStream(relay(frames), status_code=first.status, media_type=first.content_type,

@@ -17,6 +17,7 @@ import time
 from fastapi import APIRouter, Depends, Request
 
 from broker_config.connection import QueueDepth
+from gateway.cluster.cold_start import listed_models, view
 from gateway.context import GatewayContext, get_context
 from gateway.errors import invalid_api_key
 from gateway.http_guard import bearer_token, token_matches
@@ -75,12 +76,15 @@ def breaker_view(ctx: GatewayContext) -> dict[str, str]:
 async def status(ctx: GatewayContext = Depends(get_context), operator: bool = Depends(status_access)) -> dict:
     now = time.time()
     by_model = ctx.registry.models()
-    depths = await _queues.get(ctx, sorted(by_model))
+    names = listed_models(ctx.registry, ctx.settings.models)  # cold ones too (gateway/cluster/cold_start.py)
+    depths = await _queues.get(ctx, names)
     models = []
-    for name, hbs in sorted(by_model.items()):
+    for name in names:
+        hbs = by_model.get(name, [])
         depth = depths.get(name)
         models.append({
             "name": name,
+            **view(ctx.registry, name).fields(),
             "workers": {s: sum(1 for h in hbs if h.state == s) for s in ("starting", "ready", "draining")},
             "capacity": sum(h.capacity for h in hbs),
             "in_flight": sum(h.in_flight for h in hbs),

@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Callable
 
 from broker_config import topology
-from broker_config.messages import AnyFrame, ApiRequest, Data, Error, Final, Heartbeat
+from broker_config.messages import AnyFrame, ApiRequest, Data, Error, Final, Heartbeat, ScalerHeartbeat
 from gateway.cluster.broker import GatewayBroker, Subscription
 
 
@@ -23,11 +23,18 @@ class _HeartbeatLog:
 
     def __init__(self, on_change: Callable[[], None]) -> None:
         self.heartbeats: list[Heartbeat] = []
+        self.scalers: list[ScalerHeartbeat] = []  # autoscalers' heartbeats
         self._on_change = on_change
 
     def update(self, hb: Heartbeat) -> None:
         self.heartbeats.append(hb)
         self._on_change()
+
+    def update_scaler(self, hb: ScalerHeartbeat) -> None:
+        self.scalers.append(hb)
+
+    def listening(self) -> None:
+        pass
 
 
 class TestGatewayClient:

@@ -14,6 +14,7 @@ const state = {
   conversations: JSON.parse(localStorage.getItem(STORE) || "[]"),
   current: null, // id of the open conversation
   controller: null, // AbortController of the stream in progress
+  models: {}, // id -> the /v1/models entry (state ready/starting/cold, startup_seconds)
 };
 
 function save() {
@@ -45,19 +46,36 @@ async function errorText(response) {
 
 // ------------------------------------------------------------------ models
 
-async function loadModels() {
+// A model scaled to zero is listed too ("cold"): the first request waits while a worker starts.
+function modelLabel(m) {
+  return m.state && m.state !== "ready" ? `${m.id} (${m.state})` : m.id;
+}
+
+function startingText(id) {
+  const m = state.models[id] || {};
+  const about = m.startup_seconds ? `about ${Math.round(m.startup_seconds)} s` : "start-up time not known yet";
+  return `Starting a worker for ${id} (${about})…`;
+}
+
+async function loadModels(quiet = false) {
   sessionStorage.setItem(KEY, apiKey());
-  setStatus("Loading models…");
+  if (!quiet) setStatus("Loading models…");
   const select = $("model");
   try {
     const response = await fetch("/v1/models", { headers: authHeaders() });
     if (!response.ok) throw new Error(await errorText(response));
-    const models = (await response.json()).data.map((m) => m.id);
-    select.replaceChildren(...models.map((id) => new Option(id, id)));
+    const models = (await response.json()).data;
+    const chosen = select.value;
+    state.models = Object.fromEntries(models.map((m) => [m.id, m]));
+    select.replaceChildren(...models.map((m) => new Option(modelLabel(m), m.id)));
+    if (chosen && state.models[chosen]) select.value = chosen;
     select.disabled = models.length === 0;
-    setStatus(models.length ? `${models.length} model(s) available.` : "No model is being served right now.",
-      models.length ? "ok" : "warn");
+    if (quiet) return;
+    const cold = models.filter((m) => m.state && m.state !== "ready").length;
+    setStatus(models.length ? `${models.length} model(s) available` + (cold ? `, ${cold} not running yet: the first `
+      + "request starts a worker." : ".") : "This service lists no models.", models.length ? "ok" : "warn");
   } catch (err) {
+    if (quiet) return;
     select.replaceChildren(new Option("(no models)", ""));
     select.disabled = true;
     setStatus("Could not list models: " + err.message, "error");
@@ -147,6 +165,7 @@ function requestBody(c, model) {
 }
 
 // Server-sent events: "data: {...}" lines, events separated by a blank line, "[DONE]" at the end.
+// Comment lines (": ...") are the gateway's word while a cold model's worker starts.
 async function* sseData(response) {
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
@@ -157,14 +176,16 @@ async function* sseData(response) {
     buffer += decoder.decode(value, { stream: true });
     let cut;
     const batch = [];
+    let note = null;
     while ((cut = buffer.indexOf("\n\n")) >= 0) {
       const event = buffer.slice(0, cut);
       buffer = buffer.slice(cut + 2);
       for (const line of event.split("\n")) {
         if (line.startsWith("data:")) batch.push(line.slice(5).trim());
+        else if (line.startsWith(":")) note = line.slice(1).trim();
       }
     }
-    if (batch.length) yield batch; // what one network read brought: rendered once
+    if (batch.length || note) yield { batch, note }; // what one network read brought: rendered once
   }
 }
 
@@ -196,13 +217,17 @@ async function send(text) {
   state.controller = controller;
   $("send").disabled = true;
   $("stop").disabled = false;
-  setStatus("Generating…", "busy");
+  const cold = (state.models[model] || {}).state !== "ready";
+  setStatus(cold ? startingText(model) : "Generating…", "busy");
   try {
     const response = await fetch("/v1/chat/completions", {
       method: "POST", headers: authHeaders(), body: JSON.stringify(body), signal: controller.signal,
     });
     if (!response.ok) throw new Error(await errorText(response));
-    outer: for await (const batch of sseData(response)) {
+    let generating = !cold;
+    outer: for await (const { batch, note } of sseData(response)) {
+      if (note && !generating) setStatus(note.charAt(0).toUpperCase() + note.slice(1) + "…", "busy");
+      if (batch.length && !generating) { generating = true; setStatus("Generating…", "busy"); }
       for (const data of batch) {
         if (data === "[DONE]") break outer;
         const chunk = JSON.parse(data);
@@ -227,6 +252,7 @@ async function send(text) {
     $("stop").disabled = true;
     save();
     renderMessages();
+    if (cold) loadModels(true); // the model's state has changed: refresh the list, quietly
   }
 }
 
