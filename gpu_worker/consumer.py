@@ -283,8 +283,9 @@ class Consumer:
             ttft = f"{(first - t0) * 1000:.0f}ms" if first else "-"
             # Never the body: it holds the prompt (docs/security.md, privacy).
             log.info(
-                "request_id=%s attempt=%d %s %s prompt_tokens=%d completion_tokens=%d handovers=%d ttft=%s total=%.0fms",
-                req.request_id, job.attempt, req.endpoint, outcome, usage.prompt_tokens, usage.completion_tokens,
+                "request_id=%s attempt=%d %s endpoint=%s prompt_tokens=%d completion_tokens=%d handovers=%d ttft=%s "
+                "total=%.0fms",
+                req.request_id, job.attempt, outcome, req.endpoint, usage.prompt_tokens, usage.completion_tokens,
                 stream.handovers, ttft, (time.monotonic() - t0) * 1000,
             )
 

@@ -146,7 +146,9 @@ async def test_one_stream_over_max_concurrent_is_refused_while_the_others_comple
     other = gateway.async_client()
 
     def stream():
-        return client.chat.completions.create(model=SERVED_MODEL, messages=CHAT, max_tokens=6, stream=True)
+        # ignore_eos: the tiny random model may end an answer at its first token.
+        return client.chat.completions.create(model=SERVED_MODEL, messages=CHAT, max_tokens=6, stream=True,
+                                              extra_body={"ignore_eos": True})
 
     with worker_paused(served_worker):
         # Two streams are admitted and wait for the paused worker to start them.
@@ -160,7 +162,8 @@ async def test_one_stream_over_max_concurrent_is_refused_while_the_others_comple
         assert_retry_after(err.response.headers, at_most=1)
         # Another key's stream is admitted (it waits for the worker like the others).
         others = asyncio.create_task(other.chat.completions.create(model=SERVED_MODEL, messages=CHAT,
-                                                                   max_tokens=6, stream=True))
+                                                                   max_tokens=6, stream=True,
+                                                                   extra_body={"ignore_eos": True}))
         await wait_until(lambda: in_flight(gateway) >= 3, timeout=30, what="the other key's stream in flight")
         assert not any(t.done() for t in held)
 

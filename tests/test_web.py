@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -31,7 +32,11 @@ def browser():
 
 
 def _until(driver, condition, what: str, timeout: float = WAIT):
-    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(condition, message=f"waiting for {what}")
+    # The pages re-render lists (the model list follows the workers' heartbeats): an element found
+    # a moment ago may be gone; the condition is then simply tried again.
+    return WebDriverWait(driver, timeout, poll_frequency=0.05,
+                         ignored_exceptions=(StaleElementReferenceException,)).until(
+        condition, message=f"waiting for {what}")
 
 
 # ---------------------------------------------------------------- fast tier: no broker

@@ -21,7 +21,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from broker_config.messages import Final, Head
+from broker_config.messages import ENDPOINTS, Final, Head
 from gateway.cluster.cold_start import plan_start
 from gateway.cluster.errors import ClusterError
 from gateway.context import GatewayContext, get_context, require_api_key
@@ -203,27 +203,16 @@ async def _relayed(endpoint: str, request: Request, ctx: GatewayContext, key_id:
     return await _serve(check_body(endpoint, body, caps=caps), request, ctx, key_id)
 
 
-# One route per endpoint, so that each shows in the API reference; the body is the client's own
-# (FastAPI does not parse it: vLLM's layer does, on the worker).
-@router.post("/chat/completions")
-async def chat_completions(request: Request, ctx: GatewayContext = Depends(get_context),
-                           key_id: str = Depends(require_api_key)) -> Response:
-    return await _relayed("/v1/chat/completions", request, ctx, key_id)
+def _route(endpoint: str):
+    async def relay_endpoint(request: Request, ctx: GatewayContext = Depends(get_context),
+                             key_id: str = Depends(require_api_key)) -> Response:
+        return await _relayed(endpoint, request, ctx, key_id)
+
+    return relay_endpoint
 
 
-@router.post("/completions")
-async def completions(request: Request, ctx: GatewayContext = Depends(get_context),
-                      key_id: str = Depends(require_api_key)) -> Response:
-    return await _relayed("/v1/completions", request, ctx, key_id)
-
-
-@router.post("/responses")
-async def responses(request: Request, ctx: GatewayContext = Depends(get_context),
-                    key_id: str = Depends(require_api_key)) -> Response:
-    return await _relayed("/v1/responses", request, ctx, key_id)
-
-
-@router.post("/embeddings")
-async def embeddings(request: Request, ctx: GatewayContext = Depends(get_context),
-                     key_id: str = Depends(require_api_key)) -> Response:
-    return await _relayed("/v1/embeddings", request, ctx, key_id)
+# One route per endpoint the workers serve, so that each shows in the API reference; the body is
+# the client's own (FastAPI does not parse it: vLLM's layer does, on the worker).
+for _endpoint in ENDPOINTS:
+    router.add_api_route(_endpoint.removeprefix("/v1"), _route(_endpoint), methods=["POST"],
+                         name=_LABELS[_endpoint], summary=f"POST {_endpoint}, answered by vLLM's layer on a worker")
