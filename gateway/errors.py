@@ -8,6 +8,7 @@ The cluster's own failures (``gateway/cluster/errors.py``) become HTTP here and 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -100,8 +101,8 @@ def to_api_error(exc: APIError | ClusterError) -> APIError:
     return error
 
 
-def model_not_found(model: str) -> APIError:
-    return to_api_error(ModelNotFound(model))
+def model_not_found(model: str, known: Iterable[str] = ()) -> APIError:
+    return to_api_error(ModelNotFound(model, known))
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

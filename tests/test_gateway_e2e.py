@@ -155,6 +155,10 @@ def test_unknown_model_is_404(gateway):
         gateway.client().chat.completions.create(model="no-such-model", messages=CHAT)
     assert err.value.status_code == 404
     assert err.value.body["code"] == "model_not_found"
+    assert SERVED_MODEL in err.value.message  # it names the models that exist
+    with pytest.raises(openai.NotFoundError) as err:
+        gateway.client().models.retrieve("no-such-model")
+    assert SERVED_MODEL in err.value.message
 
 
 def test_bad_key_is_401(gateway):

@@ -256,3 +256,10 @@ def test_each_cluster_failure_has_one_http_answer(error: ClusterError, status: i
     assert (api.status, api.code, api.message) == (status, code, error.message)
     assert api.body()["error"]["type"] in ("invalid_request_error", "rate_limit_error", "server_error",
                                            "service_unavailable")
+
+
+def test_an_unknown_models_404_names_the_models_that_exist():
+    api = to_api_error(ModelNotFound("lama", ["llama-3-8b", "tiny"]))
+    assert api.status == 404 and "'lama' does not exist" in api.message and "llama-3-8b, tiny" in api.message
+    many = ModelNotFound("x", [f"m{i:02}" for i in range(25)]).message
+    assert "m19" in many and "m20" not in many and "5 more" in many

@@ -9,6 +9,8 @@ every kind the same way on every endpoint. The messages are written for the API 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class ClusterError(Exception):
     """Base of every failure on the broker path."""
@@ -24,8 +26,13 @@ class ClusterError(Exception):
 class ModelNotFound(ClusterError):
     """No queue is bound for this model name: the broker returned the message."""
 
-    def __init__(self, model: str) -> None:
-        super().__init__(f"The model '{model}' does not exist on this service.")
+    def __init__(self, model: str, known: Iterable[str] = ()) -> None:
+        names = sorted(known)
+        listed = ""
+        if names:  # what the client may have meant: a typo is the usual cause
+            more = f" and {len(names) - 20} more (GET /v1/models)" if len(names) > 20 else ""
+            listed = f" Models on this service: {', '.join(names[:20])}{more}."
+        super().__init__(f"The model '{model}' does not exist on this service.{listed}")
         self.model = model
 
 

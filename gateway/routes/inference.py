@@ -23,16 +23,17 @@ from starlette.types import Receive, Scope, Send
 
 from broker_config.messages import ENDPOINTS, Final, Head
 from gateway.cluster.cold_start import plan_start
-from gateway.cluster.errors import ClusterError
+from gateway.cluster.errors import ClusterError, ModelNotFound
 from gateway.context import GatewayContext, get_context, require_api_key
-from gateway.errors import APIError, to_api_error
 from gateway.cluster.generation import Generation
+from gateway.errors import APIError, to_api_error
 from gateway.limits import Lease
 from gateway.metrics import REQUESTS, STALLED_STREAMS, model_label
+from gateway.routes.models import known_models
 from gateway.schemas import Routed, check_body, parse_json
 from gateway.streaming import SSE_HEADERS, relay, waiting_relay
 
-log = logging.getLogger("chatai.gateway.completions")
+log = logging.getLogger("chatai.gateway.inference")
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 T = TypeVar("T")
 
@@ -186,6 +187,8 @@ async def _serve(routed: Routed, request: Request, ctx: GatewayContext, key_id: 
         final, headers = first, lease.headers
     except (APIError, ClusterError) as exc:
         REQUESTS.labels(endpoint, label, str(to_api_error(exc).status)).inc()
+        if isinstance(exc, ModelNotFound):
+            raise ModelNotFound(exc.model, known_models(ctx)) from None
         raise
     except ClientGone:
         REQUESTS.labels(endpoint, label, "499").inc()

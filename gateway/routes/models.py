@@ -43,6 +43,14 @@ def _listed(ctx: GatewayContext) -> dict[str, dict]:
     return models
 
 
+def known_models(ctx: GatewayContext) -> list[str]:
+    """The names ``GET /v1/models`` lists (none while the cluster is unreachable), for a 404."""
+    try:
+        return list(_listed(ctx))
+    except ClusterUnavailable:
+        return []
+
+
 @router.get("/models")
 async def list_models(ctx: GatewayContext = Depends(get_context)) -> dict:
     return {"object": "list", "data": list(_listed(ctx).values())}
@@ -52,5 +60,5 @@ async def list_models(ctx: GatewayContext = Depends(get_context)) -> dict:
 async def get_model(model: str, ctx: GatewayContext = Depends(get_context)) -> dict:
     found = _listed(ctx).get(model)
     if found is None:
-        raise model_not_found(model)
+        raise model_not_found(model, known_models(ctx))
     return found
