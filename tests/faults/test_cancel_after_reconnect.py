@@ -30,7 +30,9 @@ def _finished_line(worker, request_id: str) -> str | None:
 def test_a_generation_cut_off_by_a_lost_connection_is_cancelled_once_it_returns(broker, served_worker, tmp_path):
     user = add_gateway_like_user(broker)  # its own broker user: closing its connections touches no one else
     try:
-        env = {"CHATAI_GATEWAY_BROKER_RECONNECT_INTERVAL": "0.2", "CHATAI_GATEWAY_QUEUE_TIMEOUT": "30"}
+        env = {"CHATAI_GATEWAY_BROKER_RECONNECT_INTERVAL": "0.2", "CHATAI_GATEWAY_QUEUE_TIMEOUT": "30",
+               # 16 choices x 480 tokens x 21 logprobs: over the default logprobs budget on purpose.
+               "CHATAI_GATEWAY_MAX_LOGPROB_TOKENS": "200000"}
         with gateway_serving(tmp_path / "gw", user.url(), SERVED_MODEL, env=env) as gw:
             gw.wait_for(lambda h: h["models"][SERVED_MODEL].get("in_flight", -1) == 0, timeout=120,
                         what="an idle worker")

@@ -30,7 +30,10 @@ MESSAGES = [{"role": "user", "content": "Tell me a long story."}]
 
 @pytest.fixture
 def send_timeout_gateway(broker, served_worker, tmp_path):
-    env = {"CHATAI_GATEWAY_STREAM_SEND_TIMEOUT": str(SEND_TIMEOUT), "CHATAI_GATEWAY_QUEUE_TIMEOUT": "30"}
+    env = {"CHATAI_GATEWAY_STREAM_SEND_TIMEOUT": str(SEND_TIMEOUT), "CHATAI_GATEWAY_QUEUE_TIMEOUT": "30",
+           # The test's heavy streams (16 choices x 480 tokens x 21 logprobs) are over the default
+           # logprobs budget on purpose; an operator raises it the same way.
+           "CHATAI_GATEWAY_MAX_LOGPROB_TOKENS": "200000"}
     with gateway_serving(tmp_path / "gw", broker.url("gateway"), SERVED_MODEL, env=env) as gw:
         yield gw
 
