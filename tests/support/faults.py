@@ -283,9 +283,13 @@ def metric(base_url: str, name: str) -> float:
 @contextlib.contextmanager
 def gateway_serving(state_dir, broker_url: str, model: str, *, env: dict[str, str],
                     direct: bool = True) -> Iterator:
-    """A gateway process of the test's own settings, handed out once it sees ``model``'s worker."""
+    """A gateway process of the test's own settings, handed out once it sees ``model``'s worker.
+
+    Per-key rate limits are off unless the test sets them: fault tests drive traffic through
+    outages (where refusals come back at once and a loop sends many), not a client under limits."""
     from support.gateway import start_gateway
 
+    env = {"CHATAI_GATEWAY_LIMIT_RPM": "0", "CHATAI_GATEWAY_LIMIT_TPM": "0", **env}
     gw = start_gateway(state_dir, broker_url, extra_env=env, direct=direct)
     try:
         gw.wait_for(lambda h: h["models"].get(model, {}).get("ready", 0) >= 1, timeout=60,
