@@ -198,3 +198,12 @@ def sshd(broker: BrokerEnv, gw_user, tmp_path_factory: pytest.TempPathFactory):
     assert not Path(s.base_dir).exists()
     with pytest.raises(KeyError):
         pwd.getpwnam(s.user)  # the throw-away tunnel account is gone
+
+
+@pytest.fixture
+def breaker(sshd, broker):
+    """The module's circuit breaker (``circuit_breaker.breaker.Breaker``), closed before and after."""
+    b = sshd.breaker(admin=broker.admin)
+    b.reset(by="test")
+    yield b
+    b.reset(by="test")

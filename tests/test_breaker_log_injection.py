@@ -29,14 +29,6 @@ from chatai.devstack.sshd import LocalSshd
 from support.waiting import wait_until
 
 
-@pytest.fixture
-def breaker(sshd, broker) -> Breaker:
-    b = sshd.breaker(admin=broker.admin)
-    b.reset(by="test")
-    yield b
-    b.reset(by="test")
-
-
 # ------------------------------------------------------------------------ what a stranger sends
 
 def _string(data: bytes) -> bytes:

@@ -30,14 +30,6 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
 
-@pytest.fixture
-def breaker(sshd, broker) -> Breaker:
-    b = sshd.breaker(admin=broker.admin)
-    b.reset(by="test")
-    yield b
-    b.reset(by="test")
-
-
 async def ssh_connect(sshd: LocalSshd, **kw) -> asyncssh.SSHClientConnection:
     opts = dict(username=sshd.user, client_keys=[str(sshd.client_key_path)], known_hosts=str(sshd.known_hosts_path),
                 config=[], agent_path=None, connect_timeout=10)

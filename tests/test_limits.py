@@ -23,7 +23,7 @@ import openai
 import pytest
 
 from conftest import SERVED_MODEL
-from gateway.keys import KeyStore
+from support.gateway import new_key as make_key
 from support.waiting import wait_until
 
 CHAT = [{"role": "user", "content": "Tell me about rate limits."}]
@@ -31,13 +31,7 @@ RESET = re.compile(r"^(\d+ms|\d+(\.\d+)?s|\d+m\d+s)$")  # OpenAI's x-ratelimit-r
 
 
 def new_key(gateway, **limits: int) -> tuple[str, str]:
-    """(key id, key) with its own limits, made the way ``chatai keys create --rpm ...`` does."""
-    store = KeyStore(gateway.state_dir / "gateway.db")
-    try:
-        info, key = store.create("limits-test", limits=limits)
-    finally:
-        store.close()
-    return info.id, key
+    return make_key(gateway, "limits-test", **limits)
 
 
 def sdk(gateway, key: str, asynchronous: bool = False):

@@ -28,8 +28,7 @@ from broker_config import topology
 from broker_config.connection import user_of
 from broker_config.messages import CONTENT_TYPE, Final, Usage
 from conftest import SERVED_MODEL
-from gateway.keys import KeyStore
-from support.gateway import GatewayProcess, start_gateway
+from support.gateway import GatewayProcess, gateway_serving, new_key
 from support.waiting import wait_until
 
 CHAT = "/v1/chat/completions"
@@ -45,26 +44,18 @@ def sgw(broker, served_worker, tmp_path_factory) -> Iterator[GatewayProcess]:
     state_dir = tmp_path_factory.mktemp("sec-gateway") / "state"
     state_dir.mkdir(mode=0o755)
     os.chmod(state_dir, 0o755)  # as an operator's mkdir under umask 022 leaves it
-    gw = start_gateway(state_dir, broker.url("gateway"), extra_env={
-        "CHATAI_GATEWAY_METRICS_TOKEN": METRICS_TOKEN,
-        "CHATAI_GATEWAY_BATCH_MAX_FILE_BYTES": str(MAX_FILE_BYTES),
-        "CHATAI_GATEWAY_BATCH_TICK": "0.2",
-        "CHATAI_GATEWAY_QUEUE_TIMEOUT": "60",
-    })
-    try:
-        gw.wait_for(lambda h: h["models"].get(SERVED_MODEL, {}).get("ready", 0) >= 1, timeout=60,
-                    what="the served worker's heartbeat")
+    with gateway_serving(state_dir, broker.url("gateway"), SERVED_MODEL,
+                         env={"CHATAI_GATEWAY_METRICS_TOKEN": METRICS_TOKEN,
+                              "CHATAI_GATEWAY_BATCH_MAX_FILE_BYTES": str(MAX_FILE_BYTES),
+                              "CHATAI_GATEWAY_BATCH_TICK": "0.2",
+                              "CHATAI_GATEWAY_QUEUE_TIMEOUT": "60"}) as gw:
         yield gw
-    finally:
-        gw.stop()
 
 
 @pytest.fixture(scope="module")
 def other_client(sgw) -> openai.OpenAI:
     """A second API key's client (another user of the same gateway)."""
-    keys = KeyStore(sgw.state_dir / "gateway.db")
-    key = keys.create("other user")[1]
-    keys.close()
+    key = new_key(sgw, "other user")[1]
     return openai.OpenAI(base_url=sgw.base_url + "/v1", api_key=key, max_retries=0)
 
 

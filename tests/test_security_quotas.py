@@ -21,7 +21,8 @@ import pytest
 
 from conftest import SERVED_MODEL
 from gateway.keys import KeyStore
-from support.gateway import GatewayProcess, start_gateway
+from support.gateway import GatewayProcess, gateway_serving
+from support.gateway import new_key as make_key
 from support.waiting import wait_until
 from test_security_http import assert_openai_error, jsonl, peak_rss, read_lines, wait_batch
 
@@ -35,28 +36,17 @@ HEADER_TIMEOUT = 2.0
 
 @pytest.fixture(scope="module")
 def qgw(broker, served_worker, tmp_path_factory) -> Iterator[GatewayProcess]:
-    gw = start_gateway(tmp_path_factory.mktemp("quota-gateway") / "state", broker.url("gateway"), extra_env={
-        "CHATAI_GATEWAY_METRICS_TOKEN": METRICS_TOKEN,
-        "CHATAI_GATEWAY_HEADER_TIMEOUT": str(HEADER_TIMEOUT),
-        "CHATAI_GATEWAY_BATCH_TICK": "0.2",
-        "CHATAI_GATEWAY_BATCH_MAX_IN_FLIGHT": "2",
-        "CHATAI_GATEWAY_QUEUE_TIMEOUT": "60",
-    })
-    try:
-        gw.wait_for(lambda h: h["models"].get(SERVED_MODEL, {}).get("ready", 0) >= 1, timeout=60,
-                    what="the served worker's heartbeat")
+    with gateway_serving(tmp_path_factory.mktemp("quota-gateway") / "state", broker.url("gateway"), SERVED_MODEL,
+                         env={"CHATAI_GATEWAY_METRICS_TOKEN": METRICS_TOKEN,
+                              "CHATAI_GATEWAY_HEADER_TIMEOUT": str(HEADER_TIMEOUT),
+                              "CHATAI_GATEWAY_BATCH_TICK": "0.2",
+                              "CHATAI_GATEWAY_BATCH_MAX_IN_FLIGHT": "2",
+                              "CHATAI_GATEWAY_QUEUE_TIMEOUT": "60"}) as gw:
         yield gw
-    finally:
-        gw.stop()
 
 
 def new_key(gw: GatewayProcess, **limits: int) -> tuple[str, str]:
-    store = KeyStore(gw.state_dir / "gateway.db")
-    try:
-        info, key = store.create("quota-test", limits=limits)
-    finally:
-        store.close()
-    return info.id, key
+    return make_key(gw, "quota-test", **limits)
 
 
 def set_limits(gw: GatewayProcess, key_id: str, **limits: int | None) -> None:

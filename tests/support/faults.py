@@ -280,20 +280,12 @@ def metric(base_url: str, name: str) -> float:
     return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)
 
 
-@contextlib.contextmanager
 def gateway_serving(state_dir, broker_url: str, model: str, *, env: dict[str, str],
-                    direct: bool = True) -> Iterator:
-    """A gateway process of the test's own settings, handed out once it sees ``model``'s worker.
+                    direct: bool = True) -> contextlib.AbstractContextManager:
+    """``support.gateway.gateway_serving`` with per-key rate limits off unless the test sets them:
+    fault tests drive traffic through outages (where refusals come back at once and a loop sends
+    many), not a client under limits."""
+    from support.gateway import gateway_serving as serving
 
-    Per-key rate limits are off unless the test sets them: fault tests drive traffic through
-    outages (where refusals come back at once and a loop sends many), not a client under limits."""
-    from support.gateway import start_gateway
-
-    env = {"CHATAI_GATEWAY_LIMIT_RPM": "0", "CHATAI_GATEWAY_LIMIT_TPM": "0", **env}
-    gw = start_gateway(state_dir, broker_url, extra_env=env, direct=direct)
-    try:
-        gw.wait_for(lambda h: h["models"].get(model, {}).get("ready", 0) >= 1, timeout=60,
-                    what=f"a heartbeat of {model}'s worker")
-        yield gw
-    finally:
-        gw.stop()
+    return serving(state_dir, broker_url, model, direct=direct,
+                   env={"CHATAI_GATEWAY_LIMIT_RPM": "0", "CHATAI_GATEWAY_LIMIT_TPM": "0", **env})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,3 +74,26 @@ def start_gateway(state_dir: Path, broker_url: str, *, extra_env: dict[str, str]
         gw.stop()
         raise
     return gw
+
+
+@contextmanager
+def gateway_serving(state_dir: Path, broker_url: str, model: str, *, env: dict[str, str] | None = None,
+                    direct: bool = True) -> Iterator[GatewayProcess]:
+    """A gateway process of the test's own settings, handed out once it sees ``model``'s worker."""
+    gw = start_gateway(state_dir, broker_url, extra_env=env, direct=direct)
+    try:
+        gw.wait_for(lambda h: h["models"].get(model, {}).get("ready", 0) >= 1, timeout=60,
+                    what=f"a heartbeat of {model}'s worker")
+        yield gw
+    finally:
+        gw.stop()
+
+
+def new_key(gw: GatewayProcess, name: str = "test", **limits: int) -> tuple[str, str]:
+    """(key id, key) with its own limits, made the way ``chatai keys create --rpm ...`` does."""
+    store = KeyStore(gw.state_dir / "gateway.db")
+    try:
+        info, key = store.create(name, limits=limits)
+    finally:
+        store.close()
+    return info.id, key
