@@ -30,14 +30,6 @@ from gateway.cluster.tunnel import BrokerTunnel
 from support.waiting import wait_until
 
 
-@pytest.fixture
-def breaker(sshd, broker):
-    b = sshd.breaker(admin=broker.admin)
-    b.reset(by="test")
-    yield b
-    b.reset(by="test")
-
-
 def make_tunnel(sshd: LocalSshd, **kw) -> BrokerTunnel:
     opts = dict(host=sshd.host, port=sshd.port, user=sshd.user, key_path=sshd.client_key_path,
                 known_hosts_path=sshd.known_hosts_path, remote_host=sshd.broker_host,
