@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from broker_config.messages import Final, Head
+from broker_config.timing import first_of
 from gateway.cluster.errors import ClusterError
 from gateway.context import GatewayContext, get_context, require_api_key
 from gateway.errors import APIError, to_api_error
@@ -45,17 +46,9 @@ async def _disconnected(request: Request) -> None:
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
     """Run ``work`` but cancel it the moment the client hangs up."""
     task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            return task.result()
-        raise ClientGone
-    finally:
-        for t in (task, watcher):
-            if not t.done():
-                t.cancel()
-        await asyncio.gather(task, watcher, return_exceptions=True)
+    if task in await first_of(task, _disconnected(request)):
+        return task.result()
+    raise ClientGone
 
 
 class ClientStalled(Exception):
