@@ -26,6 +26,8 @@ from slurm_jobs.jobs import WorkerJobs
 
 log = logging.getLogger("chatai.autoscale")
 
+ROUND_INTERVAL = 5.0  # seconds between two rounds over all models
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -112,7 +114,7 @@ class Autoscaler:
     view: BrokerView
     policies: dict[str, Policy]  # served model name -> policy
     model_paths: dict[str, str] = field(default_factory=dict)
-    interval: float = 5.0
+    interval: float = ROUND_INTERVAL
     state: dict[str, _ModelState] = field(default_factory=dict)
 
     async def observe(self, model: str, jobs_by_model: dict, heartbeats: list[Heartbeat], now: float) -> Observation:
