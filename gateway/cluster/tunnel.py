@@ -134,11 +134,7 @@ class BrokerTunnel:
         return _TunnelTransport(self)
 
     async def wait_up(self, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(self._up.wait(), timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
+        return bool(await first_of(self._up.wait(), timeout=timeout))
 
     async def close(self) -> None:
         self._closing = True
