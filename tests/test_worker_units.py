@@ -16,6 +16,7 @@ from gpu_worker.consumer import RecentlyCancelled
 from gpu_worker.heartbeat import Heartbeater
 from gpu_worker.lifecycle import StopSignal, watch_idle, watch_job_end
 from gpu_worker.settings import WorkerSettings
+from support.waiting import wait_until
 
 
 def test_broker_password_never_in_settings_repr(monkeypatch):
@@ -112,7 +113,8 @@ async def test_heartbeats_follow_load_changes_debounced_then_say_stopped():
     for n in (1, 2, 3):  # a burst of changes: one beat, with the latest load
         busy[0] = n
         hb.in_flight_changed()
-    await asyncio.sleep(0.15)
+    await wait_until(lambda: len(beats.sent) == 2, what="the beat after the burst", every=0.01)
+    await asyncio.sleep(0.1)
     assert [b.in_flight for b in beats.sent] == [0, 3]
     await asyncio.wait_for(hb.send_stopped(), timeout=2)
     hb.in_flight_changed()
