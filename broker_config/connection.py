@@ -70,9 +70,9 @@ async def publish(exchange: AbstractExchange, message: aio_pika.Message, routing
     aio-pika's publish holds the channel's lock until the writer task has put the frames on the
     socket: two turns of the event loop per message. Publishes from many tasks at once (a
     gateway taking a burst of requests, a worker streaming to many clients) then queue behind
-    that lock, one loop turn after another; with a busy loop, 1,000 concurrent publishes took
-    6.8-8.9 s against 1.5-2.4 s this way (docs/performance.md). Order is unchanged (aiormq's
-    write queue is FIFO), the confirm is still awaited, and returns and nacks raise as before.
+    that lock, one loop turn after another (what that cost, and this saves: docs/performance.md,
+    "What changed"). Order is unchanged (aiormq's write queue is FIFO), the confirm is still
+    awaited, and returns and nacks raise as before.
     """
     channel = await exchange.channel.get_underlay_channel()
     return await channel.basic_publish(message.body, exchange=exchange.name, routing_key=routing_key,

@@ -42,6 +42,11 @@ def _cli_type(annotation: Any) -> Any:
     raise TypeError(f"no command-line form for {annotation!r}")
 
 
+def option_name(field: str) -> str:
+    """A field's command-line option: ``cpus_per_task`` -> ``--cpus-per-task``."""
+    return "--" + field.replace("_", "-")
+
+
 def settings_options(settings_cls: type[BaseSettings], fields: Iterable[str],
                      names: dict[str, str] | None = None, into: str = "overrides") -> Callable:
     """Decorate a typer command: one option per field of ``settings_cls`` in ``fields``
@@ -56,7 +61,7 @@ def settings_options(settings_cls: type[BaseSettings], fields: Iterable[str],
         for name in fields:
             info = settings_cls.model_fields[name]
             py_type = _cli_type(info.annotation)
-            flag = names.get(name, "--" + name.replace("_", "-"))
+            flag = names.get(name, option_name(name))
             decls = [f"{flag}/--no-{flag[2:]}"] if py_type is bool else [flag]
             option = typer.Option(None, *decls, help=info.description or "", show_default=False)
             added.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,

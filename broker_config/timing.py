@@ -2,8 +2,11 @@
 
 - ``Backoff``: the one retry delay policy (exponential, capped, optionally jittered, or fixed).
 - ``retry`` / ``retry_async``: call until it works, sleeping ``Backoff`` delays in between.
-- ``run_periodically``: a background loop that runs a step every interval, survives a failing
-  step, stops on an event and can be woken early.
+- ``first_of``: run awaitables side by side until the first ends, then cancel the others and
+  wait until they are gone (a race with nothing left running behind it).
+- ``pause``: sleep, or less if an event is set.
+- ``run_periodically``: a background loop that runs a step every interval (fixed, or asked of a
+  function after each step), survives a failing step, stops on an event and can be woken early.
 - ``wait_until`` / ``await_until``: poll a condition until it holds, or fail saying what never
   happened (readiness polls in code and tests alike).
 
@@ -20,7 +23,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -82,26 +85,40 @@ async def retry_async(fn: Callable[[], Awaitable[T]], backoff: Backoff, *,
             await sleep(delay)
 
 
+async def first_of(*aws: Awaitable[Any], timeout: float | None = None) -> set[asyncio.Future]:
+    """Run ``aws`` side by side until the first of them ends (or ``timeout`` passes), then cancel
+    the others and wait until they have ended too; the same when the caller is cancelled.
+
+    Returns the ones that ended first (empty after a timeout): pass a task or future you hold
+    to ask ``task in done`` and read its ``result()``. A future shared with others must be
+    wrapped in ``asyncio.shield``, or it is cancelled with the rest.
+    """
+    futures = [asyncio.ensure_future(a) for a in aws]
+    try:
+        done, _ = await asyncio.wait(futures, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        return done
+    finally:
+        for f in futures:
+            if not f.done():
+                f.cancel()
+        await asyncio.gather(*futures, return_exceptions=True)
+
+
 async def pause(seconds: float, *events: asyncio.Event) -> None:
     """Sleep ``seconds``, or less if any of ``events`` is set meanwhile."""
-    if not events:
+    if events:
+        await first_of(*(e.wait() for e in events), timeout=seconds)
+    else:
         await asyncio.sleep(seconds)
-        return
-    waiters = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waiters:
-            w.cancel()
-        await asyncio.gather(*waiters, return_exceptions=True)
 
 
-async def run_periodically(step: Callable[[], object], interval: float, *, what: str,
+async def run_periodically(step: Callable[[], object], interval: float | Callable[[], float], *, what: str,
                            logger: logging.Logger, stop: asyncio.Event | None = None,
                            wake: asyncio.Event | None = None, error_pause: float = 0.0) -> None:
     """Run ``step`` (plain or async) every ``interval`` seconds until ``stop`` is set or the task
-    is cancelled. A failing step is logged (its type and traceback) and the loop goes on, after
-    ``error_pause``; setting ``wake`` runs the next step at once."""
+    is cancelled; a callable ``interval`` is asked for the next pause after each step. A failing
+    step is logged (its type and traceback) and the loop goes on, after ``error_pause``; setting
+    ``wake`` runs the next step at once."""
     while stop is None or not stop.is_set():
         try:
             result = step()
@@ -113,7 +130,10 @@ async def run_periodically(step: Callable[[], object], interval: float, *, what:
             logger.exception("%s failed; retrying", what)
             if error_pause:
                 await asyncio.sleep(error_pause)
-        await pause(interval, *(e for e in (stop, wake) if e is not None))
+        if stop is not None and stop.is_set():
+            break
+        seconds = interval() if callable(interval) else interval
+        await pause(seconds, *(e for e in (stop, wake) if e is not None))
         if wake is not None:
             wake.clear()
 

@@ -15,9 +15,7 @@ import httpx
 from rich.console import Console
 
 from chatai.discovery import find_stack
-
-BREAKER_CONFIG = Path("/etc/chatai-breaker/config.json")
-
+from circuit_breaker.breaker import CONFIG_ENV, DEFAULT_CONFIG
 
 def breaker_state(config: Path) -> dict[str, Any]:
     """Tripped or closed, from the breaker's own state files (no broker, no root needed)."""
@@ -53,7 +51,7 @@ def collect(gateway_url: str | None = None, models: list[str] | None = None, lis
 
     stack = find_stack()
     out: dict[str, Any] = {"stack": str(stack.path) if stack else None}
-    out["breaker"] = breaker_state(Path(os.environ.get("CHATAI_BREAKER_CONFIG") or BREAKER_CONFIG))
+    out["breaker"] = breaker_state(Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG))
     out["gateway"] = gateway_state(gateway_url or (stack.gateway_url if stack else None))
     try:
         fleet = status_rows(SlurmSettings(), models or [], listen)
@@ -70,7 +68,7 @@ def _since(breaker: dict[str, Any]) -> str:
 
 
 def render(data: dict[str, Any], console: Console | None = None) -> None:
-    from slurm_jobs.cli import print_fleet
+    from slurm_jobs.overview import print_fleet
 
     console = console or Console()
     console.print(f"stack: {data['stack'] or 'no running chatai dev stack'}")

@@ -36,7 +36,8 @@ from circuit_breaker.sshd_log import SshdLogWatch
 
 log = logging.getLogger("chatai.breaker")
 
-DEFAULT_CONFIG = Path("/etc/chatai-breaker/config.json")
+DEFAULT_CONFIG = Path("/etc/chatai-breaker/config.json")  # written by `chatai breaker install`
+CONFIG_ENV = "CHATAI_BREAKER_CONFIG"  # another config, for the CLI and `chatai status`
 
 
 @dataclass

@@ -15,15 +15,15 @@ from typing import Annotated
 import typer
 
 from broker_config.admin import BrokerAdminError
+from circuit_breaker.breaker import CONFIG_ENV, DEFAULT_CONFIG
 
 app = typer.Typer(help="The SSH circuit breaker in front of the cluster.", no_args_is_help=True)
 
-ConfigOpt = Annotated[Path, typer.Option("--config", envvar="CHATAI_BREAKER_CONFIG",
+ConfigOpt = Annotated[Path, typer.Option("--config", envvar=CONFIG_ENV,
                                          help="Breaker config written by the installer.")]
 NodeOpt = Annotated[str | None, typer.Option("--rabbit-node", help="RabbitMQ node (rabbitmqctl -n); "
                                              "default: the installed config's.")]
 NoBrokerOpt = Annotated[bool, typer.Option("--no-broker", help="Leave the broker alone (sshd side only).")]
-DEFAULT = Path("/etc/chatai-breaker/config.json")
 
 
 def _breaker(config: Path, node: str | None, no_broker: bool):
@@ -40,7 +40,7 @@ def _breaker(config: Path, node: str | None, no_broker: bool):
 
 
 @app.command()
-def status(config: ConfigOpt = DEFAULT, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def status(config: ConfigOpt = DEFAULT_CONFIG, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Tripped or not, since when, why, and the last recorded attempts. Exit 1 when tripped."""
     st = _breaker(config, None, True).status()
     if as_json:
@@ -54,7 +54,7 @@ def status(config: ConfigOpt = DEFAULT, as_json: Annotated[bool, typer.Option("-
 
 
 @app.command()
-def trip(config: ConfigOpt = DEFAULT, reason: str = "tripped by an operator", node: NodeOpt = None,
+def trip(config: ConfigOpt = DEFAULT_CONFIG, reason: str = "tripped by an operator", node: NodeOpt = None,
          no_broker: NoBrokerOpt = False) -> None:
     """Refuse tunnel logins, end tunnel sessions, shut the gateway's broker user out."""
     try:
@@ -66,7 +66,7 @@ def trip(config: ConfigOpt = DEFAULT, reason: str = "tripped by an operator", no
 
 
 @app.command()
-def reset(config: ConfigOpt = DEFAULT, node: NodeOpt = None, no_broker: NoBrokerOpt = False) -> None:
+def reset(config: ConfigOpt = DEFAULT_CONFIG, node: NodeOpt = None, no_broker: NoBrokerOpt = False) -> None:
     """Restore the gateway's broker permissions and tunnel logins; nothing is restarted."""
     try:
         st = _breaker(config, node, no_broker).reset(by=os.environ.get("SUDO_USER") or "operator")
@@ -77,7 +77,7 @@ def reset(config: ConfigOpt = DEFAULT, node: NodeOpt = None, no_broker: NoBroker
 
 
 @app.command()
-def watch(config: ConfigOpt = DEFAULT, node: NodeOpt = None,
+def watch(config: ConfigOpt = DEFAULT_CONFIG, node: NodeOpt = None,
           interval: Annotated[float, typer.Option(help="Seconds between polls.")] = 1.0,
           reapply: Annotated[float, typer.Option(help="Re-apply the broker side this often (s).")] = 30.0) -> None:
     """Daemon for automatic trips: absorb trip requests and enforce the broker side."""

@@ -41,7 +41,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         broker = GatewayBroker(url, registry, reconnect_interval=settings.broker_reconnect_interval,
                                transport=tunnel.transport() if tunnel is not None else None)
         broker.start()
-        ctx = GatewayContext(settings=settings, keys=KeyStore(settings.db_path), registry=registry,
+        ctx = GatewayContext(settings=settings, keys=KeyStore(private.database(settings.state_dir)), registry=registry,
                              broker=broker, tunnel=tunnel)
         app.state.ctx = ctx
         for hook in app.state.startup_hooks:
@@ -66,17 +66,15 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                   docs_url="/docs" if settings.api_docs else None, redoc_url=None)
     app.state.startup_hooks = []
     app.state.shutdown_hooks = []
-    from gateway.batches.config import BatchSettings
-
-    app.add_middleware(RequestGuard, keys=lambda: app.state.ctx.keys, max_body_bytes=settings.max_request_bytes,
-                       max_file_bytes=BatchSettings().max_file_bytes)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(inference.router)
     from gateway.batches import install as install_batches
 
-    install_batches(app, settings)  # /v1/files, /v1/batches and the batch dispatcher
+    batches = install_batches(app, settings)  # /v1/files, /v1/batches and the batch dispatcher
+    app.add_middleware(RequestGuard, keys=lambda: app.state.ctx.keys, max_body_bytes=settings.max_request_bytes,
+                       max_file_bytes=batches.max_file_bytes)
     from gateway.web import install as install_web
 
     install_web(app)  # the chat page at /, the status page at /status and its /api/status

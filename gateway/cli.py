@@ -14,6 +14,7 @@ from rich.console import Console
 from broker_config.connection import check_url
 from broker_config.settings_cli import settings_options
 from broker_config.terminal import print_rows
+from gateway import private
 from gateway.keys import KeyStore
 from gateway.settings import GatewaySettings
 
@@ -31,7 +32,7 @@ def _store(state_dir: Path | None) -> KeyStore:
     if state_dir is None:
         # Only the state directory matters here: no broker or tunnel settings are required.
         state_dir = Path(os.environ.get("CHATAI_GATEWAY_STATE_DIR", GatewaySettings.model_fields["state_dir"].default))
-    return KeyStore(state_dir / "gateway.db")
+    return KeyStore(private.database(state_dir))
 
 
 def _limits(**given: str | None) -> dict[str, int | None]:

@@ -15,6 +15,12 @@ from pathlib import Path
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 UMASK = 0o077
+DATABASE = "gateway.db"  # API keys and batches; SQLite adds its -wal and -shm beside it
+
+
+def database(state_dir: Path) -> Path:
+    """The gateway's one SQLite database in its state directory."""
+    return state_dir / DATABASE
 
 
 def restrict_umask() -> None:

@@ -27,9 +27,57 @@ from gpu_worker.settings import WorkerSettings
 log = logging.getLogger("chatai.worker.consumer")
 
 
+class Delivery:
+    """The message that brought one request: settled once (acked, or rejected with requeue) and
+    never again, and lost when its channel has closed (the broker then redelivers it by itself,
+    so this attempt sends nothing more)."""
+
+    def __init__(self, message: AbstractIncomingMessage, request_id: str) -> None:
+        self.message = message
+        self._request_id = request_id
+        self.settled = False
+
+    @property
+    def lost(self) -> bool:
+        try:
+            self.message.channel
+        except Exception:
+            return True
+        return False
+
+    async def ack(self) -> None:
+        await self._settle(requeue=False)
+
+    async def requeue(self) -> None:
+        await self._settle(requeue=True)
+
+    async def _settle(self, requeue: bool) -> None:
+        """If the channel is gone the broker redelivers by itself, so a failure here is only
+        logged: never turn it into an error frame for the client."""
+        if self.settled:
+            return
+        self.settled = True
+        try:
+            if requeue:
+                await self.message.reject(requeue=True)
+            else:
+                await self.message.ack()
+        except Exception as exc:
+            log.warning("request_id=%s: could not %s (%s); the broker will redeliver it",
+                        self._request_id, "requeue" if requeue else "ack", type(exc).__name__)
+
+
+class GiveBack(Exception):
+    """This attempt ends unanswered and its message goes back to the queue (drain ran out of time)."""
+
+
+class DeliveryLost(Exception):
+    """The message's channel closed mid-request; the broker will redeliver it."""
+
+
 @dataclass
 class Job:
-    message: AbstractIncomingMessage
+    delivery: Delivery
     request: ApiRequest
     attempt: int
     task: asyncio.Task | None = None
@@ -37,32 +85,6 @@ class Job:
     requeue: bool = False  # draining ran out of time: give the message back, send nothing more
     aborted: bool = False
     received_at: float = field(default_factory=time.monotonic)
-
-
-async def _settle(job: Job, requeue: bool | None = None) -> None:
-    """Ack (or reject with requeue). If the channel is gone the broker redelivers by itself,
-    so a failure here is only logged: never turn it into an error frame for the client."""
-    try:
-        if requeue:
-            await job.message.reject(requeue=True)
-        else:
-            await job.message.ack()
-    except Exception as exc:
-        log.warning("request_id=%s: could not %s (%s); the broker will redeliver it",
-                    job.request.request_id, "requeue" if requeue else "ack", type(exc).__name__)
-
-
-class DeliveryLost(Exception):
-    """The message's channel closed mid-request; the broker will redeliver it."""
-
-
-def _delivery_lost(job: Job) -> bool:
-    """The channel that delivered the message is closed: the broker redelivers it anyway."""
-    try:
-        job.message.channel
-    except Exception:
-        return True
-    return False
 
 
 class RecentlyCancelled:
@@ -175,7 +197,7 @@ class Consumer:
         job = self.jobs.get(cancel.request_id)
         if job is None:
             return
-        if cancel_key(job.message, cancel.request_id) != key:
+        if cancel_key(job.delivery.message, cancel.request_id) != key:
             log.warning("ignored a cancel for request_id=%s from a user that did not send it", cancel.request_id)
             return
         log.info("cancel request_id=%s reason=%s", cancel.request_id, cancel.reason)
@@ -215,65 +237,22 @@ class Consumer:
             log.warning("duplicate request_id=%s in flight: returned to the queue", req.request_id)
             await message.reject(requeue=True)
             return
-        job = Job(message=message, request=req, attempt=attempt)
+        job = Job(delivery=Delivery(message, req.request_id), request=req, attempt=attempt)
         self.jobs[req.request_id] = job
         self._on_change()
         job.task = asyncio.create_task(self._run(job), name=f"req-{req.request_id}")
 
     async def _run(self, job: Job) -> None:
-        """Answer one delivery: started, vLLM's response, final; then ack. On the way out, one
-        of three things: the answer was sent (ack), the message goes back to the queue (drain,
-        a dead engine: reject with requeue), or its delivery is gone (the broker redelivers it
-        by itself: send nothing more)."""
+        """Answer one delivery, then log how it ended (never the body)."""
         req = job.request
         stream = ReplyStream(self.publisher, req, job.attempt, self.settings.worker_id,
                              self.settings.coalesce_ms, self.settings.coalesce_tokens,
-                             delivery_lost=lambda: _delivery_lost(job),
+                             delivery_lost=lambda: job.delivery.lost,
                              on_lost=lambda: self.engine.abort(req.request_id))
         t0 = time.monotonic()
-        outcome = "final"
+        outcome = "cancelled"  # unless the attempt comes to one of its ends
         try:
-            try:
-                await stream.started()
-                if not job.cancelled:  # a cancel may arrive between delivery and here
-                    await self.engine.handle(req, stream, stream.count)
-                if job.requeue:
-                    outcome = "requeued"
-                    stream.cancel_timer()
-                    await _settle(job, requeue=True)
-                    return
-                if stream.lost or _delivery_lost(job):
-                    raise DeliveryLost()
-                outcome = "aborted" if job.cancelled else f"final {stream.status}"
-                await stream.final(aborted=job.cancelled)
-                await _settle(job)
-            except EngineDead as exc:
-                outcome = "engine dead"
-                stream.cancel_timer()
-                await _settle(job, requeue=True)
-                self._on_fatal(exc)
-            except asyncio.CancelledError:
-                outcome = "cancelled"
-                stream.cancel_timer()
-                raise
-            except DeliveryLost:
-                outcome = "delivery lost"
-                stream.cancel_timer()
-            except Exception as exc:
-                stream.cancel_timer()
-                if _delivery_lost(job):
-                    # Connection lost (broker restart, network): the message goes to a worker
-                    # again. An error frame now would contradict the redelivery, so send none.
-                    outcome = f"delivery lost ({type(exc).__name__})"
-                    self.engine.abort(req.request_id)
-                    return
-                outcome = f"error 500 {type(exc).__name__}"
-                log.exception("request_id=%s failed", req.request_id)
-                try:
-                    await stream.error(500, "internal_error", "the worker failed on this request")
-                    await _settle(job)
-                except Exception:
-                    log.warning("request_id=%s: could not report the failure", req.request_id)
+            outcome = await self._attempt(job, stream)
         finally:
             self.jobs.pop(req.request_id, None)
             self.completed += 1
@@ -288,6 +267,47 @@ class Consumer:
                 req.request_id, job.attempt, outcome, req.endpoint, usage.prompt_tokens, usage.completion_tokens,
                 stream.handovers, ttft, (time.monotonic() - t0) * 1000,
             )
+
+    async def _attempt(self, job: Job, stream: ReplyStream) -> str:
+        """Started, vLLM's response, final; then ack. Or one of two failures, each raised out of
+        the stream first (its coalescing timer stops: nothing leaves after it): the message goes
+        back to the queue (drain, a dead engine: reject with requeue), or its delivery is gone
+        (the broker redelivers it by itself: send nothing more). Anything else: an error frame,
+        then ack. Returns the outcome for the log line."""
+        req, delivery = job.request, job.delivery
+        try:
+            async with stream:  # "started" on the way in
+                if not job.cancelled:  # a cancel may arrive between delivery and here
+                    await self.engine.handle(req, stream, stream.count)
+                if job.requeue:
+                    raise GiveBack()
+                if stream.lost or delivery.lost:
+                    raise DeliveryLost()
+                await stream.final(aborted=job.cancelled)
+            await delivery.ack()
+            return "aborted" if job.cancelled else f"final {stream.status}"
+        except GiveBack:
+            await delivery.requeue()
+            return "requeued"
+        except EngineDead as exc:
+            await delivery.requeue()
+            self._on_fatal(exc)
+            return "engine dead"
+        except DeliveryLost:
+            return "delivery lost"
+        except Exception as exc:
+            if delivery.lost:
+                # Connection lost (broker restart, network): the message goes to a worker
+                # again. An error frame now would contradict the redelivery, so send none.
+                self.engine.abort(req.request_id)
+                return f"delivery lost ({type(exc).__name__})"
+            log.exception("request_id=%s failed", req.request_id)
+            try:
+                await stream.error(500, "internal_error", "the worker failed on this request")
+                await delivery.ack()
+            except Exception:
+                log.warning("request_id=%s: could not report the failure", req.request_id)
+            return f"error 500 {type(exc).__name__}"
 
     async def return_remaining(self) -> int:
         """Drain timed out: abort what is left, give those messages back to the broker."""

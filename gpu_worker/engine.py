@@ -81,7 +81,7 @@ def _root_logging_kept() -> Iterator[None]:
 class Engine:
     """Owns the AsyncLLM and vLLM's OpenAI application; answers one API request at a time each."""
 
-    def __init__(self, llm: Any, args: Namespace, stop_timeout: float = 2.0) -> None:
+    def __init__(self, llm: Any, args: Namespace, stop_timeout: float) -> None:
         self._llm = llm
         self._args = args
         self.stop_timeout = stop_timeout

@@ -18,6 +18,7 @@ import aio_pika
 from aio_pika.abc import AbstractExchange
 
 from broker_config.messages import CONTENT_TYPE, Heartbeat
+from broker_config.timing import run_periodically
 
 log = logging.getLogger("chatai.worker.heartbeat")
 
@@ -101,32 +102,26 @@ class Heartbeater:
         self._kick.set()
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="heartbeat")
+        self._task = asyncio.create_task(
+            run_periodically(self._beat, self.interval, what="heartbeat", logger=log, wake=self._kick),
+            name="heartbeat")
 
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await asyncio.wait_for(self._kick.wait(), timeout=self.interval)
-                # Kicked: coalesce bursts of changes into one beat.
-                await asyncio.sleep(max(0.0, self._debounce - (time.monotonic() - self._last_sent)))
-            except asyncio.TimeoutError:
-                pass
-            self._kick.clear()
-            if self._kick_is_stale():
-                continue
-            await self.send()
-
-    def _kick_is_stale(self) -> bool:
-        """Skip a kicked beat that would repeat the last one within the interval."""
-        recent = time.monotonic() - self._last_sent < self.interval
-        return recent and self._in_flight() == self._last_in_flight
+    async def _beat(self) -> None:
+        """One beat, at most one per ``debounce`` (a burst of load changes makes one beat), and
+        none that would repeat the last one within the interval."""
+        await asyncio.sleep(max(0.0, self._debounce - (time.monotonic() - self._last_sent)))
+        if time.monotonic() - self._last_sent < self.interval and self._in_flight() == self._last_in_flight:
+            return
+        await self.send()
 
     async def stop(self) -> None:
         if self._task is not None:
-            # Cancel until it is really gone: Python 3.11's wait_for swallows a cancellation that
-            # arrives just as the kick event fires (drain's in-flight change does exactly that),
-            # and a single cancel() then left the loop beating and the worker never exiting.
-            while not self._task.done():
-                self._task.cancel()
-                await asyncio.wait({self._task}, timeout=0.1)
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+
+    async def send_stopped(self) -> None:
+        """The last word: no more beats, then "stopped" (the gateways drop this worker at once)."""
+        await self.stop()
+        self.state = "stopped"
+        await self.send()

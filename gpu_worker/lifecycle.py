@@ -18,6 +18,7 @@ from typing import NoReturn
 
 import psutil
 
+from broker_config.timing import run_periodically
 from gpu_worker import slurm
 
 log = logging.getLogger("chatai.worker.lifecycle")
@@ -56,12 +57,18 @@ async def watch_idle(stop: StopSignal, idle_timeout: float, in_flight: Callable[
     """Scale to zero: stop after idle_timeout seconds with nothing held and nothing received."""
     if idle_timeout <= 0:
         return
-    while not stop.event.is_set():
-        idle_for = time.monotonic() - last_activity()
-        if in_flight() == 0 and idle_for >= idle_timeout:
-            stop.set(f"idle for {idle_for:.0f}s")
-            return
-        await asyncio.sleep(min(1.0, max(0.1, idle_timeout - idle_for if in_flight() == 0 else 1.0)))
+
+    def idle_for() -> float:
+        return time.monotonic() - last_activity()
+
+    def check() -> None:
+        if in_flight() == 0 and (idle := idle_for()) >= idle_timeout:
+            stop.set(f"idle for {idle:.0f}s")
+
+    def next_check() -> float:  # at the moment the timeout would be reached, looked at every second
+        return 1.0 if in_flight() else min(1.0, max(0.1, idle_timeout - idle_for()))
+
+    await run_periodically(check, next_check, what="idle watch", logger=log, stop=stop.event)
 
 
 async def watch_job_end(stop: StopSignal, keep: float, poll: float,
@@ -72,9 +79,10 @@ async def watch_job_end(stop: StopSignal, keep: float, poll: float,
         return
     end: float | None = None
     next_poll = 0.0
-    while not stop.event.is_set():
-        now = time.monotonic()
-        if now >= next_poll:
+
+    async def check() -> None:
+        nonlocal end, next_poll
+        if (now := time.monotonic()) >= next_poll:
             new_end = await slurm.job_end_time()
             if new_end != end:
                 end = new_end
@@ -84,12 +92,11 @@ async def watch_job_end(stop: StopSignal, keep: float, poll: float,
             next_poll = now + poll
         if end is not None and end - time.time() <= keep:
             stop.set(f"slurm job ends in {max(0.0, end - time.time()):.0f}s")
-            return
-        wait = poll if end is None else min(poll, max(0.5, end - time.time() - keep))
-        try:
-            await asyncio.wait_for(stop.event.wait(), timeout=wait)
-        except asyncio.TimeoutError:
-            pass
+
+    def next_check() -> float:  # every poll, and at the moment the job's end comes within keep
+        return poll if end is None else min(poll, max(0.5, end - time.time() - keep))
+
+    await run_periodically(check, next_check, what="job end watch", logger=log, stop=stop.event)
 
 
 def engine_processes() -> list[psutil.Process]:

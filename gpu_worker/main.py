@@ -17,6 +17,7 @@ from typing import NoReturn
 
 from broker_config import topology
 from broker_config.connection import connect, redact
+from broker_config.timing import first_of
 from gpu_worker import slurm
 from gpu_worker.consumer import Consumer
 from gpu_worker.engine import ApiEngine, Engine
@@ -85,20 +86,16 @@ async def run(settings: WorkerSettings) -> int:
 
             log.warning("engine=synthetic: serving filler tokens for load tests, not a model")
         engine_task = asyncio.ensure_future(asyncio.to_thread(engine_cls.start, settings))
-        stop_task = asyncio.ensure_future(stop.event.wait())
-        await asyncio.wait({engine_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-        if not engine_task.done():
+        if engine_task not in await first_of(engine_task, stop.event.wait()):
             # Told to go while the engine loads (Slurm preempting a worker placed in a gap shorter
             # than its start-up): it holds no request, and waiting for a load of seconds to
-            # minutes would keep the GPU from the job Slurm is giving it to.
+            # minutes would keep the GPU from the job Slurm is giving it to. (The load's thread
+            # cannot be cancelled: leave_now ends the processes it has started.)
             log.info("stopping (%s) while the engine loads: leaving without it", stop.reason)
-            await hb.stop()
-            hb.state = "stopped"
-            await hb.send()
+            await hb.send_stopped()
             await conn.close()
             leave_now(0)
-        engine = await engine_task
-        stop_task.cancel()
+        engine = engine_task.result()
         await engine.open_api()
         hb.max_model_len = engine.max_model_len
         hb.capacity = engine.max_num_seqs
@@ -140,16 +137,12 @@ async def run(settings: WorkerSettings) -> int:
             await consumer.stop_consuming()
             log.info("draining (%s): %d in flight, grace %.0fs", reason, consumer.in_flight, settings.drain_grace)
             await _drain(consumer, stop, settings.drain_grace)
-        await hb.stop()
-        hb.state = "stopped"
-        await hb.send()
+        await hb.send_stopped()
         log.info("stopped: served %d request(s)", consumer.completed if consumer else 0)
     finally:
         if hb is not None and hb.state != "stopped":  # failed on the way: say so, do not linger
             try:
-                await hb.stop()
-                hb.state = "stopped"
-                await hb.send()
+                await hb.send_stopped()
             except Exception:
                 pass
         try:

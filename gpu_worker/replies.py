@@ -220,6 +220,14 @@ class ReplyStream:
         self._outbox.append(Started(**self._frame_kw(), worker_id=self._worker_id))
         self._ship()
 
+    async def __aenter__(self) -> "ReplyStream":
+        await self.started()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """However the attempt leaves the stream, its coalescing timer ships nothing after."""
+        self.cancel_timer()
+
     # ------------------------------------------------------------------ the response (ResponseSink)
 
     def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:

@@ -31,6 +31,8 @@ from slurm_jobs.jobs import WorkerJobs
 
 log = logging.getLogger("chatai.autoscale")
 
+ROUND_INTERVAL = 5.0  # seconds between two rounds over all models
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -118,7 +120,7 @@ class Autoscaler:
     view: BrokerView
     policies: dict[str, Policy]  # served model name -> policy
     model_paths: dict[str, str] = field(default_factory=dict)
-    interval: float = 5.0
+    interval: float = ROUND_INTERVAL
     state: dict[str, _ModelState] = field(default_factory=dict)
     announcer: Announcer | None = None  # tells gateways which cold models are worth a wait
     startup: StartupTimes = field(default_factory=StartupTimes)

@@ -20,6 +20,7 @@ from broker_config import topology as t
 from broker_config.connection import connect, queue_depth
 from broker_config.heartbeats import HeartbeatBook
 from broker_config.messages import SCALER_MESSAGE_TYPE, Heartbeat
+from broker_config.timing import pause
 
 
 @dataclass(frozen=True)
@@ -89,10 +90,7 @@ class BrokerView:
             if left <= 0:
                 return False
             self._heartbeat_arrived.clear()  # set again by the next heartbeat
-            try:
-                await asyncio.wait_for(self._heartbeat_arrived.wait(), left)
-            except asyncio.TimeoutError:
-                return False
+            await pause(left, self._heartbeat_arrived)
         return True
 
     @property

@@ -17,12 +17,11 @@ from rich.console import Console
 
 from broker_config.connection import redact
 from broker_config.settings_cli import settings_options
-from broker_config.terminal import print_rows
 from slurm_jobs.announce import Announcer
-from slurm_jobs.autoscale import Autoscaler, Policy
+from slurm_jobs.autoscale import ROUND_INTERVAL, Autoscaler, Policy
 from slurm_jobs.capacity import NodeRoom, TaskRequest, start_warnings
 from slurm_jobs.jobs import WorkerJobs, render_script
-from slurm_jobs.overview import broker_problem, busy_by_job, open_view, slurm_problem, status_rows
+from slurm_jobs.overview import broker_problem, busy_by_job, open_view, print_fleet, slurm_problem, status_rows
 from slurm_jobs.settings import SlurmSettings
 from slurm_jobs.slurm import Slurm, SlurmError
 
@@ -132,42 +131,21 @@ def status(
     print_fleet(Console(), data)
 
 
-def print_fleet(console: Console, data: dict[str, Any]) -> None:
-    """The joined view as tables; one line for each half that could not be reached."""
-    if data["slurm_error"]:
-        console.print(f"[yellow]slurm: {data['slurm_error']}[/yellow]")
-    if data["broker_error"]:
-        console.print(f"[red]broker: {data['broker_error']}[/red]")
-    if not data["models"] and not data["workers"]:
-        console.print(f"models: none seen (broker {data['broker'] or '-'}; no worker jobs, queues or heartbeats)")
-        return
-    dash = lambda v: "-" if v is None else str(v)  # noqa: E731
-    rows = [[r["model"], dash(r["queue_ready"]), dash(r["consumers"]), f"{r['running']}/{r['pending']}",
-             f"{r['workers_ready']}/{r['workers_draining']}", f"{r['in_flight']}/{r['capacity']}"] for r in data["models"]]
-    print_rows(console, ["model", "queued", "consumers", "jobs run/pend", "workers ready/draining",
-                         "in-flight/capacity"], rows, title=f"models ({data['broker'] or 'no broker'})")
-    if not data["jobs"]:
-        console.print("worker jobs: none" + (" (Slurm not reachable)" if data["slurm_error"] else ""))
-    else:
-        rows = [[r["job"], r["model"], r["state"], r["node"] if r["state"] != "PENDING" else f"({r['reason']})",
-                 r["elapsed"], r["time_left"], dash(r["worker"]), dash(r["worker_state"]),
-                 f"{dash(r['in_flight'])}/{dash(r['capacity'])}"] for r in data["jobs"]]
-        print_rows(console, ["job", "model", "state", "node / reason", "elapsed", "left", "worker", "hb state",
-                             "in-flight"], rows, title="worker jobs")
-    for w in data["workers"]:
-        console.print(f"worker outside Slurm: {w['worker_id']} {w['model']} {w['state']} on {w['node']}")
+_POLICY = Policy()  # the defaults, declared once (slurm_jobs.autoscale)
 
 
 @settings_options(SlurmSettings, SUBMIT_FIELDS)
 def autoscale(
     overrides: dict[str, Any],
     model: Annotated[list[str], typer.Option("--model", "-m", help="NAME or NAME=PATH; repeat per model.")],
-    min_workers: Annotated[int, typer.Option(min=0)] = 0,
-    max_workers: Annotated[int, typer.Option(min=1)] = 2,
-    backlog_per_worker: Annotated[int, typer.Option(min=1, help="Waiting requests per extra worker.")] = 8,
-    cooldown: Annotated[float, typer.Option(help="Seconds between submissions per model.")] = 60.0,
-    interval: Annotated[float, typer.Option(help="Seconds between rounds.")] = 5.0,
-    release_pending_after: Annotated[float, typer.Option(help="Cancel unneeded pending tasks after this long.")] = 120.0,
+    min_workers: Annotated[int, typer.Option(min=0)] = _POLICY.min_workers,
+    max_workers: Annotated[int, typer.Option(min=1)] = _POLICY.max_workers,
+    backlog_per_worker: Annotated[int, typer.Option(
+        min=1, help="Waiting requests per extra worker.")] = _POLICY.backlog_per_worker,
+    cooldown: Annotated[float, typer.Option(help="Seconds between submissions per model.")] = _POLICY.cooldown,
+    interval: Annotated[float, typer.Option(help="Seconds between rounds.")] = ROUND_INTERVAL,
+    release_pending_after: Annotated[float, typer.Option(
+        help="Cancel unneeded pending tasks after this long.")] = _POLICY.release_pending_after,
 ) -> None:
     """Run the autoscaler: per model, submit array tasks on a backlog, between --min-workers and --max-workers.
 

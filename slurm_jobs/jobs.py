@@ -13,7 +13,8 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from slurm_jobs.settings import JOB_NAME_PREFIX, SlurmSettings, job_name, model_from_job_name
+from broker_config.settings_cli import option_name
+from slurm_jobs.settings import JOB_NAME_PREFIX, SBATCH_OPTIONS, SlurmSettings, job_name, model_from_job_name
 from slurm_jobs.slurm import Job, Slurm
 
 DEFAULT_TEMPLATE = Path(__file__).with_name("worker.sbatch.tmpl")
@@ -37,13 +38,9 @@ def sbatch_directives(s: SlurmSettings, model: str) -> list[str]:
         "--nodes=1",
         "--ntasks=1",
     ]
-    if s.time_min:
-        opts.append(f"--time-min={s.time_min}")
-    for flag, value in (("partition", s.partition), ("account", s.account), ("qos", s.qos), ("gres", s.gres),
-                        ("cpus-per-task", s.cpus_per_task), ("mem", s.mem), ("constraint", s.constraint),
-                        ("nice", s.nice)):
-        if value is not None:
-            opts.append(f"--{flag}={value}")
+    for name in SBATCH_OPTIONS:
+        if (value := getattr(s, name)) is not None:
+            opts.append(f"{option_name(name)}={value}")
     opts.extend(s.extra_sbatch)
     return opts
 

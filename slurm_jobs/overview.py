@@ -13,7 +13,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
 from broker_config.connection import check_url, redact
+from broker_config.terminal import print_rows
 from slurm_jobs.broker_view import BrokerView
 from slurm_jobs.jobs import WorkerJobs
 from slurm_jobs.settings import SlurmSettings
@@ -144,3 +147,29 @@ def status_rows(s: SlurmSettings, extra_models: list[str], seconds: float, slurm
     seen = {r["worker"] for r in out["jobs"] if r["worker"]}
     out["workers"] = [hb.model_dump(mode="json") for hb in hbs if hb.worker_id not in seen]  # outside Slurm
     return out
+
+
+def print_fleet(console: Console, data: dict[str, Any]) -> None:
+    """The joined view as tables; one line for each half that could not be reached."""
+    if data["slurm_error"]:
+        console.print(f"[yellow]slurm: {data['slurm_error']}[/yellow]")
+    if data["broker_error"]:
+        console.print(f"[red]broker: {data['broker_error']}[/red]")
+    if not data["models"] and not data["workers"]:
+        console.print(f"models: none seen (broker {data['broker'] or '-'}; no worker jobs, queues or heartbeats)")
+        return
+    dash = lambda v: "-" if v is None else str(v)  # noqa: E731
+    rows = [[r["model"], dash(r["queue_ready"]), dash(r["consumers"]), f"{r['running']}/{r['pending']}",
+             f"{r['workers_ready']}/{r['workers_draining']}", f"{r['in_flight']}/{r['capacity']}"] for r in data["models"]]
+    print_rows(console, ["model", "queued", "consumers", "jobs run/pend", "workers ready/draining",
+                         "in-flight/capacity"], rows, title=f"models ({data['broker'] or 'no broker'})")
+    if not data["jobs"]:
+        console.print("worker jobs: none" + (" (Slurm not reachable)" if data["slurm_error"] else ""))
+    else:
+        rows = [[r["job"], r["model"], r["state"], r["node"] if r["state"] != "PENDING" else f"({r['reason']})",
+                 r["elapsed"], r["time_left"], dash(r["worker"]), dash(r["worker_state"]),
+                 f"{dash(r['in_flight'])}/{dash(r['capacity'])}"] for r in data["jobs"]]
+        print_rows(console, ["job", "model", "state", "node / reason", "elapsed", "left", "worker", "hb state",
+                             "in-flight"], rows, title="worker jobs")
+    for w in data["workers"]:
+        console.print(f"worker outside Slurm: {w['worker_id']} {w['model']} {w['state']} on {w['node']}")

@@ -16,6 +16,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 JOB_NAME_PREFIX = "chatai-worker-"
 
+# Settings that are sbatch options of the same name (cpus_per_task: --cpus-per-task), passed
+# when set; the others (time, signal, requeue...) are written out in slurm_jobs.jobs.
+SBATCH_OPTIONS = ("time_min", "partition", "account", "qos", "gres", "cpus_per_task", "mem", "constraint", "nice")
+
 
 def job_name(model: str) -> str:
     """The job-name convention: ``chatai-worker-<served model name>``; squeue is filtered by it."""

@@ -11,9 +11,12 @@ from datetime import datetime
 import pytest
 
 from gpu_worker import slurm
+from broker_config.messages import Heartbeat
 from gpu_worker.consumer import RecentlyCancelled
+from gpu_worker.heartbeat import Heartbeater
 from gpu_worker.lifecycle import StopSignal, watch_idle, watch_job_end
 from gpu_worker.settings import WorkerSettings
+from support.waiting import wait_until
 
 
 def test_broker_password_never_in_settings_repr(monkeypatch):
@@ -87,6 +90,36 @@ async def test_idle_watch_waits_for_in_flight_work():
     await asyncio.wait_for(stop.event.wait(), timeout=3)
     assert stop.reason.startswith("idle")
     await task
+
+
+class _Beats:
+    """An exchange that keeps what is published to it."""
+
+    def __init__(self) -> None:
+        self.sent: list[Heartbeat] = []
+
+    async def publish(self, message, routing_key: str, mandatory: bool) -> None:
+        self.sent.append(Heartbeat.model_validate_json(message.body))
+
+
+async def test_heartbeats_follow_load_changes_debounced_then_say_stopped():
+    beats, busy = _Beats(), [0]
+    hb = Heartbeater(beats, worker_id="w", model="m", capacity=4, interval=30, in_flight=lambda: busy[0],
+                     debounce=0.05)
+    await hb.send()
+    hb.start()
+    await asyncio.sleep(0.15)
+    assert len(beats.sent) == 1  # nothing changed: no beat before the interval
+    for n in (1, 2, 3):  # a burst of changes: one beat, with the latest load
+        busy[0] = n
+        hb.in_flight_changed()
+    await wait_until(lambda: len(beats.sent) == 2, what="the beat after the burst", every=0.01)
+    await asyncio.sleep(0.1)
+    assert [b.in_flight for b in beats.sent] == [0, 3]
+    await asyncio.wait_for(hb.send_stopped(), timeout=2)
+    hb.in_flight_changed()
+    await asyncio.sleep(0.1)
+    assert [b.state for b in beats.sent] == ["starting", "starting", "stopped"]  # and nothing after it
 
 
 def test_recently_cancelled_forgets_after_ttl():

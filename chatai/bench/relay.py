@@ -8,14 +8,17 @@ the gateway process's resident memory and CPU time are sampled from ``/proc``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from broker_config.timing import run_periodically
 from chatai.bench.load import StreamLoad
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+log = logging.getLogger("chatai.bench.relay")
 
 
 @dataclass
@@ -41,16 +44,11 @@ async def relay_level(load: StreamLoad, gateway_pid: int, streams: int, worker_p
     peak = before.rss_mb
     stop = asyncio.Event()
 
-    async def watch() -> None:
+    def watch() -> None:
         nonlocal peak
-        while not stop.is_set():
-            peak = max(peak, sample(gateway_pid).rss_mb)
-            try:
-                await asyncio.wait_for(stop.wait(), 0.2)
-            except asyncio.TimeoutError:
-                pass
+        peak = max(peak, sample(gateway_pid).rss_mb)
 
-    watcher = asyncio.create_task(watch())
+    watcher = asyncio.create_task(run_periodically(watch, 0.2, what="memory sample", logger=log, stop=stop))
     t0 = time.perf_counter()
     result = await load.level(streams, streams)
     wall = time.perf_counter() - t0

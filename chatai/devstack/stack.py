@@ -33,6 +33,7 @@ from broker_config.provision import apply as apply_definitions
 from chatai.devstack.broker_names import BrokerTarget, StackNames
 from chatai.devstack.broker_node import LocalBrokerNode, rabbitmq_installed
 from chatai.devstack.processes import Child, ChildExited, start_gateway, start_worker, wait_until
+from gateway import private
 from gateway.keys import KeyStore
 
 
@@ -219,7 +220,7 @@ class DevStack:
             _say(f"broker: {line}")
 
         gw_state = self.state_dir / "gateway"
-        keys = KeyStore(gw_state / "gateway.db")
+        keys = KeyStore(private.database(gw_state))
         if self.api_key:
             keys.ensure("dev", self.api_key)
         else:

@@ -9,18 +9,22 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
+from gateway.batches.config import BatchSettings
 from gateway.settings import GatewaySettings
 
 
-def install(app: FastAPI, settings: GatewaySettings) -> None:
+def install(app: FastAPI, settings: GatewaySettings) -> BatchSettings:
+    """Returns the batch settings (read once, from ``CHATAI_GATEWAY_BATCH_*``): the app's request
+    guard needs their upload limit."""
     from gateway.batches.routes import batches_router, files_router
     from gateway.batches.service import start_batches, stop_batches
 
+    batch_settings = BatchSettings()
     app.include_router(files_router)
     app.include_router(batches_router)
 
     async def _start(ctx) -> None:
-        app.state.batches = await start_batches(ctx)
+        app.state.batches = await start_batches(ctx, batch_settings)
 
     async def _stop(ctx) -> None:
         service = getattr(app.state, "batches", None)
@@ -29,3 +33,4 @@ def install(app: FastAPI, settings: GatewaySettings) -> None:
 
     app.state.startup_hooks.append(_start)
     app.state.shutdown_hooks.append(_stop)
+    return batch_settings

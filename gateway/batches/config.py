@@ -11,13 +11,15 @@ from pathlib import Path
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway import private
+
 DAY = 86_400.0
 
 
 class BatchSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CHATAI_GATEWAY_BATCH_", extra="ignore")
 
-    db_path: Path | None = None  # None: the gateway database (state_dir/gateway.db)
+    db_path: Path | None = None  # None: the gateway database (gateway.private.database)
     files_dir: Path | None = None  # None: state_dir/files
 
     # Where workers send batch results. None: a durable queue of this database's own,
@@ -47,7 +49,7 @@ class BatchSettings(BaseSettings):
     sweep_interval: float = 60.0
 
     def resolve_db(self, state_dir: Path) -> Path:
-        return self.db_path or state_dir / "gateway.db"
+        return self.db_path or private.database(state_dir)
 
     def resolve_files(self, state_dir: Path) -> Path:
         return self.files_dir or state_dir / "files"

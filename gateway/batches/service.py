@@ -50,8 +50,7 @@ class BatchService:
         await run_periodically(self.sweep, self.settings.sweep_interval, what="expiry sweep", logger=log)
 
 
-async def start_batches(ctx) -> BatchService:
-    settings = BatchSettings()
+async def start_batches(ctx, settings: BatchSettings) -> BatchService:
     state_dir = ctx.settings.state_dir
     store = BatchStore(settings.resolve_db(state_dir))
     files = FileStore(settings.resolve_files(state_dir))

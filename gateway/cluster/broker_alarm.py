@@ -24,6 +24,7 @@ import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
+from broker_config.timing import first_of
 from gateway.cluster.errors import ClusterOverloaded
 
 log = logging.getLogger("chatai.gateway.cluster.broker")
@@ -116,15 +117,9 @@ class BlockedTracker:
             self._blocked = asyncio.get_running_loop().create_future()
         block = self._blocked
         task = asyncio.ensure_future(publish)
-        try:
-            await asyncio.wait({task, block}, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:
-            task.cancel()
-            raise
-        if task.done():
+        # Shielded: the alarm's future is shared by every publish waiting now.
+        if task in await first_of(task, asyncio.shield(block)):
             return task.result()
         # The message may reach a queue once the alarm clears: an interactive one expires
         # (its TTL, its deadline), a batch line is sent again and its duplicate result dropped.
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
         raise cluster_overloaded(self.reason or block.result())

@@ -34,7 +34,7 @@ import asyncssh
 from aiormq import TransportFactory
 from aiormq.exceptions import AMQPConnectionError
 
-from broker_config.timing import Backoff
+from broker_config.timing import Backoff, first_of, pause
 from gateway.metrics import (
     TUNNEL_ACTIVE_FORWARDS,
     TUNNEL_CONNECT_ATTEMPTS,
@@ -134,11 +134,7 @@ class BrokerTunnel:
         return _TunnelTransport(self)
 
     async def wait_up(self, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(self._up.wait(), timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
+        return bool(await first_of(self._up.wait(), timeout=timeout))
 
     async def close(self) -> None:
         self._closing = True
@@ -168,8 +164,7 @@ class BrokerTunnel:
 
     async def _sleep(self, delay: float) -> None:
         self._wake.clear()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), delay)
+        await pause(delay, self._wake)
 
     async def _connect(self) -> asyncssh.SSHClientConnection:
         return await asyncssh.connect(
@@ -255,14 +250,7 @@ class BrokerTunnel:
         TUNNEL_ACTIVE_FORWARDS.inc()
         try:
             # AMQP never half-closes: when either direction ends, both are closed.
-            pipes = [asyncio.ensure_future(self._pipe(reader, ch_writer)),
-                     asyncio.ensure_future(self._pipe(ch_reader, writer))]
-            try:
-                await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for p in pipes:
-                    p.cancel()
-                await asyncio.gather(*pipes, return_exceptions=True)
+            await first_of(self._pipe(reader, ch_writer), self._pipe(ch_reader, writer))
         except asyncio.CancelledError:
             pass
         finally:

@@ -18,7 +18,7 @@ from dataclasses import replace
 from typing import TypeVar
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from broker_config.messages import ENDPOINTS, Final, Head

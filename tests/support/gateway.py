@@ -11,6 +11,7 @@ import httpx
 from openai import AsyncOpenAI, OpenAI
 
 from chatai.devstack import processes
+from gateway import private
 from gateway.keys import KeyStore
 
 
@@ -61,7 +62,7 @@ def start_gateway(state_dir: Path, broker_url: str, *, extra_env: dict[str, str]
                   args: list[str] | None = None, direct: bool = True, timeout: float = 30.0) -> GatewayProcess:
     """A gateway with a fresh key, answering /health (``direct``: no tunnel, straight to the broker)."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    keys = KeyStore(state_dir / "gateway.db")
+    keys = KeyStore(private.database(state_dir))
     api_key = keys.create("tests")[1]
     keys.close()
     port = processes.free_port()

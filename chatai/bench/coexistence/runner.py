@@ -8,7 +8,6 @@ and the job completion log of one run must hold that run only.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import signal
@@ -127,6 +126,7 @@ class _Services:
         from broker_config.provision import apply as apply_definitions
         from broker_config.admin import BrokerAdmin
         from chatai.devstack.broker_node import LocalBrokerNode
+        from gateway import private
         from gateway.keys import KeyStore
 
         self.node = LocalBrokerNode.create(name="chatai-coexist")
@@ -138,7 +138,7 @@ class _Services:
         url_file.touch(mode=0o600, exist_ok=True)
         url_file.write_text(url("worker") + "\n")
         gw_state = self.work / "gateway"
-        keys = KeyStore(gw_state / "gateway.db")
+        keys = KeyStore(private.database(gw_state))
         self.api_key = keys.create("bench", limits={"rpm": 0, "tpm": 0, "max_concurrent": 0})[1]
         keys.close()
         port = free_port()

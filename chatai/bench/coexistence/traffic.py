@@ -11,6 +11,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+from broker_config.timing import pause
 from chatai.bench.load import percentile
 
 
@@ -68,10 +69,7 @@ async def steady_stream(base_url: str, api_key: str, models: dict[str, float], r
         tasks.add(task)
         task.add_done_callback(tasks.discard)
         next_at += 1.0 / rate
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=max(0.0, next_at - time.monotonic()))
-        except asyncio.TimeoutError:
-            pass
+        await pause(max(0.0, next_at - time.monotonic()), stop)
     if tasks:
         await asyncio.wait(set(tasks))
     await client.close()
