@@ -106,7 +106,3 @@ class GatewaySettings(BaseSettings):
     def default_limits(self) -> Limits:
         return Limits(rpm=self.limit_rpm, tpm=self.limit_tpm, max_concurrent=self.limit_concurrent,
                       upload_bytes=self.limit_upload_bytes, open_batches=self.limit_open_batches)
-
-    @property
-    def db_path(self) -> Path:
-        return self.state_dir / "gateway.db"
