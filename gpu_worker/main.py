@@ -104,18 +104,19 @@ async def run(settings: WorkerSettings) -> int:
         freeze_heap()
 
         if not stop.event.is_set():
-            reply_channel = await conn.channel(publisher_confirms=True)
-            replies = await reply_channel.get_exchange(topology.REPLIES_EXCHANGE, ensure=False)
+            # One channel for the replies and both subscriptions (control first). After a lost
+            # connection aio-pika restores a channel's queues in the order they were declared, but
+            # channels in no particular order: on separate channels a redelivered request could
+            # reach this worker before its new control queue was bound (its cancel was lost), or
+            # before the reply channel was back (its "started", sent the moment it is taken, was
+            # lost, and the gateway waited for it in vain).
+            work_channel = await conn.channel(publisher_confirms=True)
+            replies = await work_channel.get_exchange(topology.REPLIES_EXCHANGE, ensure=False)
             consumer = Consumer(
                 settings, engine, ReplyPublisher(replies),
                 on_change=hb.in_flight_changed,
                 on_fatal=lambda exc: (fatal.append(exc), stop.set("engine died")),
             )
-            # One channel for both subscriptions, control first: after a lost connection aio-pika
-            # restores a channel's queues in the order they were declared, but channels in no
-            # particular order. On separate channels a redelivered request could reach this worker
-            # before its new control queue was bound, and a cancel sent then was lost.
-            work_channel = await conn.channel()
             await consumer.start_control(work_channel)
             await consumer.start(work_channel)
             hb.startup_seconds = round(since_process_start(), 1)  # what a cold model's first user waits
