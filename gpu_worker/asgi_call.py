@@ -58,10 +58,6 @@ class AsgiCall:
         """The client is gone: the app's handler is cancelled and its engine request aborted."""
         self._gone.set()
 
-    @property
-    def disconnected(self) -> bool:
-        return self._gone.is_set()
-
     async def _receive(self) -> dict:
         if not self._sent_body:
             self._sent_body = True

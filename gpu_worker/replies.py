@@ -197,7 +197,6 @@ class ReplyStream:
         self._whole: list[bytes] = []
         self.started_sent = False
         self.handovers = 0  # frame groups handed to the publisher (it may bundle them further)
-        self.data_sent = 0
 
     def _frame_kw(self) -> dict:
         self._seq += 1
@@ -269,7 +268,6 @@ class ReplyStream:
                                  tokens=tokens - self._reported_tokens))
         self._reported_tokens = tokens
         self._pending.clear()
-        self.data_sent += 1
 
     def _flush(self) -> None:
         """Pending events (and a waiting head), shipped as one message."""
