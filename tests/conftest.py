@@ -154,18 +154,11 @@ def gateway(broker: BrokerEnv, served_worker, tmp_path_factory: pytest.TempPathF
     ``.client()`` / ``.async_client()`` give official OpenAI SDK clients; ``.health()``,
     ``.wait_for(predicate)``; it is serving SERVED_MODEL when handed out.
     """
-    from support.gateway import start_gateway
+    from support.gateway import gateway_serving
 
-    gw = start_gateway(tmp_path_factory.mktemp("gateway"), broker.url("gateway"),
-                       extra_env={"CHATAI_GATEWAY_QUEUE_TIMEOUT": "30"})
-    try:
-        gw.wait_for(lambda h: h["models"].get(SERVED_MODEL, {}).get("ready", 0) >= 1, timeout=60,
-                    what="the served worker's heartbeat")
-    except BaseException:
-        gw.stop()
-        raise
-    yield gw
-    gw.stop()
+    with gateway_serving(tmp_path_factory.mktemp("gateway"), broker.url("gateway"), SERVED_MODEL,
+                         env={"CHATAI_GATEWAY_QUEUE_TIMEOUT": "30"}) as gw:
+        yield gw
 
 
 # ---------------------------------------------------------------- the login node (real sshd + breaker)
