@@ -41,6 +41,7 @@ class Queues:
     def __init__(self, **consumers: int) -> None:
         self.consumers = consumers
         self.connected = True
+        self.blocked = False
 
     async def queue_depth(self, model: str) -> QueueDepth | None:
         n = self.consumers.get(model)
@@ -98,6 +99,20 @@ async def test_nothing_will_start_a_worker_is_said_at_once_with_retry_after():
     away = Queues(tiny=0)
     away.connected = False
     assert (await plan_start(WorkerRegistry(), away, "tiny", QUEUE, COLD)).wait == QUEUE
+
+
+async def test_a_blocked_broker_is_not_asked_for_its_queues():
+    """During a resource alarm the broker reads nothing from the gateway's connection and the
+    workers' heartbeats stop: the plan must neither call the model cold nor probe its queue
+    (the probe would wait for ever); the publish then answers 503 cluster_overloaded."""
+    class Blocked(Queues):
+        async def queue_depth(self, model: str) -> QueueDepth | None:
+            raise AssertionError("a blocked connection was probed")
+
+    blocked = Blocked(tiny=0)
+    blocked.blocked = True
+    plan = await plan_start(heard(WorkerRegistry()), blocked, "tiny", QUEUE, COLD)
+    assert (plan.wait, plan.cold) == (QUEUE, False)
 
 
 async def test_an_autoscaler_that_stopped_promises_nothing_any_more():

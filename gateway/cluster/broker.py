@@ -53,6 +53,8 @@ log = logging.getLogger("chatai.gateway.cluster.broker")
 # and sent when the connection returns: the worker may still be generating for a client that is gone.
 UNSENT_CANCEL_TTL = 600.0
 UNSENT_CANCEL_MAX = 10_000
+# A passive declare answers in milliseconds; past this the broker is not reading (an alarm).
+QUEUE_PROBE_TIMEOUT = 5.0
 
 
 class GatewayBroker:
@@ -220,12 +222,18 @@ class GatewayBroker:
             raise ClusterUnavailable() from None
         know_model(request.model)  # routed: the model has a queue, so it is one of the definitions'
 
+    @property
+    def blocked(self) -> bool:
+        """The broker blocks this connection (a resource alarm): it reads none of its frames."""
+        return self.alarm.blocked
+
     async def queue_depth(self, model: str) -> QueueDepth | None:
-        """Requests waiting in a model's queue and its consumers; None without a connection or queue."""
+        """Requests waiting in a model's queue and its consumers; None without a connection or
+        queue, or when the broker does not answer in time (an alarm that began meanwhile)."""
         if not self.connected or self._connection is None:
             return None
         try:
-            return await queue_depth(self._connection, t.model_queue(model))
+            return await asyncio.wait_for(queue_depth(self._connection, t.model_queue(model)), QUEUE_PROBE_TIMEOUT)
         except (asyncio.TimeoutError, aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError):
             return None
 

@@ -77,6 +77,9 @@ class QueueProbe(Protocol):
     @property
     def connected(self) -> bool: ...
 
+    @property
+    def blocked(self) -> bool: ...
+
     async def queue_depth(self, model: str) -> QueueDepth | None: ...
 
 
@@ -90,6 +93,11 @@ async def plan_start(registry: WorkerRegistry, broker: QueueProbe, model: str, q
     if v.state == "starting" or v.on_demand:
         return StartPlan(cold_start_timeout, True, v)
     if not broker.connected:  # nothing can be known: the publish answers 503 service_paused
+        return StartPlan(queue_timeout, False, v)
+    # A resource alarm: the broker reads nothing more from this connection (a passive declare
+    # would wait for ever) and the workers' heartbeats stop, so a ready model looks cold. The
+    # publish answers 503 cluster_overloaded at once.
+    if broker.blocked:
         return StartPlan(queue_timeout, False, v)
     await registry.heard_everyone()
     v = view(registry, model)
