@@ -154,6 +154,10 @@ def wait_until(pred: Callable[[], T], timeout: float | None = 10.0, what: str = 
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         value = pred()
+        if inspect.isawaitable(value):  # truthy, and never run: the wait would check nothing
+            if inspect.iscoroutine(value):
+                value.close()
+            raise TypeError(f"wait_until({what!r}): the condition is async; use await_until")
         if value:
             return value
         _expired(deadline, timeout, what)

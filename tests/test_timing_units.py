@@ -63,3 +63,23 @@ async def test_run_periodically_asks_a_callable_interval_and_stops_on_its_event(
 
     await asyncio.wait_for(run_periodically(step, interval, what="test", logger=log, stop=stop), timeout=2)
     assert len(steps) == 3 and len(pauses) == 2  # no pause after the step that stopped it
+
+
+def test_a_sync_wait_refuses_an_async_condition_instead_of_passing_at_once():
+    """A coroutine is truthy: polled without being awaited, it would end the wait having
+    checked nothing. The test helper runs such a condition in a loop of its own."""
+    import pytest
+
+    from broker_config.timing import wait_until
+    from support.waiting import wait_until as test_wait_until
+
+    calls: list[int] = []
+
+    async def ready() -> bool:
+        calls.append(1)
+        return len(calls) >= 3
+
+    with pytest.raises(TypeError, match="async"):
+        wait_until(ready, timeout=1, what="an async condition")
+    assert test_wait_until(ready, timeout=5, what="an async condition", every=0.01) is True
+    assert len(calls) == 3

@@ -16,7 +16,16 @@ import openai
 import pytest
 
 from conftest import SERVED_MODEL
-from support.faults import Traffic, cut_tunnel_session, gateway_serving, metric, one_request, sshd_down, wait_for
+from support.faults import (
+    Traffic,
+    cut_tunnel_session,
+    gateway_serving,
+    metric,
+    one_request,
+    sshd_down,
+    sshd_paused,
+    wait_for,
+)
 
 # Long answers (8 choices of 400 tokens: seconds of decoding), so that streams are mid-flight
 # whenever the fault comes.
@@ -93,22 +102,27 @@ def test_sshd_killed_and_restarted(tunnel_gateway, sshd):
 
 def test_ssh_session_cut_while_sshd_stays_up(tunnel_gateway, sshd):
     """The sshd processes of the gateway's own connection are killed (found by its ports); the
-    listener stays up, so the gateway's next attempt, after its backoff, gets in."""
+    listener stays up, so the gateway's next attempt, after its backoff, gets in.
+
+    The listener is paused (SIGSTOP) from just before the cut until the test has seen the
+    outage: without that, a retry that got in before a /health poll came round made the outage
+    invisible (the poll then waited for a state that had come and gone)."""
     gw = tunnel_gateway
     pid = gw.proc.pid
     disconnects_before = metric(gw.base_url, "chatai_tunnel_disconnects_total")
     with _traffic_in_flight(gw) as (traffic, _):
-        cut_at = time.monotonic()
-        killed = cut_tunnel_session(sshd, pid)
-        health = gw.wait_for(lambda h: h["tunnel"]["state"] != "up" and h["tunnel"]["last_error"],
-                             timeout=30, what="/health to show the outage and its reason")
-        print(f"\nkilled sshd session processes {killed}; /health during the outage: tunnel {health['tunnel']}, "
-              f"broker connected {health['broker']['connected']}, status {health['status']}")
-        assert health["status"] == "unavailable"
-        wait_for(lambda: metric(gw.base_url, "chatai_tunnel_disconnects_total") > disconnects_before, 30,
-                 "the gateway to count the lost tunnel")
+        with sshd_paused(sshd):
+            cut_at = time.monotonic()
+            killed = cut_tunnel_session(sshd, pid)
+            health = gw.wait_for(lambda h: h["tunnel"]["state"] != "up" and h["tunnel"]["last_error"],
+                                 timeout=30, what="/health to show the outage and its reason")
+            print(f"\nkilled sshd session processes {killed}; /health during the outage: tunnel {health['tunnel']}, "
+                  f"broker connected {health['broker']['connected']}, status {health['status']}")
+            assert health["status"] == "unavailable"
+            wait_for(lambda: metric(gw.base_url, "chatai_tunnel_disconnects_total") > disconnects_before, 30,
+                     "the gateway to count the lost tunnel")
         back = gw.wait_for(_serving, timeout=90, what="the gateway to reconnect through the tunnel")
-        print(f"serving again {time.monotonic() - cut_at:.1f} s after the cut (first retry after 2-4 s)")
+        print(f"serving again {time.monotonic() - cut_at:.1f} s after the cut")
         assert back["tunnel"]["last_error"] is None
         wait_for(lambda: [o for o in traffic.outcomes if o.kind == "ok" and (o.first_token or 0) > cut_at], 180,
                  "a stream started after the cut to complete")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -231,6 +232,20 @@ def sshd_down(sshd) -> Iterator[None]:
         wait_for(listening, 30, "sshd to listen again")
 
 
+@contextlib.contextmanager
+def sshd_paused(sshd) -> Iterator[None]:
+    """sshd's listener is stopped (SIGSTOP) and continued on the way out: it stays up, holding
+    its socket, but answers no new connection meanwhile. Cut a session inside this, and the
+    outage lasts until the test has looked at it, however quickly the gateway retries."""
+    import signal
+
+    os.kill(sshd.process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(sshd.process.pid, signal.SIGCONT)
+
+
 def tunnel_session_processes(sshd, gateway_pid: int) -> list:
     """The sshd processes that serve the gateway's SSH connection (the privileged monitor and
     the session process), found by that connection's ports: the gateway's source port on one
@@ -265,7 +280,16 @@ def cut_tunnel_session(sshd, gateway_pid: int) -> list[int]:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=10)
+    def gone(proc) -> bool:  # a zombie is gone too: a paused listener reaps nothing
+        try:
+            return proc.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    deadline = time.monotonic() + 10
+    while not all(gone(p) for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    alive = [p for p in procs if not gone(p)]
     assert not alive, f"sshd session processes survived SIGKILL: {alive}"
     assert sshd.process.poll() is None, "the cut took sshd's listener with it"
     return [p.pid for p in procs]
