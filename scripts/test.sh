@@ -6,4 +6,7 @@ bash scripts/install.sh
 VENV="${CHATAI_VENV:-$PWD/.venv}"
 # The tests run `chatai ...` and `sys.executable` subprocesses: both must be the venv's.
 export VIRTUAL_ENV="$VENV" PATH="$VENV/bin:$PATH"
-exec python -m pytest "$@"
+# Two test processes (CHATAI_TEST_PROCESSES; 0 runs everything in this one): the slow tier waits
+# on start-ups, Slurm and timeouts more than it computes, so its files overlap well on two cores.
+# Each file's slow tests stay together in one process (tests/conftest.py marks the groups).
+exec python -m pytest -n "${CHATAI_TEST_PROCESSES:-2}" --dist loadgroup "$@"
