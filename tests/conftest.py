@@ -28,6 +28,7 @@ from chatai.devstack.broker_node import LocalBrokerNode, rabbitmq_installed
 SLOW_FIXTURES = {"broker", "tiny_model_dir", "sshd", "gw_user"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("slow"):
