@@ -101,7 +101,6 @@ def serve(overrides: dict[str, Any], log_level: str = "info") -> None:
     import uvicorn
 
     from gateway.app import create_app
-    from gateway.header_timeout import http_protocol
 
     try:
         settings = GatewaySettings(**overrides)
@@ -109,9 +108,16 @@ def serve(overrides: dict[str, Any], log_level: str = "info") -> None:
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # uvicorn's access log shows paths and statuses only, never bodies. Slow clients: a deadline
-    # for each request head (gateway/header_timeout.py), idle keep-alive connections closed after
-    # 5 s, and a request head of at most 16 KiB (h11; httptools has its own limit).
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
-                timeout_graceful_shutdown=10, http=http_protocol(settings.header_timeout),
-                timeout_keep_alive=5, h11_max_incomplete_event_size=16 * 1024)
+    uvicorn.run(create_app(settings), log_level=log_level, **uvicorn_options(settings))
+
+
+def uvicorn_options(settings: GatewaySettings) -> dict[str, Any]:
+    """How uvicorn serves the app. Its access log shows paths and statuses only, never bodies.
+    Slow clients: a deadline for each request head (gateway/header_timeout.py), idle keep-alive
+    connections closed after ``keep_alive_timeout``, a request head of at most 16 KiB (h11;
+    httptools has its own limit)."""
+    from gateway.header_timeout import http_protocol
+
+    return dict(host=settings.host, port=settings.port, timeout_graceful_shutdown=10,
+                http=http_protocol(settings.header_timeout), timeout_keep_alive=settings.keep_alive_timeout,
+                h11_max_incomplete_event_size=16 * 1024)

@@ -62,6 +62,11 @@ class GatewaySettings(BaseSettings):
     header_timeout: float = Field(
         10.0, gt=0, description="Seconds a client has to send a request's head (request line and headers) "
         "once it connected or began the request: slow or silent clients (slowloris) are disconnected.")
+    keep_alive_timeout: int = Field(
+        30, gt=0, description="Seconds an idle keep-alive connection stays open. Longer than clients keep "
+        "idle connections (the OpenAI SDK's httpx pool: 5 s), so the client always closes first: a server "
+        "that closes as the client reuses the connection fails that request without an answer. Behind a "
+        "load balancer, set it above the balancer's idle timeout.")
     api_docs: bool = Field(False, description="Serve Swagger UI at /docs. It loads scripts from a CDN on the "
                            "chat page's origin, so it is off unless asked for; /openapi.json is always served.")
 

@@ -172,3 +172,17 @@ def test_generated_broker_passwords_never_start_with_a_dash(monkeypatch):
     draws = iter(["-starts-with-a-dash", "-again", "fine-password"])
     monkeypatch.setattr(secrets, "token_urlsafe", lambda n: next(draws))
     assert definitions.new_password() == "fine-password"
+
+
+def test_the_gateway_keeps_idle_connections_longer_than_the_openai_sdk_does():
+    """The SDK's pool drops a connection idle for 5 s. A server that closes at the same age
+    races a client reusing it, and that request fails with a connection error and no answer
+    (seen as a 'broken' request in the tunnel-loss test); so the client must always close first."""
+    from openai._constants import DEFAULT_CONNECTION_LIMITS
+
+    from gateway.cli import uvicorn_options
+    from gateway.settings import GatewaySettings
+
+    options = uvicorn_options(GatewaySettings(broker_direct=True))
+    assert options["timeout_keep_alive"] > DEFAULT_CONNECTION_LIMITS.keepalive_expiry
+    assert uvicorn_options(GatewaySettings(broker_direct=True, keep_alive_timeout=90))["timeout_keep_alive"] == 90

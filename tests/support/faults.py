@@ -124,6 +124,7 @@ class Outcome:
     chunks: int = 0
     after: float = 0.0  # time.monotonic() when it ended
     first_token: float | None = None  # time.monotonic() of its first token (streams)
+    detail: str | None = None  # what broke, for a broken one
 
     def in_flight_at(self, moment: float) -> bool:
         """A stream that had tokens before ``moment`` and ended after it."""
@@ -150,8 +151,10 @@ def one_request(client: openai.OpenAI, stream: bool, on_first_token: Callable[[]
         return Outcome("refused", exc.status_code, error_code(exc), chunks, time.monotonic(), first)
     except openai.APITimeoutError:
         return Outcome("hang", chunks=chunks, after=time.monotonic(), first_token=first)
-    except openai.APIConnectionError:
-        return Outcome("broken", chunks=chunks, after=time.monotonic(), first_token=first)
+    except openai.APIConnectionError as exc:
+        cause = exc.__cause__ or exc
+        return Outcome("broken", chunks=chunks, after=time.monotonic(), first_token=first,
+                       detail=f"{'stream' if stream else 'whole'}: {type(cause).__name__}: {cause}")
     except openai.APIError as exc:  # an error event inside a started stream
         return Outcome("cut", code=error_code(exc), chunks=chunks, after=time.monotonic(), first_token=first)
 
@@ -199,7 +202,9 @@ class Traffic:
 
     def summary(self) -> str:
         kinds = ("ok", "cut", "refused", "hang", "broken")
-        return ", ".join(f"{k} {self.count(k)}" for k in kinds) + f" of {len(self.outcomes)}"
+        broken = [o.detail for o in self.outcomes if o.kind == "broken"]
+        return (", ".join(f"{k} {self.count(k)}" for k in kinds) + f" of {len(self.outcomes)}"
+                + (f" (broken: {'; '.join(map(str, broken))})" if broken else ""))
 
 
 @contextlib.contextmanager
