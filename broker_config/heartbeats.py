@@ -43,6 +43,12 @@ class HeartbeatBook:
     def is_alive(self, worker_id: str) -> bool:
         return any(hb.worker_id == worker_id for hb in self.live())
 
+    def heard_at(self, worker_id: str) -> float | None:
+        """When (on ``clock``) this worker's last heartbeat arrived; None if it is not live."""
+        self.live()
+        entry = self._workers.get(worker_id)
+        return None if entry is None else entry[1]
+
     def by_model(self) -> dict[str, list[Heartbeat]]:
         """Served model name -> live workers."""
         out: dict[str, list[Heartbeat]] = {}

@@ -32,7 +32,7 @@ class GatewayContext:
         if self.affinity is None:
             s = self.settings
             self.affinity = Affinity(s.affinity, ConversationMemory(s.affinity_ttl, s.affinity_max_conversations),
-                                     self.registry.live)
+                                     self.registry.live, self.registry.heard_at)
 
     def limits(self, key_id: str) -> Limits:
         """A key's effective limits: its own where set, else the gateway's defaults (read each

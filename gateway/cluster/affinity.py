@@ -27,6 +27,9 @@ from typing import Any
 from broker_config.messages import Heartbeat
 
 
+MAX_WORKERS_TRACKED = 10_000
+
+
 @dataclass(frozen=True)
 class ConversationKeys:
     """The hashes of one request: ``lookup`` (longest prefix first) to find the worker of an
@@ -109,14 +112,18 @@ class ConversationMemory:
         return len(self._entries)
 
 
-def preferred_worker(candidate: str | None, model: str, live: Sequence[Heartbeat]) -> str | None:
+def preferred_worker(candidate: str | None, model: str, live: Sequence[Heartbeat],
+                     freed_since_heartbeat: Callable[[str], bool] = lambda worker_id: False) -> str | None:
     """``candidate`` if its last heartbeat says it serves ``model``, takes affinity traffic and
-    is ready with room; None otherwise (the request goes to the shared queue)."""
+    is ready with room (or full then, but this gateway has seen it finish a request since that
+    heartbeat arrived: the next turn of a conversation comes right after its last answer, before
+    the worker's next heartbeat); None otherwise (the request goes to the shared queue)."""
     if candidate is None:
         return None
     for hb in live:
         if hb.worker_id == candidate:
-            return candidate if hb.model == model and hb.affinity and hb.has_room else None
+            usable = hb.model == model and hb.affinity and hb.state == "ready"
+            return candidate if usable and (hb.has_room or freed_since_heartbeat(candidate)) else None
     return None
 
 
@@ -124,11 +131,15 @@ class Affinity:
     """The gateway's affinity: keys of a request, the worker to prefer, what to remember."""
 
     def __init__(self, enabled: bool, memory: ConversationMemory, live: Callable[[], Sequence[Heartbeat]],
-                 hasher: Hasher | None = None) -> None:
+                 heard_at: Callable[[str], float | None] = lambda worker_id: None, hasher: Hasher | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.enabled = enabled
         self.memory = memory
         self._live = live
+        self._heard_at = heard_at
         self._hasher = hasher or Hasher()
+        self._clock = clock
+        self._last_final: dict[str, float] = {}  # worker id -> when this gateway last saw it finish one
 
     def keys(self, model: str, body: dict[str, Any]) -> ConversationKeys:
         return self._hasher.keys(model, body) if self.enabled else ConversationKeys()
@@ -136,8 +147,19 @@ class Affinity:
     def prefer(self, model: str, keys: ConversationKeys) -> str | None:
         if not keys.lookup:
             return None
-        return preferred_worker(self.memory.recall(keys.lookup), model, self._live())
+        return preferred_worker(self.memory.recall(keys.lookup), model, self._live(), self._freed)
 
     def started(self, keys: ConversationKeys, worker_id: str) -> None:
         if keys.remember:
             self.memory.remember(keys.remember, worker_id)
+
+    def finished(self, worker_id: str) -> None:
+        """A request of this gateway ended on ``worker_id``: a slot there is free now."""
+        if self.enabled:
+            self._last_final[worker_id] = self._clock()
+            if len(self._last_final) > MAX_WORKERS_TRACKED:  # workers come and go: a bound all the same
+                self._last_final.clear()
+
+    def _freed(self, worker_id: str) -> bool:
+        heard, final = self._heard_at(worker_id), self._last_final.get(worker_id)
+        return heard is not None and final is not None and final > heard

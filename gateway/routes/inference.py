@@ -164,7 +164,8 @@ async def _serve(routed: Routed, request: Request, ctx: GatewayContext, key_id: 
         gen = Generation.build(ctx.broker, replace(ctx.timeouts, queue=plan.wait, cold_start=plan.cold), model=model,
                                endpoint=routed.endpoint, body=routed.body, stream=routed.stream,
                                prefer=affinity.prefer(model, keys),
-                               on_started=lambda worker_id: affinity.started(keys, worker_id))
+                               on_started=lambda worker_id: affinity.started(keys, worker_id),
+                               on_final=affinity.finished)
         frames = gen.frames()
         keepalive = ctx.settings.stream_keepalive if routed.stream and plan.cold else None
         try:
