@@ -19,7 +19,7 @@ import pytest
 from broker_config.messages import Final, Started
 from support.amqp_client import TestGatewayClient
 from support.gateway import gateway_serving
-from support.waiting import wait_until
+from support.waiting import wait_until, wait_until_sync
 from support.worker_proc import start_worker
 
 MODEL = "tiny-aff"
@@ -84,7 +84,7 @@ async def test_follow_up_turns_go_back_to_the_worker_of_the_conversation(pair):
         ids = await asyncio.gather(*(turn(client, h, f"Turn {t} of {i}: tell me more.")
                                      for i, h in enumerate(histories)))
         for i, rid in enumerate(ids):
-            placed[i] += wait_until(lambda: served_by(workers, rid), 10, "the worker's log line")
+            placed[i] += await wait_until(lambda: served_by(workers, rid), 10, "the worker's log line")
     for i, where in enumerate(placed):
         assert len(where) == 3 and len(set(where)) == 1, f"conversation {i} moved between workers: {where}"
     # The workers' heartbeats carry vLLM's prefix-cache counts; the gateway shows the hit rate.
@@ -123,13 +123,13 @@ async def test_a_killed_worker_costs_its_conversations_only_their_cache(pair):
     client = gw.async_client(timeout=120)
     histories = [conversation(100 + i) for i in range(4)]
     first = await asyncio.gather(*(turn(client, h, "Hello.") for h in histories))
-    homes = [wait_until(lambda: served_by(workers, rid), 10, "the worker's log line")[0] for rid in first]
+    homes = [(await wait_until(lambda: served_by(workers, rid), 10, "the worker's log line"))[0] for rid in first]
     victim = next(w for w in workers if w.worker_id in homes)  # a worker holding conversations
     survivor = next(w for w in workers if w is not victim)
 
     # Second turn of every conversation at once, long enough to be in flight when the worker dies.
     second = [asyncio.create_task(turn(client, h, "Now a long answer please.", max_tokens=300)) for h in histories]
-    await asyncio.to_thread(wait_until, lambda: worker_view(gw).get(victim.worker_id, {}).get("in_flight", 0) >= 1,
+    await asyncio.to_thread(wait_until_sync, lambda: worker_view(gw).get(victim.worker_id, {}).get("in_flight", 0) >= 1,
                             60, "a request in flight on the worker to be killed")
     victim.kill()
     ids = list(first) + await asyncio.gather(*second)  # non-streamed: a lost delivery is retried transparently
@@ -137,6 +137,6 @@ async def test_a_killed_worker_costs_its_conversations_only_their_cache(pair):
     assert victim.proc.wait(timeout=30) == -signal.SIGKILL
     everyone = [*workers]
     for rid in ids:  # answered exactly once: one final per request across both workers' logs
-        assert len(wait_until(lambda: served_by(everyone, rid), 10, "a final log line")) == 1, rid
+        assert len(await wait_until(lambda: served_by(everyone, rid), 10, "a final log line")) == 1, rid
     for rid in ids[len(histories) * 2:]:
         assert served_by(everyone, rid) == [survivor.worker_id]
