@@ -13,9 +13,12 @@ import os
 import re
 import signal
 
+import aio_pika
 import httpx
 import pytest
+from aiormq.exceptions import ChannelAccessRefused
 
+from broker_config import topology
 from broker_config.messages import Final, Started
 from support.amqp_client import TestGatewayClient
 from support.gateway import gateway_serving
@@ -34,7 +37,7 @@ def pair(broker, tiny_model_dir, tmp_path_factory):
     broker.apply([MODEL])
     logs = tmp_path_factory.mktemp("affinity-workers")
     workers = [start_worker(tiny_model_dir, MODEL, broker.url("worker"), logs / f"w{i}.log",
-                            worker_id=f"aff-{i}-{os.getpid()}", max_num_seqs=CAPACITY, max_model_len=512,
+                            worker_id=f"aff-{i}-{os.getpid()}", max_num_seqs=CAPACITY, max_model_len=1024,
                             heartbeat_interval=1.0) for i in range(2)]
     try:
         for w in workers:
@@ -140,3 +143,20 @@ async def test_a_killed_worker_costs_its_conversations_only_their_cache(pair):
         assert len(await wait_until(lambda: served_by(everyone, rid), 10, "a final log line")) == 1, rid
     for rid in ids[len(histories) * 2:]:
         assert served_by(everyone, rid) == [survivor.worker_id]
+
+
+async def test_a_worker_binds_its_affinity_queue_but_cannot_make_it_publish_requests(broker):
+    """Why the spill is the operator's policy: a queue argument naming the requests exchange as
+    dead-letter exchange needs write on it, which the worker user does not have."""
+    conn = await aio_pika.connect(broker.url("worker"))
+    try:
+        channel = await conn.channel()
+        queue = await channel.declare_queue(topology.worker_affinity_queue("probe"), auto_delete=False)
+        await queue.bind(topology.AFFINITY_EXCHANGE, arguments=topology.affinity_binding("probe"))
+        await queue.delete(if_unused=False, if_empty=False)
+        with pytest.raises(ChannelAccessRefused):
+            await (await conn.channel()).declare_queue(
+                topology.worker_affinity_queue("probe-dlx"),
+                arguments={"x-dead-letter-exchange": topology.REQUESTS_EXCHANGE})
+    finally:
+        await conn.close()

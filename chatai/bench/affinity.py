@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from chatai.bench.load import percentile
+from chatai.bench.load import StreamFailed, percentile, sse_chunks
 from chatai.devstack import processes
 
 MODEL = "tiny"
@@ -77,27 +77,18 @@ async def _turn(client: httpx.AsyncClient, messages: list[dict], rec: Turn, max_
     text: list[str] = []
     t0 = time.perf_counter()
     try:
-        async with client.stream("POST", "/chat/completions", json=body) as resp:
-            if resp.status_code != 200:
-                await resp.aread()
-                rec.error = f"HTTP {resp.status_code}"
-                return ""
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    rec.error = f"stream error: {chunk['error'].get('code')}"
-                    return ""
-                rec.request_id = rec.request_id or chunk.get("id", "").removeprefix("chatcmpl-") or None
-                for choice in chunk.get("choices") or []:
-                    if piece := choice.get("delta", {}).get("content"):
-                        if math.isnan(rec.ttft):
-                            rec.ttft = time.perf_counter() - t0
-                        text.append(piece)
-                if chunk.get("usage"):
-                    rec.completion_tokens = chunk["usage"]["completion_tokens"]
+        async for chunk in sse_chunks(client, "/chat/completions", body):
+            rec.request_id = rec.request_id or chunk.get("id", "").removeprefix("chatcmpl-") or None
+            for choice in chunk.get("choices") or []:
+                if piece := choice.get("delta", {}).get("content"):
+                    if math.isnan(rec.ttft):
+                        rec.ttft = time.perf_counter() - t0
+                    text.append(piece)
+            if chunk.get("usage"):
+                rec.completion_tokens = chunk["usage"]["completion_tokens"]
         rec.latency = time.perf_counter() - t0
+    except StreamFailed as exc:
+        rec.error = str(exc)
     except (httpx.HTTPError, ValueError) as exc:
         rec.error = type(exc).__name__
     return "".join(text)

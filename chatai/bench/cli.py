@@ -211,6 +211,16 @@ def relay(
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _write_result(json_path: Path, result: dict, table: str, png: Path, kept: Path | None) -> None:
+    """A benchmark's JSON, its table on the terminal, and where everything went."""
+    import json
+
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    typer.echo(table)
+    typer.echo(f"wrote {json_path} and {png}" + (f"; logs in {kept}" if kept else ""))
+
+
 @app.command()
 def coexistence(
     quick: Annotated[bool, typer.Option("--quick", help="A short day (about 4 minutes in all), synthetic workers only.")] = False,
@@ -225,7 +235,6 @@ def coexistence(
     keep: Annotated[bool, typer.Option(help="Keep the scratch folder (logs).")] = False,
 ) -> None:
     """Regular jobs alone, then with autoscaled workers in a preemptible scavenger partition: idle time absorbed, delays, requests."""
-    import json
 
     from chatai.bench.coexistence import gantt, report
     from chatai.bench.coexistence.cluster import NODES
@@ -270,10 +279,7 @@ def coexistence(
         result["intervals"] = {name: [vars(i) for i in intervals(r.records, r.t0, report.kind_of)]
                                for name, r in (("baseline", base), ("workers", run))}
         result["baseline_window_s"] = base.last_regular_end
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
-        typer.echo(report.table(result))
-        typer.echo(f"wrote {json_path} and {png}" + (f"; logs in {work}" if keep else ""))
+        _write_result(json_path, result, report.table(result), png, work if keep else None)
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -293,7 +299,6 @@ def affinity(
     keep: Annotated[bool, typer.Option(help="Keep the scratch folder (logs).")] = False,
 ) -> None:
     """Prefix-cache affinity: multi-turn chats on 1 worker, then 2 with affinity off and on."""
-    import json
 
     from chatai.bench import affinity_report
     from chatai.bench.affinity import ConversationLoad, run
@@ -310,10 +315,7 @@ def affinity(
         png = png or json_path.with_suffix(".png")
         affinity_report.plot(result, png)
         result["png"] = str(png)
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
-        typer.echo(affinity_report.table(result))
-        typer.echo(f"wrote {json_path} and {png}" + (f"; logs in {work}" if keep else ""))
+        _write_result(json_path, result, affinity_report.table(result), png, work if keep else None)
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
