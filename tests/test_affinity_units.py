@@ -45,6 +45,8 @@ def test_the_clients_own_key_names_the_conversation():
     b = h.keys("m", {"prompt_cache_key": "conv-7", **chat("something else entirely")})
     assert a == b and a.lookup
     assert h.keys("m", {"prompt": "a completion"}).lookup == ()  # nothing to recognise: no affinity
+    by_user = h.keys("m", {"prompt": "a completion", "user": "u1"})
+    assert by_user.lookup and by_user == h.keys("m", {"prompt": "another", "user": "u1"})
 
 
 def test_the_memory_forgets_after_its_ttl_and_beyond_its_size():

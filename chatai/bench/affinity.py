@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 
 from chatai.bench.load import StreamFailed, percentile, sse_chunks
+from broker_config.topology import AFFINITY_SPILL_MS
 from chatai.devstack import processes
 
 MODEL = "tiny"
@@ -265,6 +266,53 @@ def one_run(bench: Bench, url: str, name: str, workers: int, affinity: bool, loa
     return result
 
 
+async def spill_probe(gateway_url: str, busy: str, idle: str, capacity: int, max_model_len: int,
+                      samples: int = 8) -> dict:
+    """How long a request offered to a full worker waits before another starts it (the spill),
+    next to one offered to an idle worker (no spill): queue-wait figures in ms, through the broker
+    as a gateway publishes (``GatewayBroker``), the full worker kept busy with long requests."""
+    from broker_config.messages import ApiRequest, Started
+    from broker_config.topology import INTERACTIVE_PRIORITY
+    from gateway.cluster.broker import GatewayBroker
+    from gateway.cluster.registry import WorkerRegistry
+
+    broker = GatewayBroker(gateway_url, WorkerRegistry())
+    broker.start()
+    await asyncio.wait_for(broker.ready.wait(), 60)
+
+    def request(i: str, max_tokens: int) -> ApiRequest:
+        return ApiRequest(request_id=f"probe-{i}-{os.getpid()}-{time.monotonic_ns()}", model=MODEL,
+                          endpoint="/v1/chat/completions", reply_to=broker.reply_queue_name,
+                          body={"model": MODEL, "max_tokens": max_tokens, "ignore_eos": True,
+                                "messages": [{"role": "user", "content": f"probe {i}"}]})
+
+    async def started(req: ApiRequest, prefer: str) -> tuple[float, str]:
+        sub = broker.subscribe(req.request_id)
+        t0 = time.perf_counter()
+        await broker.publish_request(req, priority=INTERACTIVE_PRIORITY, ttl=120, prefer=prefer)
+        while not isinstance(frame := await asyncio.wait_for(sub.frames.get(), 120), Started):
+            pass
+        return (time.perf_counter() - t0) * 1000, frame.worker_id
+
+    try:
+        # As long as the context allows: they outlast the probe (and are cancelled after it).
+        fill = [request(f"fill{i}", max_model_len - 64) for i in range(capacity)]
+        holders = await asyncio.gather(*(started(r, busy) for r in fill))
+        spilled, direct = [], []
+        for i in range(samples):
+            spilled.append(await started(request(f"spill{i}", 1), busy))
+            direct.append(await started(request(f"direct{i}", 1), idle))
+        for r in fill:
+            await broker.cancel(r.request_id, "probe done")
+        ms = [round(t, 1) for t, _ in spilled]
+        return {"full_worker_held": sum(w == busy for _, w in holders), "capacity": capacity,
+                "spilled_wait_ms": ms, "spilled_to_other_worker": sum(w == idle for _, w in spilled),
+                "direct_wait_ms": [round(t, 1) for t, _ in direct],
+                "spill_delay_p50_ms": round(percentile(ms, 50) - percentile([t for t, _ in direct], 50), 1)}
+    finally:
+        await broker.close()
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1%}"
 
@@ -287,6 +335,10 @@ def run(model_dir: Path, work: Path, load: ConversationLoad, max_num_seqs: int, 
         runs["affinity_off"] = one_run(bench, urls["gateway"], "affinity_off", 2, False, load, Texts(model_dir, 2), say)
         say("run 3/3: two workers, affinity on")
         runs["affinity_on"] = one_run(bench, urls["gateway"], "affinity_on", 2, True, load, Texts(model_dir, 3), say)
+        say("spill probe: requests offered to a full worker, and to an idle one")
+        ids = list(bench.worker_logs)
+        probe = asyncio.run(spill_probe(urls["gateway"], ids[0], ids[1], max_num_seqs, max_model_len))
+        say(f"  {probe}")
     names = ("one_worker", "affinity_off", "affinity_on")
     return {
         "machine": info,
@@ -299,5 +351,7 @@ def run(model_dir: Path, work: Path, load: ConversationLoad, max_num_seqs: int, 
         "max_worker_share_affinity_off": runs["affinity_off"].max_worker_share,
         "requests_lost": sum(r.lost for r in runs.values()),
         "requests_duplicated": sum(r.duplicated for r in runs.values()),
+        "spill_bound_ms": AFFINITY_SPILL_MS,
+        "spill_probe": probe,
         "runs": {n: r.as_dict() for n, r in runs.items()},
     }

@@ -53,8 +53,9 @@ class Hasher:
         return h.digest()
 
     def keys(self, model: str, body: dict[str, Any]) -> ConversationKeys:
-        """The conversation keys of a request body (chat ``messages`` or a Responses ``input``
-        list; ``prompt_cache_key`` when the client names the conversation itself)."""
+        """The conversation keys of a request body: ``prompt_cache_key`` when the client names
+        the conversation itself; else the chain over chat ``messages`` or a Responses ``input``
+        list; else (a completion's prompt) the OpenAI ``user`` field when sent."""
         scope = self._h(b"model", model.encode())
         explicit = body.get("prompt_cache_key")
         if isinstance(explicit, str) and explicit:
@@ -64,6 +65,10 @@ class Hasher:
         if items is None:
             items = body.get("input")
         if not isinstance(items, list) or not items:
+            user = body.get("user")
+            if isinstance(user, str) and user:
+                key = self._h(scope, b"user", user.encode())
+                return ConversationKeys((key,), (key,))
             return ConversationKeys()
         chain, h = [], scope
         for item in items:
