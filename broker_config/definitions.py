@@ -40,7 +40,7 @@ def gateway_permissions(user: str) -> dict[str, str]:
     own = _prefix(t.gateway_namespace(t.check_deployment_name(user)))
     return {
         "configure": own,
-        "write": _either(_exact(t.REQUESTS_EXCHANGE, t.CONTROL_EXCHANGE), own),
+        "write": _either(_exact(t.REQUESTS_EXCHANGE, t.AFFINITY_EXCHANGE, t.CONTROL_EXCHANGE), own),
         "read": _either(_exact(t.REPLIES_EXCHANGE, t.WORKERS_EXCHANGE), own),
     }
 
@@ -54,12 +54,15 @@ def gateway_topic_permissions(user: str) -> dict[str, str]:
 
 
 ROLE_PERMISSIONS: dict[str, dict[str, str]] = {
-    # A worker consumes model queues, publishes replies and heartbeats, owns its control queue.
-    # It cannot publish requests.
+    # A worker consumes model queues, publishes replies and heartbeats, owns its control and
+    # affinity queues (binding the latter to the affinity exchange needs read on it). It cannot
+    # publish requests: its affinity queue dead-letters into the requests exchange by the
+    # operator's policy, not by a queue argument (which would need write on that exchange).
     "worker": {
         "configure": _prefix(t.WORKER_QUEUE_PREFIX),
         "write": _either(_exact(t.REPLIES_EXCHANGE, t.WORKERS_EXCHANGE), _prefix(t.WORKER_QUEUE_PREFIX)),
-        "read": _either(_exact(t.CONTROL_EXCHANGE), _prefix(t.MODEL_QUEUE_PREFIX), _prefix(t.WORKER_QUEUE_PREFIX)),
+        "read": _either(_exact(t.CONTROL_EXCHANGE, t.AFFINITY_EXCHANGE), _prefix(t.MODEL_QUEUE_PREFIX),
+                        _prefix(t.WORKER_QUEUE_PREFIX)),
     },
     # Operators and the autoscaler look at queue depths and consumers (passive declare needs no
     # permission) and listen to heartbeats through queues of their own, bound to the workers
@@ -129,6 +132,7 @@ class Definitions:
                 (t.REPLIES_EXCHANGE, "topic"),
                 (t.CONTROL_EXCHANGE, "fanout"),
                 (t.WORKERS_EXCHANGE, "fanout"),
+                (t.AFFINITY_EXCHANGE, "headers"),
             )
         ]
         queues = [
@@ -157,6 +161,8 @@ class Definitions:
             "exchanges": exchanges,
             "queues": queues,
             "bindings": bindings,
+            "policies": [{"vhost": v, "name": t.AFFINITY_POLICY, "pattern": t.AFFINITY_QUEUE_PATTERN,
+                          "apply-to": "queues", "priority": 0, "definition": t.affinity_policy()}],
         }
 
     def to_json(self) -> str:

@@ -9,7 +9,7 @@ status``, the autoscaler). A worker is live while its last heartbeat is younger 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from broker_config.messages import Heartbeat, ScalerHeartbeat
@@ -43,6 +43,12 @@ class HeartbeatBook:
     def is_alive(self, worker_id: str) -> bool:
         return any(hb.worker_id == worker_id for hb in self.live())
 
+    def heard_at(self, worker_id: str) -> float | None:
+        """When (on ``clock``) this worker's last heartbeat arrived; None if it is not live."""
+        self.live()
+        entry = self._workers.get(worker_id)
+        return None if entry is None else entry[1]
+
     def by_model(self) -> dict[str, list[Heartbeat]]:
         """Served model name -> live workers."""
         out: dict[str, list[Heartbeat]] = {}
@@ -68,3 +74,27 @@ class ScalerBook:
         for scaler_id in [s for s, (hb, at) in self._scalers.items() if now - at > hb.interval * self.expiry_intervals]:
             del self._scalers[scaler_id]
         return [hb for hb, _ in self._scalers.values()]
+
+
+@dataclass(frozen=True)
+class PrefixCacheFigures:
+    """The prefix caches of some workers (one model's), from their heartbeats: prompt tokens
+    looked up and found cached since each worker started."""
+
+    queries: int = 0
+    hits: int = 0
+
+    @classmethod
+    def of(cls, heartbeats: Iterable[Heartbeat]) -> "PrefixCacheFigures":
+        hbs = list(heartbeats)
+        return cls(sum(h.prefix_cache_queries for h in hbs), sum(h.prefix_cache_hits for h in hbs))
+
+    @property
+    def hit_rate(self) -> float | None:
+        """Hits / queries; None before any lookup."""
+        return self.hits / self.queries if self.queries else None
+
+
+def percent(rate: float | None) -> str:
+    """A hit rate as an operator reads it: "73%", or "-" before any lookup."""
+    return "-" if rate is None else f"{rate:.0%}"

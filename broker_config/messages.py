@@ -197,6 +197,17 @@ class Heartbeat(_Wire):
     # Seconds from the worker's process start to "ready" (its model load): what a user of a cold
     # model waits for. Sent once ready; gateways and the autoscaler remember the last one per model.
     startup_seconds: float | None = None
+    # The worker also consumes its own affinity queue (chatai.wk.<id>.affinity): a gateway may
+    # send it the follow-up turns of conversations it served (docs/architecture.md).
+    affinity: bool = False
+    # vLLM's prefix cache since the engine started, in prompt tokens: looked up, and found cached.
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+
+    @property
+    def has_room(self) -> bool:
+        """Ready and not full, as of this heartbeat."""
+        return self.state == "ready" and self.in_flight < self.capacity
 
 
 # An autoscaler's heartbeat travels on the same workers exchange, told apart by the AMQP message

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from broker_config.admin import BrokerAdmin, BrokerAdminError
 from broker_config.definitions import Definitions, gateway_topic_permissions
+from broker_config.topology import AFFINITY_POLICY, AFFINITY_SPILL_MS
 
 GUEST = "guest"
 
@@ -27,7 +28,9 @@ GUEST = "guest"
 @dataclass
 class Limits:
     max_connections: int = 1000  # vhost: gateways + workers + operator tools, all together
-    max_queues: int = 2000  # vhost: model queues, 2 per gateway process, 1 per worker, batch results
+    # vhost: model queues, 2 per gateway process, 2 per worker (control; affinity, which outlives its
+    # worker by the policy's expiry, 5 min), batch results
+    max_queues: int = 2000
     gateway_max_connections: int = 16  # per gateway deployment (one per gateway process)
     gateway_max_channels: int = 64  # per gateway deployment, all its connections together
 
@@ -61,7 +64,8 @@ def apply(admin: BrokerAdmin, definitions: Definitions, limits: Limits | None = 
             except BrokerAdminError:  # no connection to close is fine
                 pass
     done += [f"definitions: vhost {definitions.vhost}, {len(definitions.models)} model queue(s), "
-            f"gateway deployment(s): {', '.join(definitions.gateways)}"]
+            f"gateway deployment(s): {', '.join(definitions.gateways)}, policy {AFFINITY_POLICY} (affinity "
+            f"queues spill after {AFFINITY_SPILL_MS} ms)"]
     # Topic permissions are in the document too; set them explicitly as well (idempotent), so they
     # hold whatever an import does with ones that exist already.
     for gateway in definitions.gateways:

@@ -19,6 +19,11 @@ REQUESTS_EXCHANGE = "chatai.requests"  # direct, routing key = served model name
 REPLIES_EXCHANGE = "chatai.replies"
 CONTROL_EXCHANGE = "chatai.control"  # fanout: cancellations, gateway -> every worker
 WORKERS_EXCHANGE = "chatai.workers"  # fanout: heartbeats, worker -> every gateway
+# headers: a follow-up turn for the worker that holds its conversation's prefix cache. The routing
+# key stays the model's name (a headers exchange ignores it) so that what the affinity queue
+# dead-letters into chatai.requests reaches the model's shared queue (see affinity_policy()).
+AFFINITY_EXCHANGE = "chatai.affinity"
+AFFINITY_HEADER = "chatai-worker"  # the worker id a message is meant for (x- headers are not matched)
 
 # Queues
 MODEL_QUEUE_PREFIX = "chatai.model."
@@ -35,6 +40,17 @@ BATCH_PRIORITY = 1
 
 # A model queue refuses new messages past this many (reject-publish): the gateway answers 429.
 DEFAULT_MAX_QUEUE_LENGTH = 10_000
+
+
+# Affinity (docs/architecture.md, "Prefix-cache affinity"). A request waits at most this long in
+# its preferred worker's affinity queue before the broker dead-letters it to the model's shared
+# queue: the most a busy, draining or dead preferred worker delays it (the spill bound).
+AFFINITY_SPILL_MS = 50
+# An affinity queue nobody consumes is deleted after this long. Far longer than the spill bound
+# and than a gateway remembers a silent worker (a few heartbeat intervals), so no gateway still
+# sends to a queue about to go (deleting a queue drops its messages without dead-lettering them).
+AFFINITY_QUEUE_EXPIRES_MS = 300_000
+AFFINITY_POLICY = "chatai-affinity"
 
 
 def model_queue(model: str) -> str:
@@ -84,6 +100,32 @@ def gateway_batch_results_queue(user: str, database_id: str) -> str:
 
 def worker_control_queue(worker_id: str) -> str:
     return f"{WORKER_QUEUE_PREFIX}{worker_id}.control"
+
+
+def worker_affinity_queue(worker_id: str) -> str:
+    """A worker's own queue of follow-up turns (not exclusive, not auto-delete: its messages must
+    dead-letter to the shared queue, never vanish with the queue; the policy expires it)."""
+    return f"{WORKER_QUEUE_PREFIX}{worker_id}.affinity"
+
+
+AFFINITY_QUEUE_PATTERN = "^" + re.escape(WORKER_QUEUE_PREFIX) + r".+\.affinity$"
+
+
+def affinity_binding(worker_id: str) -> dict[str, str]:
+    """The headers binding of a worker's affinity queue: messages stamped with its id."""
+    return {"x-match": "all", AFFINITY_HEADER: worker_id}
+
+
+def affinity_policy() -> dict[str, object]:
+    """The broker policy of every affinity queue: spill after the bound into the requests
+    exchange (the message keeps its routing key, the model), expire when unused.
+
+    A policy, not queue arguments: declaring a queue with ``x-dead-letter-exchange`` needs write
+    permission on that exchange, which would let a worker publish requests. A policy is the
+    operator's (``chatai broker apply``), so the worker keeps no such right.
+    """
+    return {"message-ttl": AFFINITY_SPILL_MS, "dead-letter-exchange": REQUESTS_EXCHANGE,
+            "expires": AFFINITY_QUEUE_EXPIRES_MS}
 
 
 def operator_workers_queue(tool_id: str) -> str:

@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import Depends, Header, Request
 
+from gateway.cluster.affinity import Affinity, ConversationMemory
 from gateway.cluster.broker import GatewayBroker
 from gateway.errors import invalid_api_key
 from gateway.cluster.generation import Timeouts
@@ -25,6 +26,13 @@ class GatewayContext:
     broker: GatewayBroker
     tunnel: Any = None  # gateway.cluster.tunnel.BrokerTunnel when the cluster is reached through SSH
     limiter: RateLimiter = field(default_factory=RateLimiter)  # this process's per-key counters
+    affinity: Affinity | None = None  # built from the settings when not given
+
+    def __post_init__(self) -> None:
+        if self.affinity is None:
+            s = self.settings
+            self.affinity = Affinity(s.affinity, ConversationMemory(s.affinity_ttl, s.affinity_max_conversations),
+                                     self.registry.live, self.registry.heard_at)
 
     def limits(self, key_id: str) -> Limits:
         """A key's effective limits: its own where set, else the gateway's defaults (read each

@@ -25,6 +25,17 @@ TOKENS = Counter("chatai_tokens_total", "Tokens processed, by model and kind (pr
                  ["model", "kind"])
 LIVE_WORKERS = Gauge("chatai_live_workers", "Workers with a recent heartbeat, by model and state",
                      ["model", "state"])
+# Prefix-cache affinity (gateway/cluster/affinity.py) and what the workers' caches report.
+AFFINITY_ROUTES = Counter("chatai_affinity_requests_total",
+                          "Follow-up turns sent to their preferred worker's affinity queue (preferred), or "
+                          "returned by the broker because that queue was gone and sent to the model's queue "
+                          "(returned)", ["model", "route"])
+PREFIX_CACHE_TOKENS = Gauge("chatai_prefix_cache_tokens",
+                            "Prompt tokens looked up in the prefix caches of the live workers, and found there "
+                            "(since each worker started), by model", ["model", "kind"])
+PREFIX_CACHE_HIT_RATE = Gauge("chatai_prefix_cache_hit_rate",
+                              "Prompt tokens found in the prefix cache / looked up, live workers, by model",
+                              ["model"])
 IN_FLIGHT = Gauge("chatai_in_flight_requests", "Requests this gateway waits on", ["model"])
 BROKER_CONNECTED = Gauge("chatai_broker_connected", "1 while the gateway's AMQP connection is open")
 CANCELLATIONS = Counter("chatai_cancellations_total", "Requests cancelled because the client went away",

@@ -85,6 +85,15 @@ class GatewaySettings(BaseSettings):
     metrics_token: SecretStr | None = None
     worker_expiry_intervals: float = 3.0  # forget a worker after this many missed heartbeats
 
+    # Prefix-cache affinity (gateway/cluster/affinity.py, docs/operators.md): a conversation's next
+    # turn goes first to the worker that served its last one, spilling to the shared queue.
+    affinity: bool = Field(True, description="Prefer the worker that served a conversation's last turn "
+                           "(its prefix cache) for the next one.")
+    affinity_ttl: float = Field(600.0, gt=0, description="Seconds a conversation's hash and worker are kept "
+                                "after its last turn (about as long as a worker's cache may hold it).")
+    affinity_max_conversations: int = Field(50_000, ge=1, description="Conversation hashes kept at most "
+                                            "(the least recent go first).")
+
     # Per-API-key limits: the default for keys without their own (``chatai keys create/set-limits``).
     # 0 means unlimited. See gateway/limits.py and docs/security.md ("Per-key limits").
     limit_rpm: int = Field(600, ge=0)  # chat + completion requests per minute

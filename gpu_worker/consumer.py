@@ -1,7 +1,11 @@
 """Pulling work: the model queue with prefetch = capacity, and the control queue for cancels.
 
 An idle worker has free prefetch slots, so the broker hands it requests; a full one has none,
-so requests wait in the queue for whichever worker frees up first. Each delivery becomes a
+so requests wait in the queue for whichever worker frees up first. Beside the model's shared
+queue a worker consumes its own affinity queue (follow-up turns of conversations it served,
+whose prefix it may still hold in cache); one channel-wide prefetch covers both, so the two
+together never hold more than the engine's capacity, and what waits in the affinity queue while
+the worker is full spills to the shared queue after the spill bound (the broker's policy). Each delivery becomes a
 task; its message is acknowledged only after the final (or error) frame is confirmed by the
 broker, so a worker that dies mid-request loses nothing: the broker redelivers the message.
 """
@@ -125,6 +129,20 @@ def cancel_key(message: AbstractIncomingMessage, request_id: str) -> str:
     return f"{message.user_id or ''}\x00{request_id}"
 
 
+def attempt_of(message: AbstractIncomingMessage) -> int:
+    """The attempt number of a delivery: later deliveries of a request always count higher.
+
+    A redelivery (the worker holding it died, or gave it back) is flagged ``redelivered``. A
+    request that spilled from an affinity queue (the broker dead-lettered it, recorded in
+    ``x-death``) reaches the shared queue as a new message, unflagged, possibly after a worker
+    had already started it (taken from the affinity queue, then lost): each death therefore
+    counts two, so that the delivery after it outranks a redelivery before it.
+    """
+    deaths = sum(int(d.get("count", 1)) for d in (getattr(message, "headers", None) or {}).get("x-death") or ()
+                 if isinstance(d, dict))
+    return 1 + 2 * deaths + (1 if message.redelivered else 0)
+
+
 class Consumer:
     """Turns deliveries into engine requests and reply streams."""
 
@@ -146,8 +164,7 @@ class Consumer:
         self.completed = 0
         self._on_change = on_change
         self._on_fatal = on_fatal
-        self._queue: AbstractQueue | None = None
-        self._tag: str | None = None
+        self._subscriptions: list[tuple[AbstractQueue, str]] = []  # (queue, consumer tag): shared, affinity
         self._control: AbstractQueue | None = None
 
     @property
@@ -166,21 +183,41 @@ class Consumer:
         self._control = q
 
     async def start(self, channel: AbstractChannel) -> None:
-        """Consume the model queue that the broker's definitions declared (never declare it here)."""
-        await channel.set_qos(prefetch_count=self.engine.max_num_seqs)
+        """Consume the model queue that the broker's definitions declared (never declare it here),
+        and this worker's affinity queue (``settings.affinity``).
+
+        The prefetch is channel-wide (``global``: RabbitMQ counts it per channel, across its
+        consumers), so both queues share the engine's capacity: a worker never holds more than
+        it can run, whichever queue a request came from."""
+        await channel.set_qos(prefetch_count=self.engine.max_num_seqs, global_=True)
         name = topology.model_queue(self.settings.served_model_name or "")
-        self._queue = await channel.get_queue(name, ensure=True)  # passive: fails if not defined
+        shared = await channel.get_queue(name, ensure=True)  # passive: fails if not defined
+        queues = [shared]
+        if self.settings.affinity:
+            queues.append(await self._declare_affinity(channel))
         self.accepting = True
         args = {"x-priority": self.settings.consumer_priority} if self.settings.consumer_priority else None
-        self._tag = await self._queue.consume(self._on_message, no_ack=False, arguments=args)
+        for queue in queues:
+            self._subscriptions.append((queue, await queue.consume(self._on_message, no_ack=False, arguments=args)))
+
+    async def _declare_affinity(self, channel: AbstractChannel) -> AbstractQueue:
+        """This worker's affinity queue, bound to the affinity exchange by its id. Neither
+        exclusive nor auto-delete: a queue that goes drops its messages without dead-lettering
+        them, so it must outlive this worker (its policy expires it long after the spill bound)."""
+        queue = await channel.declare_queue(topology.worker_affinity_queue(self.settings.worker_id),
+                                            durable=False, exclusive=False, auto_delete=False)
+        await queue.bind(topology.AFFINITY_EXCHANGE, routing_key="",
+                         arguments=topology.affinity_binding(self.settings.worker_id))
+        return queue
 
     async def stop_consuming(self) -> None:
-        """Tell the broker to send nothing more; held messages stay ours until acked or rejected."""
+        """Tell the broker to send nothing more; held messages stay ours until acked or rejected.
+        What still waits in the affinity queue spills to the shared queue within the bound."""
         self.accepting = False
-        if self._queue is not None and self._tag is not None:
-            tag, self._tag = self._tag, None
+        subscriptions, self._subscriptions = self._subscriptions, []
+        for queue, tag in subscriptions:
             try:
-                await self._queue.cancel(tag)
+                await queue.cancel(tag)
             except Exception as exc:
                 log.warning("basic.cancel failed: %s", type(exc).__name__)
 
@@ -223,7 +260,7 @@ class Consumer:
             log.error("dropped an undecodable request message (message_id=%s)", message.message_id)
             await message.ack()
             return
-        attempt = 2 if message.redelivered else 1
+        attempt = attempt_of(message)
         if req.deadline is not None and req.deadline < time.time():
             log.info("dropped expired request_id=%s attempt=%d late_by=%.1fs",
                      req.request_id, attempt, time.time() - req.deadline)

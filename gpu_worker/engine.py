@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from broker_config.messages import ApiRequest
 from gpu_worker.asgi_call import AsgiCall, ASGIApp, ResponseSink
+from gpu_worker.cache_stats import PrefixCacheCount, stat_logger
 from gpu_worker.lifecycle import end_processes, engine_processes
 from gpu_worker.settings import WorkerSettings
 from gpu_worker.token_count import CountingEngineClient, TokenCount
@@ -43,6 +44,7 @@ class ApiEngine(Protocol):
     max_model_len: int
     adapters: list[str]
     tasks: list[str]
+    prefix_cache: PrefixCacheCount
 
     async def open_api(self) -> None: ...
 
@@ -81,8 +83,10 @@ def _root_logging_kept() -> Iterator[None]:
 class Engine:
     """Owns the AsyncLLM and vLLM's OpenAI application; answers one API request at a time each."""
 
-    def __init__(self, llm: Any, args: Namespace, stop_timeout: float) -> None:
+    def __init__(self, llm: Any, args: Namespace, stop_timeout: float,
+                 prefix_cache: PrefixCacheCount | None = None) -> None:
         self._llm = llm
+        self.prefix_cache = prefix_cache or PrefixCacheCount()  # added to by the engine's stat logger
         self._args = args
         self.stop_timeout = stop_timeout
         self._spawned: list = []  # the engine's processes (psutil), ended at shutdown if still there
@@ -105,11 +109,13 @@ class Engine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         before = {p.pid for p in engine_processes()}
+        prefix_cache = PrefixCacheCount()
         # As an OpenAI server: vLLM then picks the same batch defaults as its own server does.
         llm = AsyncLLM.from_engine_args(AsyncEngineArgs.from_cli_args(args),
-                                        usage_context=UsageContext.OPENAI_API_SERVER)
+                                        usage_context=UsageContext.OPENAI_API_SERVER,
+                                        stat_loggers=[stat_logger(prefix_cache)])
         try:
-            engine = cls(llm, args, settings.engine_stop_timeout)
+            engine = cls(llm, args, settings.engine_stop_timeout, prefix_cache)
             engine._spawned = [p for p in engine_processes() if p.pid not in before]
             return engine
         finally:

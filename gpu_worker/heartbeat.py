@@ -19,6 +19,7 @@ from aio_pika.abc import AbstractExchange
 
 from broker_config.messages import CONTENT_TYPE, Heartbeat
 from broker_config.timing import run_periodically
+from gpu_worker.cache_stats import PrefixCacheCount
 
 log = logging.getLogger("chatai.worker.heartbeat")
 
@@ -49,6 +50,8 @@ class Heartbeater:
         self.adapters: list[str] = []  # known once the engine has started
         self.tasks: list[str] = []
         self.startup_seconds: float | None = None  # process start -> ready, once ready
+        self.affinity = False  # consuming its affinity queue
+        self.prefix_cache = PrefixCacheCount()  # the engine's, once it has started
         self.state: State = "starting"
         self._debounce = debounce
         self._kick = asyncio.Event()
@@ -72,6 +75,9 @@ class Heartbeater:
             sent_at=time.time(),
             job_end_at=self.job_end_at,
             startup_seconds=self.startup_seconds,
+            affinity=self.affinity,
+            prefix_cache_queries=self.prefix_cache.queries,
+            prefix_cache_hits=self.prefix_cache.hits,
         )
 
     async def send(self) -> None:

@@ -100,6 +100,7 @@ async def run(settings: WorkerSettings) -> int:
         hb.max_model_len = engine.max_model_len
         hb.capacity = engine.max_num_seqs
         hb.adapters, hb.tasks = engine.adapters, engine.tasks
+        hb.prefix_cache = engine.prefix_cache
         log.info("engine started in %.1fs, max_model_len=%d", time.monotonic() - t0, engine.max_model_len)
         freeze_heap()
 
@@ -119,6 +120,7 @@ async def run(settings: WorkerSettings) -> int:
             )
             await consumer.start_control(work_channel)
             await consumer.start(work_channel)
+            hb.affinity = settings.affinity
             hb.startup_seconds = round(since_process_start(), 1)  # what a cold model's first user waits
             await hb.set_state("ready")
             log.info("%s: worker_id=%s model=%s capacity=%d startup=%.1fs (%.1fs since the process started)",

@@ -89,6 +89,9 @@ class WorkerSettings(BaseSettings):
     # lower ones only when those are full, e.g. reserved nodes before backfill scavengers.
     consumer_priority: int = Field(0, description="Higher-priority workers get requests first.")
     cancel_memory: float = Field(300.0, description="Seconds a cancelled id is remembered.")
+    affinity: bool = Field(True, description="Also take follow-up turns of the conversations this worker "
+                           "served from a queue of its own (prefix-cache affinity; they spill to the "
+                           "shared queue after a few tens of ms when it has no room).")
 
     # "vllm" serves the model. "synthetic" is a load-test tool (gpu_worker/synthetic.py): filler
     # tokens on a fixed step clock, no model, for measuring the relay path alone.

@@ -18,6 +18,7 @@ import time
 
 from broker_config.messages import ApiRequest
 from gpu_worker.asgi_call import ResponseSink
+from gpu_worker.cache_stats import PrefixCacheCount
 from gpu_worker.settings import WorkerSettings
 from gpu_worker.token_count import TokenCount
 
@@ -39,6 +40,7 @@ class SyntheticEngine:
     def __init__(self, max_num_seqs: int, step_ms: float, tokens_per_step: int, max_model_len: int = 1 << 20) -> None:
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
+        self.prefix_cache = PrefixCacheCount()  # no cache: stays 0
         self._step = step_ms / 1000.0
         self._tokens_per_step = tokens_per_step
         self._tick = asyncio.Event()

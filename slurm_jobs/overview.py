@@ -16,6 +16,7 @@ from typing import Any
 from rich.console import Console
 
 from broker_config.connection import check_url, redact
+from broker_config.heartbeats import PrefixCacheFigures, percent
 from broker_config.terminal import print_rows
 from slurm_jobs.broker_view import BrokerView
 from slurm_jobs.jobs import WorkerJobs
@@ -135,6 +136,7 @@ def status_rows(s: SlurmSettings, extra_models: list[str], seconds: float, slurm
             "workers_ready": sum(hb.state == "ready" for hb in mh),
             "workers_draining": sum(hb.state == "draining" for hb in mh),
             "in_flight": sum(hb.in_flight for hb in mh), "capacity": sum(hb.capacity for hb in mh),
+            "prefix_cache_hit_rate": PrefixCacheFigures.of(mh).hit_rate,
         })
         for j in js:
             hb = by_job.get(j.job_id) or by_job.get(j.display_id)
@@ -160,9 +162,10 @@ def print_fleet(console: Console, data: dict[str, Any]) -> None:
         return
     dash = lambda v: "-" if v is None else str(v)  # noqa: E731
     rows = [[r["model"], dash(r["queue_ready"]), dash(r["consumers"]), f"{r['running']}/{r['pending']}",
-             f"{r['workers_ready']}/{r['workers_draining']}", f"{r['in_flight']}/{r['capacity']}"] for r in data["models"]]
+             f"{r['workers_ready']}/{r['workers_draining']}", f"{r['in_flight']}/{r['capacity']}",
+             percent(r.get("prefix_cache_hit_rate"))] for r in data["models"]]
     print_rows(console, ["model", "queued", "consumers", "jobs run/pend", "workers ready/draining",
-                         "in-flight/capacity"], rows, title=f"models ({data['broker'] or 'no broker'})")
+                         "in-flight/capacity", "prefix cache hits"], rows, title=f"models ({data['broker'] or 'no broker'})")
     if not data["jobs"]:
         console.print("worker jobs: none" + (" (Slurm not reachable)" if data["slurm_error"] else ""))
     else:

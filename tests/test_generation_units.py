@@ -44,7 +44,7 @@ class InMemoryBroker:
         return sub
 
     async def publish_request(self, request: ApiRequest, *, priority: int, ttl: float | None,
-                              persistent: bool = False) -> None:
+                              persistent: bool = False, prefer: str | None = None) -> None:
         if self.refuse is not None:
             raise self.refuse
         self.published.append(request)

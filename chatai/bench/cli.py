@@ -211,6 +211,16 @@ def relay(
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _write_result(json_path: Path, result: dict, table: str, png: Path, kept: Path | None) -> None:
+    """A benchmark's JSON, its table on the terminal, and where everything went."""
+    import json
+
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    typer.echo(table)
+    typer.echo(f"wrote {json_path} and {png}" + (f"; logs in {kept}" if kept else ""))
+
+
 @app.command()
 def coexistence(
     quick: Annotated[bool, typer.Option("--quick", help="A short day (about 4 minutes in all), synthetic workers only.")] = False,
@@ -225,7 +235,6 @@ def coexistence(
     keep: Annotated[bool, typer.Option(help="Keep the scratch folder (logs).")] = False,
 ) -> None:
     """Regular jobs alone, then with autoscaled workers in a preemptible scavenger partition: idle time absorbed, delays, requests."""
-    import json
 
     from chatai.bench.coexistence import gantt, report
     from chatai.bench.coexistence.cluster import NODES
@@ -270,10 +279,43 @@ def coexistence(
         result["intervals"] = {name: [vars(i) for i in intervals(r.records, r.t0, report.kind_of)]
                                for name, r in (("baseline", base), ("workers", run))}
         result["baseline_window_s"] = base.last_regular_end
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
-        typer.echo(report.table(result))
-        typer.echo(f"wrote {json_path} and {png}" + (f"; logs in {work}" if keep else ""))
+        _write_result(json_path, result, report.table(result), png, work if keep else None)
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+@app.command()
+def affinity(
+    conversations: Annotated[int, typer.Option(help="Conversations, all at once, each a closed loop.")] = 48,
+    turns: Annotated[int, typer.Option(help="Turns per conversation.")] = 6,
+    system_tokens: Annotated[int, typer.Option(help="Tokens of the system prompt all conversations share.")] = 400,
+    user_tokens: Annotated[int, typer.Option(help="Tokens of each user turn.")] = 60,
+    max_tokens: Annotated[int, typer.Option(help="Output tokens per turn (ignore_eos).")] = 32,
+    max_num_seqs: Annotated[int, typer.Option(help="Each worker's capacity (engine concurrency = prefetch).")] = 16,
+    max_model_len: Annotated[int, typer.Option(help="Context length (the last turn's history must fit).")] = 2048,
+    json_path: Annotated[Path, typer.Option("--json", help="Where to write the figures (JSON).")] = Path("affinity.json"),
+    png: Annotated[Optional[Path], typer.Option(help="Plot (default: next to the JSON, .png).")] = None,
+    keep: Annotated[bool, typer.Option(help="Keep the scratch folder (logs).")] = False,
+) -> None:
+    """Prefix-cache affinity: multi-turn chats on 1 worker, then 2 with affinity off and on."""
+
+    from chatai.bench import affinity_report
+    from chatai.bench.affinity import ConversationLoad, run
+    from chatai.bench.targets import scratch_dir
+    from chatai.devstack.tiny_model import make_tiny_model
+
+    stop_on_sigterm()
+    work = scratch_dir("chatai-affinity-")
+    try:
+        load = ConversationLoad(conversations, turns, system_tokens, user_tokens, max_tokens)
+        typer.echo(f"{conversations} conversations x {turns} turns, system prompt {system_tokens} tokens, "
+                   f"user turns {user_tokens}, answers {max_tokens}; workers of capacity {max_num_seqs}")
+        result = run(make_tiny_model(work / "tiny", seed=0), work, load, max_num_seqs, max_model_len, typer.echo)
+        png = png or json_path.with_suffix(".png")
+        affinity_report.plot(result, png)
+        result["png"] = str(png)
+        _write_result(json_path, result, affinity_report.table(result), png, work if keep else None)
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -19,6 +19,7 @@ import asyncio
 import json
 import math
 import time
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 
 import httpx
@@ -83,6 +84,25 @@ def summarize(concurrency: int, records: list[RequestRecord], wall_s: float) -> 
     )
 
 
+class StreamFailed(Exception):
+    """A streamed request failed: a status other than 200, or an error event in the stream."""
+
+
+async def sse_chunks(client: httpx.AsyncClient, path: str, body: dict) -> AsyncIterator[dict]:
+    """The JSON chunks of one streamed request, as they arrive (without ``[DONE]``)."""
+    async with client.stream("POST", path, json=body) as resp:
+        if resp.status_code != 200:
+            await resp.aread()
+            raise StreamFailed(f"HTTP {resp.status_code}")
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise StreamFailed(f"stream error: {chunk['error'].get('code')}")
+            yield chunk
+
+
 @dataclass
 class StreamLoad:
     """Where to send the load and what each request asks for."""
@@ -104,26 +124,16 @@ class StreamLoad:
         rec = RequestRecord()
         t0 = time.perf_counter()
         try:
-            async with client.stream("POST", "/chat/completions", json=self._body(i)) as resp:
-                if resp.status_code != 200:
-                    await resp.aread()
-                    rec.error = f"HTTP {resp.status_code}"
-                    return rec
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[6:])
-                    if "error" in chunk:
-                        rec.error = f"stream error: {chunk['error'].get('code')}"
-                        return rec
-                    if math.isnan(rec.ttft) and any(c.get("delta", {}).get("content")
-                                                    for c in chunk.get("choices") or []):
-                        rec.ttft = time.perf_counter() - t0
-                    if chunk.get("usage"):
-                        rec.completion_tokens = chunk["usage"]["completion_tokens"]
+            async for chunk in sse_chunks(client, "/chat/completions", self._body(i)):
+                if math.isnan(rec.ttft) and any(c.get("delta", {}).get("content") for c in chunk.get("choices") or []):
+                    rec.ttft = time.perf_counter() - t0
+                if chunk.get("usage"):
+                    rec.completion_tokens = chunk["usage"]["completion_tokens"]
             rec.latency = time.perf_counter() - t0
             if rec.completion_tokens == 0:
                 rec.error = "no usage chunk"
+        except StreamFailed as exc:
+            rec.error = str(exc)
         except (httpx.HTTPError, ValueError) as exc:
             rec.error = type(exc).__name__
         return rec

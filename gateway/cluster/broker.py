@@ -44,7 +44,7 @@ from broker_config.timing import Backoff, retry_async
 from gateway.cluster.broker_alarm import BlockedTracker
 from gateway.cluster.broker_port import Subscription
 from gateway.cluster.errors import ClusterUnavailable, ModelNotFound, QueueFull
-from gateway.metrics import BROKER_CONNECTED, MALFORMED_FRAMES, know_model
+from gateway.metrics import AFFINITY_ROUTES, BROKER_CONNECTED, MALFORMED_FRAMES, know_model, model_label
 from gateway.cluster.registry import WorkerRegistry
 
 log = logging.getLogger("chatai.gateway.cluster.broker")
@@ -72,6 +72,7 @@ class GatewayBroker:
         self._channel: AbstractChannel | None = None
         self._requests: AbstractExchange | None = None
         self._control: AbstractExchange | None = None
+        self._affinity: AbstractExchange | None = None
         self._connector: asyncio.Task | None = None
         self.ready = asyncio.Event()
         self.last_error: str | None = None
@@ -108,6 +109,7 @@ class GatewayBroker:
             await workers.consume(self._on_heartbeat, no_ack=True)
             self._requests = await channel.get_exchange(t.REQUESTS_EXCHANGE, ensure=False)
             self._control = await channel.get_exchange(t.CONTROL_EXCHANGE, ensure=False)
+            self._affinity = await channel.get_exchange(t.AFFINITY_EXCHANGE, ensure=False)
         except BaseException:
             await connection.close()
             raise
@@ -193,15 +195,34 @@ class GatewayBroker:
         return sub
 
     async def publish_request(self, request: ApiRequest, *, priority: int, ttl: float | None,
-                              persistent: bool = False) -> None:
+                              persistent: bool = False, prefer: str | None = None) -> None:
         """Put a request on its model's queue; raises ModelNotFound / QueueFull / ClusterUnavailable
         at once when nothing was queued (ClusterOverloaded while a broker resource alarm blocks
-        publishing)."""
-        if not self.connected or self._requests is None:
+        publishing).
+
+        With ``prefer`` (prefix-cache affinity) it goes to that worker's affinity queue instead,
+        still with the model's name as routing key (what the queue dead-letters keeps it, and
+        reaches the model's queue). If the worker has no affinity queue (gone, or affinity off)
+        the broker returns it and it goes to the model's queue now."""
+        if not self.connected or self._requests is None or self._affinity is None:
             raise ClusterUnavailable()
-        message = aio_pika.Message(
+        if prefer is not None:
+            message = self._request_message(request, priority, ttl, persistent, {t.AFFINITY_HEADER: prefer})
+            if await self._publish(self._affinity, message, request.model):
+                AFFINITY_ROUTES.labels(model_label(request.model), "preferred").inc()
+                return
+            AFFINITY_ROUTES.labels(model_label(request.model), "returned").inc()
+        if not await self._publish(self._requests, self._request_message(request, priority, ttl, persistent),
+                                   request.model):
+            raise ModelNotFound(request.model)
+        know_model(request.model)  # routed: the model has a queue, so it is one of the definitions'
+
+    def _request_message(self, request: ApiRequest, priority: int, ttl: float | None, persistent: bool,
+                         headers: dict[str, str] | None = None) -> aio_pika.Message:
+        return aio_pika.Message(
             body=request.encode(),
             content_type=CONTENT_TYPE,
+            headers=headers,
             message_id=request.request_id,
             correlation_id=request.request_id,
             reply_to=request.reply_to,
@@ -211,16 +232,19 @@ class GatewayBroker:
             timestamp=time.time(),
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT,
         )
+
+    async def _publish(self, exchange: AbstractExchange, message: aio_pika.Message, routing_key: str) -> bool:
+        """Publish with ``mandatory`` and wait for the confirm; False when the broker returned the
+        message (no queue bound for it), QueueFull on a negative confirm."""
         try:
-            await self.alarm.guard(publish(self._requests, message, routing_key=request.model, mandatory=True,
-                                           timeout=10))
+            await self.alarm.guard(publish(exchange, message, routing_key=routing_key, mandatory=True, timeout=10))
         except DeliveryError as exc:
             if isinstance(exc, PublishError) or isinstance(exc.frame, Basic.Return):  # unroutable
-                raise ModelNotFound(request.model) from None
-            raise QueueFull(request.model) from None
+                return False
+            raise QueueFull(routing_key) from None
         except (asyncio.TimeoutError, aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError):
             raise ClusterUnavailable() from None
-        know_model(request.model)  # routed: the model has a queue, so it is one of the definitions'
+        return True
 
     @property
     def blocked(self) -> bool:

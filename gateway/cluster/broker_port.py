@@ -38,7 +38,9 @@ class BrokerPort(Protocol):
     """Publish a request, receive its frames, cancel it, and know whether a worker lives.
 
     ``publish_request`` raises ``gateway.cluster.errors`` (ModelNotFound, QueueFull,
-    ClusterUnavailable, ...) when nothing was queued.
+    ClusterUnavailable, ...) when nothing was queued. ``prefer`` names a worker to offer the
+    request to first (prefix-cache affinity); it spills to the model's queue if that worker cannot
+    take it within the spill bound, and goes there at once if the worker has no affinity queue.
     """
 
     reply_queue_name: str
@@ -49,7 +51,7 @@ class BrokerPort(Protocol):
     def subscribe(self, request_id: str) -> Subscription: ...
 
     async def publish_request(self, request: ApiRequest, *, priority: int, ttl: float | None,
-                              persistent: bool = False) -> None: ...
+                              persistent: bool = False, prefer: str | None = None) -> None: ...
 
     async def cancel(self, request_id: str, reason: str) -> None: ...
 

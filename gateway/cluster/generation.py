@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from broker_config import topology as t
@@ -58,19 +58,26 @@ class Outcome:
 class Generation:
     """Iterate over a request's frames; raises ClusterError on failures the client must see."""
 
-    def __init__(self, broker: BrokerPort, request: ApiRequest, timeouts: Timeouts) -> None:
+    def __init__(self, broker: BrokerPort, request: ApiRequest, timeouts: Timeouts, *, prefer: str | None = None,
+                 on_started: Callable[[str], None] | None = None,
+                 on_final: Callable[[str], None] | None = None) -> None:
         self.broker = broker
         self.request = request
         self.timeouts = timeouts
+        self.prefer = prefer  # a worker that may hold the conversation's prefix cache (affinity)
+        self._on_started = on_started  # told the worker of the first start (affinity remembers it)
+        self._on_final = on_final  # told the worker that answered (a slot there is free again)
         self.outcome = Outcome()
         self.published = False  # the broker confirmed the request: no 404 or 429 can follow
         self._done = False
 
     @classmethod
-    def build(cls, broker: BrokerPort, timeouts: Timeouts, **fields: object) -> "Generation":
+    def build(cls, broker: BrokerPort, timeouts: Timeouts, *, prefer: str | None = None,
+              on_started: Callable[[str], None] | None = None, on_final: Callable[[str], None] | None = None,
+              **fields: object) -> "Generation":
         request = ApiRequest(request_id=new_request_id(), reply_to=broker.reply_queue_name,
                                   deadline=time.time() + timeouts.queue, **fields)
-        return cls(broker, request, timeouts)
+        return cls(broker, request, timeouts, prefer=prefer, on_started=on_started, on_final=on_final)
 
     async def frames(self) -> AsyncIterator[Started | Head | Data | Final]:
         req = self.request
@@ -80,7 +87,8 @@ class Generation:
         published = time.monotonic()
         try:
             try:
-                await self.broker.publish_request(req, priority=t.INTERACTIVE_PRIORITY, ttl=self.timeouts.queue)
+                await self.broker.publish_request(req, priority=t.INTERACTIVE_PRIORITY, ttl=self.timeouts.queue,
+                                                  prefer=self.prefer)
             except ClusterError:
                 self._done = True  # nothing was queued: nothing to cancel
                 raise
@@ -100,6 +108,8 @@ class Generation:
                     if started_at is None:
                         started_at = time.monotonic()
                         QUEUE_WAIT.labels(label).observe(started_at - published)
+                        if self._on_started is not None:
+                            self._on_started(frame.worker_id)
                     yield frame
                     continue
                 if frame.attempt > attempt:
@@ -121,6 +131,8 @@ class Generation:
                     continue
                 assert isinstance(frame, Final)
                 self.outcome.final = frame
+                if self._on_final is not None and self.outcome.worker_id is not None:
+                    self._on_final(self.outcome.worker_id)
                 TOKENS.labels(label, "prompt").inc(frame.usage.prompt_tokens)
                 TOKENS.labels(label, "completion").inc(frame.usage.completion_tokens)
                 self._done = True

@@ -74,6 +74,10 @@ class WorkerRegistry:
     def is_alive(self, worker_id: str) -> bool:
         return self._book.is_alive(worker_id)
 
+    def heard_at(self, worker_id: str) -> float | None:
+        """When (``time.monotonic``) the worker's last heartbeat arrived; None if it is not live."""
+        return self._book.heard_at(worker_id)
+
     def models(self) -> dict[str, list[Heartbeat]]:
         """Served model name -> live workers (starting, ready or draining)."""
         return self._book.by_model()

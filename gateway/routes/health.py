@@ -10,7 +10,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from gateway.context import GatewayContext, get_context
 from gateway.errors import APIError
 from gateway.http_guard import token_matches
-from gateway.metrics import LIVE_WORKERS
+from broker_config.heartbeats import PrefixCacheFigures
+from gateway.metrics import LIVE_WORKERS, PREFIX_CACHE_HIT_RATE, PREFIX_CACHE_TOKENS
 
 router = APIRouter()
 
@@ -19,7 +20,9 @@ router = APIRouter()
 async def health(ctx: GatewayContext = Depends(get_context)) -> JSONResponse:
     models: dict[str, dict[str, int]] = {}
     for model, hbs in ctx.registry.models().items():
-        counts = models.setdefault(model, {"starting": 0, "ready": 0, "draining": 0, "capacity": 0, "in_flight": 0})
+        cache = PrefixCacheFigures.of(hbs)
+        counts = models.setdefault(model, {"starting": 0, "ready": 0, "draining": 0, "capacity": 0, "in_flight": 0,
+                                           "prefix_cache_queries": cache.queries, "prefix_cache_hits": cache.hits})
         for hb in hbs:
             counts[hb.state] = counts.get(hb.state, 0) + 1
             counts["capacity"] += hb.capacity
@@ -44,8 +47,14 @@ async def metrics(request: Request, ctx: GatewayContext = Depends(get_context)) 
     token = ctx.settings.metrics_token
     if token is not None and not token_matches(request.headers, token.get_secret_value()):
         raise APIError(401, "/metrics needs 'Authorization: Bearer <the metrics token>'.", code="invalid_metrics_token")
-    LIVE_WORKERS.clear()
+    for gauge in (LIVE_WORKERS, PREFIX_CACHE_TOKENS, PREFIX_CACHE_HIT_RATE):
+        gauge.clear()
     for model, hbs in ctx.registry.models().items():
         for hb in hbs:
             LIVE_WORKERS.labels(model, hb.state).inc()
+        cache = PrefixCacheFigures.of(hbs)
+        PREFIX_CACHE_TOKENS.labels(model, "queries").set(cache.queries)
+        PREFIX_CACHE_TOKENS.labels(model, "hits").set(cache.hits)
+        if cache.hit_rate is not None:
+            PREFIX_CACHE_HIT_RATE.labels(model).set(cache.hit_rate)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -159,8 +159,13 @@ async def _serve(routed: Routed, request: Request, ctx: GatewayContext, key_id: 
         model = ctx.registry.queue_for(routed.model)
         plan = await plan_start(ctx.registry, ctx.broker, model, ctx.settings.queue_timeout,
                                 ctx.settings.cold_start_timeout_for(model))
+        affinity = ctx.affinity
+        keys = affinity.keys(model, routed.body)
         gen = Generation.build(ctx.broker, replace(ctx.timeouts, queue=plan.wait, cold_start=plan.cold), model=model,
-                               endpoint=routed.endpoint, body=routed.body, stream=routed.stream)
+                               endpoint=routed.endpoint, body=routed.body, stream=routed.stream,
+                               prefer=affinity.prefer(model, keys),
+                               on_started=lambda worker_id: affinity.started(keys, worker_id),
+                               on_final=affinity.finished)
         frames = gen.frames()
         keepalive = ctx.settings.stream_keepalive if routed.stream and plan.cold else None
         try:

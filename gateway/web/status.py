@@ -17,6 +17,7 @@ import time
 from fastapi import APIRouter, Depends, Request
 
 from broker_config.connection import QueueDepth
+from broker_config.heartbeats import PrefixCacheFigures
 from gateway.cluster.cold_start import listed_models, view
 from gateway.context import GatewayContext, get_context
 from gateway.errors import invalid_api_key
@@ -88,6 +89,7 @@ async def status(ctx: GatewayContext = Depends(get_context), operator: bool = De
             "workers": {s: sum(1 for h in hbs if h.state == s) for s in ("starting", "ready", "draining")},
             "capacity": sum(h.capacity for h in hbs),
             "in_flight": sum(h.in_flight for h in hbs),
+            "prefix_cache_hit_rate": PrefixCacheFigures.of(hbs).hit_rate,
             "queue": None if depth is None else {"waiting": depth.messages, "consumers": depth.consumers},
         })
     workers = [{

@@ -97,12 +97,13 @@ class TestGatewayClient:
                           reply_to=self.reply_queue)
 
     async def publish(self, req: ApiRequest, *, ttl: float | None = None,
-                      priority: int = topology.INTERACTIVE_PRIORITY) -> ApiRequest:
-        """Publish as the gateway does (confirmed, mandatory); its frames are filed from now on."""
+                      priority: int = topology.INTERACTIVE_PRIORITY, prefer: str | None = None) -> ApiRequest:
+        """Publish as the gateway does (confirmed, mandatory; ``prefer``: to that worker's affinity
+        queue); its frames are filed from now on."""
         if req.request_id not in self._subscribed:
             self._subscribed.add(req.request_id)
             self._pumps.append(asyncio.create_task(self._pump(self.broker.subscribe(req.request_id))))
-        await self.broker.publish_request(req, priority=priority, ttl=ttl)
+        await self.broker.publish_request(req, priority=priority, ttl=ttl, prefer=prefer)
         return req
 
     async def cancel(self, request_id: str, reason: str = "test") -> None:

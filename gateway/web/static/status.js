@@ -59,7 +59,9 @@ function render(st) {
     m.name, m.workers.ready, m.workers.starting, m.workers.draining, m.capacity, m.in_flight,
     m.queue ? m.queue.waiting : null, m.queue ? m.queue.consumers : null,
     m.state, m.on_demand ? "yes" : "no", seconds(m.startup_seconds),
-  ], { model: m.name, state: m.state })), 11, "No models: no live worker, no autoscaler, none configured."));
+    m.prefix_cache_hit_rate === null || m.prefix_cache_hit_rate === undefined ? null
+      : `${Math.round(m.prefix_cache_hit_rate * 100)}%`,
+  ], { model: m.name, state: m.state })), 12, "No models: no live worker, no autoscaler, none configured."));
   $("workers").tBodies[0].replaceChildren(...rowsOrNone(st.workers.map((w) => row([
     // worker id, node and Slurm job come only with the operator's metrics token: "–" for API keys
     w.worker_id, w.model, w.state, w.node, w.slurm_job_id, `${w.in_flight} / ${w.capacity}`,
