@@ -32,6 +32,9 @@ def compute(base: RunResult, run: RunResult, grace_s: int, plan: dict) -> dict:
         "idle_absorbed_fraction": round(m.absorbed_fraction(idle_s, workers, window), 4),
         "gap_overlap_fraction": round(m.gap_overlap_fraction(b_idle, workers), 4),
         "baseline_idle_gpu_s": round(idle_s, 1),
+        "baseline_gpu_utilisation": round(1 - idle_s / (len(base.nodes) * window[1]), 4) if window[1] > 0 else 0.0,
+        "trace_utilisation": plan.get("trace", {}).get("trace_utilisation"),
+        "headroom": plan.get("headroom", 0),
         "window_s": round(window[1], 1),
         "regular_jobs": len(delays),
         "regular_start_delay_s": {k: round(v, 2) if isinstance(v, float) else v for k, v in m.summary(delays.values()).items()},
@@ -69,6 +72,11 @@ def table(r: dict) -> str:
         ("requests sent / served / lost", f"{r['requests_sent']} / {r['requests_served']} / {r['requests_lost']} (target 0 lost)"),
         ("requests returned by a drain / redone", f"{r['requests_returned_by_draining_workers']} / {r['requests_redone_after_drain']}"),
     ]
+    if r.get("trace_utilisation") is not None:
+        rows.insert(0, ("utilisation: the trace's machine in the window / the replay alone (baseline)",
+                        f"{r['trace_utilisation']:.0%} / {r['baseline_gpu_utilisation']:.0%}"))
+    if r.get("headroom"):
+        rows.insert(0, ("headroom (GPUs the autoscaler leaves free)", str(r["headroom"])))
     out = ["| measure | value |", "| --- | --- |"]
     out += [f"| {a} | {b} |" for a, b in rows]
     return "\n".join(out)

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chatai.bench.coexistence.cluster import REGULAR, SCAVENGER, jobcomp_path, make_cluster
+from chatai.bench.coexistence.cluster import NODES, REGULAR, SCAVENGER, jobcomp_path, make_cluster
 from chatai.bench.coexistence.jobcomp import JobRecord, parse_jobcomp
 from chatai.bench.coexistence.trace import TraceJob
 from chatai.devstack.processes import Child, free_port, http_ok, spawn, start_gateway, wait_until
@@ -68,10 +68,10 @@ def _say(msg: str) -> None:
     print(f"coexistence: {msg}", flush=True)
 
 
-def run_once(trace: list[TraceJob], work: Path, grace_s: int, plan: WorkerPlan | None) -> RunResult:
-    """Run the trace on a fresh cluster (with workers when ``plan`` is given) and collect the jobs."""
+def run_once(trace: list[TraceJob], work: Path, grace_s: int, plan: WorkerPlan | None, nodes: int = NODES) -> RunResult:
+    """Run the trace on a fresh cluster of ``nodes`` (with workers when ``plan`` is given) and collect the jobs."""
     work.mkdir(parents=True, exist_ok=True)
-    cluster = make_cluster(work / "slurm", grace_s)
+    cluster = make_cluster(work / "slurm", grace_s, nodes)
     cluster.start()
     slurm = Slurm(env=cluster.env)
     services: _Services | None = None
