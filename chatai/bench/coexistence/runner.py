@@ -79,6 +79,7 @@ def run_once(trace: list[TraceJob], work: Path, grace_s: int, plan: WorkerPlan |
         if plan is not None:
             services = _Services(work, cluster.env, plan)
             services.start()
+            services.settle(slurm)
         t0 = time.time()
         for job in trace:
             delay = t0 + job.arrival_s - time.time()
@@ -200,6 +201,17 @@ class _Services:
         self._traffic_thread = threading.Thread(target=run, name="coexistence-traffic", daemon=True)
         self._traffic_thread.start()
         ready.wait(10)
+
+    def settle(self, slurm: Slurm, timeout: float = 90.0) -> None:
+        """Wait until the autoscalers' floor runs, so the trace starts on a cluster whose idle GPUs
+        workers already hold, as on a site where they have run all along: otherwise the first
+        seconds of every gap are the autoscaler's start-up, not the policy."""
+        floor = self.plan.synthetic_floor + self.plan.real_workers
+        try:
+            wait_until(lambda: sum(1 for j in slurm.squeue() if j.name.startswith("chatai-worker-") and j.running)
+                       >= floor, timeout, "the workers' floor to run", every=0.5, check=self.check)
+        except TimeoutError as exc:  # a slow start is reported, the run goes on
+            _say(f"workers not all running before the trace: {exc}")
 
     def check(self) -> None:
         for c in self.children:
