@@ -231,6 +231,7 @@ def coexistence(
     trace_capacity: Annotated[Optional[int], typer.Option(help="With --trace: the trace machine's size in its unit (default: SWF header, or sacct's peak use).")] = None,
     clip: Annotated[bool, typer.Option(help="With --trace: cut jobs at the window's end.")] = True,
     headroom: Annotated[int, typer.Option(help="GPUs the autoscaler never fills (policy: regular jobs that fit start without preemption).")] = 0,
+    drain_grace: Annotated[Optional[int], typer.Option(help="A preempted worker's time to finish what it holds (default: half the GraceTime; 0 returns it at once).")] = None,
     keep: Annotated[bool, typer.Option(help="Keep the scratch folder (logs).")] = False,
 ) -> None:
     """Regular jobs alone, then with autoscaled workers in a preemptible scavenger partition: idle time absorbed, delays, requests."""
@@ -271,7 +272,7 @@ def coexistence(
 
             model_dir = make_tiny_model(work / "tiny-model", seed=0)
         plan = WorkerPlan(synthetic_floor=nodes - real - headroom, real_workers=real, model_dir=model_dir,
-                          drain_grace_s=max(1, grace_s // 2), request_rate=rate)
+                          drain_grace_s=max(1, grace_s // 2) if drain_grace is None else drain_grace, request_rate=rate)
         typer.echo(f"regular jobs: {len(trace)}, the last arriving at {trace[-1].arrival_s:.0f} s; "
                    f"workers: {plan.synthetic_floor} synthetic + {real} real vLLM on {nodes} nodes (headroom {headroom})")
         typer.echo("run 1/2: regular jobs alone")
