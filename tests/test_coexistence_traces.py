@@ -175,3 +175,17 @@ def test_replay_plan_refuses_an_empty_window(tmp_path):
     assert len(jobs) == info["jobs"] > 0 and info["format"] == "swf" and info["capacity"] == 16
     with pytest.raises(ValueError, match="no job"):
         replay_plan(p, "10d", "1h", 8, 60.0)
+
+
+def test_the_bench_refuses_a_malformed_trace_before_starting_anything(tmp_path):
+    """``chatai bench coexistence --trace`` reads and folds the trace before any cluster starts."""
+    from typer.testing import CliRunner
+
+    from chatai.bench.cli import app
+
+    WIDE = {"COLUMNS": "1000"}  # typer's error box must not wrap the message
+    bad = write(tmp_path, "bad.swf", SWF + "7 0 0 10 4\n")
+    out = CliRunner().invoke(app, ["coexistence", "--trace", str(bad)], env=WIDE)
+    assert out.exit_code != 0 and "bad.swf:12: expected 18 fields, got 5" in out.output
+    out = CliRunner().invoke(app, ["coexistence", "--trace", str(write(tmp_path, "t.swf", SWF)), "--start", "10d"], env=WIDE)
+    assert out.exit_code != 0 and "no job" in out.output

@@ -242,7 +242,6 @@ def coexistence(
     from chatai.bench.coexistence.trace import TraceSpec, generate
     from chatai.bench.targets import scratch_dir
 
-    stop_on_sigterm()
     real = (0 if quick else 1) if real_workers is None else real_workers
     if not 0 <= headroom < nodes - real:
         raise typer.BadParameter("--headroom must leave at least one synthetic worker")
@@ -264,6 +263,7 @@ def coexistence(
         trace = generate(spec)
         trace_info = {"seed": seed, "day_s": spec.day_s, "load": load, "jobs": len(trace),
                       "limits_min": list(spec.limits_min), "run_fraction": list(spec.run_fraction)}
+    stop_on_sigterm()
     work = scratch_dir("chatai-coexist-")
     try:
         model_dir = None
