@@ -196,17 +196,6 @@ class Slurm:
             self._run(["scancel", *ids])
 
     # ------------------------------------------------------------------ scontrol
-    def hold(self, job_ids: Iterable[str]) -> None:
-        """Keep pending jobs from starting (``scontrol hold``) until ``release``."""
-        ids = list(job_ids)
-        if ids:
-            self._run(["scontrol", "hold", ",".join(ids)])
-
-    def release(self, job_ids: Iterable[str]) -> None:
-        ids = list(job_ids)
-        if ids:
-            self._run(["scontrol", "release", ",".join(ids)])
-
     def show_job(self, job_id: str) -> dict[str, str]:
         return parse_scontrol(self._run(["scontrol", "-o", "show", "job", job_id]))
 

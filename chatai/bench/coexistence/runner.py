@@ -42,7 +42,6 @@ class WorkerPlan:
     synthetic_step_ms: float = 50.0
     time: str = "00:30:00"
     time_min: str | None = "00:05:00"
-    yield_to_pending: bool = False  # hold pending workers while a regular job waits (see _Services.yield_loop)
 
 
 @dataclass
@@ -81,7 +80,6 @@ def run_once(trace: list[TraceJob], work: Path, grace_s: int, plan: WorkerPlan |
             services = _Services(work, cluster.env, plan)
             services.start()
             services.settle(slurm)
-            services.start_yielding(slurm)
         t0 = time.time()
         for job in trace:
             delay = t0 + job.arrival_s - time.time()
@@ -119,8 +117,6 @@ class _Services:
         self._traffic_stop: asyncio.Event | None = None
         self._traffic_loop: asyncio.AbstractEventLoop | None = None
         self._traffic_result: dict = {}
-        self._yield_stop = threading.Event()
-        self._yield_thread: threading.Thread | None = None
 
     @property
     def models(self) -> list[str]:
@@ -206,35 +202,6 @@ class _Services:
         self._traffic_thread.start()
         ready.wait(10)
 
-    def start_yielding(self, slurm: Slurm) -> None:
-        if self.plan.yield_to_pending:
-            self._yield_thread = threading.Thread(target=self.yield_loop, args=(slurm,), name="coexistence-yield",
-                                                  daemon=True)
-            self._yield_thread.start()
-
-    def yield_loop(self, slurm: Slurm, every: float = 0.5) -> None:
-        """A policy prototype: while any regular job is pending, hold the pending workers.
-
-        Why: a preempted worker's GPU may free before the others a multi-node regular job waits
-        for; Slurm then starts a *pending* worker (the autoscaler's replacement) in it, since the
-        regular job can preempt it anyway, and preempts it again seconds later: each round is a
-        worker start and drain more of waiting. Held workers cannot start; released as soon as no
-        regular job waits. Polling (0.5 s) narrows the window, it does not close it."""
-        held: set[str] = set()
-        while not self._yield_stop.wait(every):
-            try:
-                jobs = slurm.squeue()
-                waiting = any(j.pending and j.name.startswith("regular-") for j in jobs)
-                pending_workers = {j.display_id for j in jobs if j.pending and j.name.startswith("chatai-worker-")}
-                if waiting:
-                    slurm.hold(pending_workers - held)
-                    held |= pending_workers
-                elif held:
-                    slurm.release(held & pending_workers)
-                    held.clear()
-            except Exception as exc:  # noqa: BLE001 - a missed round only narrows the policy
-                _say(f"yield: {exc}")
-
     def settle(self, slurm: Slurm, timeout: float = 90.0) -> None:
         """Wait until the autoscalers' floor runs, so the trace starts on a cluster whose idle GPUs
         workers already hold, as on a site where they have run all along: otherwise the first
@@ -274,7 +241,6 @@ class _Services:
         return len(redone & returned) or len(redone), len(returned)
 
     def stop(self) -> None:
-        self._yield_stop.set()
         for c in self.children:
             if c.name.startswith("autoscale"):
                 c.signal(signal.SIGTERM)
