@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
+from chatai.bench.coexistence.trace import TraceJob
 from chatai.bench.coexistence.traces.model import Trace, TraceFormatError
 
 __all__ = ["Trace", "TraceFormatError", "load", "read_text"]
@@ -41,7 +42,7 @@ def load(path: Path) -> Trace:
 
 
 def replay_plan(path: Path, start: str, duration: str, nodes: int, time_scale: float,
-                capacity: int | None = None, clip: bool = True) -> tuple[list, dict]:
+                capacity: int | None = None, clip: bool = True) -> tuple[list[TraceJob], dict]:
     """The bench's regular jobs from a trace window, and what to report about the trace and the fold."""
     from chatai.bench.coexistence.traces.fold import FoldSpec, fold, parse_span, resolve_start
 
