@@ -104,7 +104,8 @@ def parse_scontrol(text: str) -> dict[str, str]:
 
 
 def parse_duration(text: str) -> int | None:
-    """Slurm's [D-]HH:MM:SS / MM:SS / MM to seconds; None for UNLIMITED / INVALID / N/A."""
+    """Slurm's MM / MM:SS / HH:MM:SS / D-HH / D-HH:MM / D-HH:MM:SS to seconds; None for
+    UNLIMITED / INVALID / N/A. After a day count the first number is hours, not minutes."""
     text = text.strip()
     if not text or text.upper() in ("UNLIMITED", "INVALID", "N/A", "NOT_SET", "INFINITE"):
         return None
@@ -112,6 +113,8 @@ def parse_duration(text: str) -> int | None:
     if "-" in text:
         d, text = text.split("-", 1)
         days = int(d)
+        h, m, s = ([int(p) for p in text.split(":")] + [0, 0])[:3]
+        return days * 86400 + h * 3600 + m * 60 + s
     parts = [int(p) for p in text.split(":")]
     if len(parts) == 1:
         secs = parts[0] * 60

@@ -110,6 +110,9 @@ def test_parse_squeue_and_durations():
     assert job.job_id == "12" and job.array_task_id == "2" and job.display_id == "10_2" and job.running
     assert parse_duration("1-02:03:04") == 93784 and parse_duration("05:00") == 300
     assert parse_duration("UNLIMITED") is None
+    # After a day count Slurm reads hours first: D-HH and D-HH:MM (sacct's Timelimit may be either).
+    assert parse_duration("2-12") == 2 * 86400 + 12 * 3600 and parse_duration("1-00:30") == 86400 + 1800
+    assert parse_duration("90") == 5400
 
 
 class FakeSlurm:

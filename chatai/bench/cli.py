@@ -232,22 +232,47 @@ def coexistence(
     grace_s: Annotated[int, typer.Option(help="Scavenger partition GraceTime (s): a preempted worker's time to drain.")] = 10,
     real_workers: Annotated[Optional[int], typer.Option(help="Real vLLM workers (tiny model) among the 8 (default: 0 quick, 1 full).")] = None,
     rate: Annotated[float, typer.Option(help="Chat requests per second.")] = 2.0,
+    trace_file: Annotated[Optional[Path], typer.Option("--trace", exists=True, dir_okay=False,
+        help="Replay a real workload instead: SWF (.swf, .swf.gz, Parallel Workloads Archive) or a sacct export.")] = None,
+    start: Annotated[str, typer.Option(help="With --trace: the window's start, an offset after the first submit (2d9h) or, for sacct, a date (2026-11-02T08:00).")] = "0",
+    duration: Annotated[str, typer.Option(help="With --trace: the window's length in trace time (2h, 90m, 1d).")] = "2h",
+    nodes: Annotated[int, typer.Option(help="Emulated one-GPU nodes; a trace's processors are folded onto them.")] = 8,
+    time_scale: Annotated[float, typer.Option(help="With --trace: trace seconds per replay second (60: an hour in a minute).")] = 60.0,
+    trace_capacity: Annotated[Optional[int], typer.Option(help="With --trace: the trace machine's size in its unit (default: SWF header, or sacct's peak use).")] = None,
+    clip: Annotated[bool, typer.Option(help="With --trace: cut jobs at the window's end.")] = True,
+    headroom: Annotated[int, typer.Option(help="GPUs the autoscaler never fills (policy: regular jobs that fit start without preemption).")] = 0,
+    drain_grace: Annotated[Optional[int], typer.Option(help="A preempted worker's time to finish what it holds (default: half the GraceTime; 0 returns it at once).")] = None,
     keep: Annotated[bool, typer.Option(help="Keep the scratch folder (logs).")] = False,
 ) -> None:
     """Regular jobs alone, then with autoscaled workers in a preemptible scavenger partition: idle time absorbed, delays, requests."""
 
     from chatai.bench.coexistence import gantt, report
-    from chatai.bench.coexistence.cluster import NODES
     from chatai.bench.coexistence.runner import WorkerPlan, run_once
     from chatai.bench.coexistence.trace import TraceSpec, generate
     from chatai.bench.targets import scratch_dir
 
-    stop_on_sigterm()
-    load = load or (0.8 if quick else 0.7)
-    spec = TraceSpec(seed=seed, day_s=day_s or (50.0 if quick else 240.0), load=load,
-                     limits_min=(1,) if quick else (1, 2, 3), run_fraction=(0.3, 0.8) if quick else (0.3, 0.95))
-    trace = generate(spec)
     real = (0 if quick else 1) if real_workers is None else real_workers
+    if not 0 <= headroom < nodes - real:
+        raise typer.BadParameter("--headroom must leave at least one synthetic worker")
+    if trace_file is not None:
+        from chatai.bench.coexistence.traces import TraceFormatError, replay_plan
+
+        try:
+            trace, trace_info = replay_plan(trace_file, start, duration, nodes, time_scale, trace_capacity, clip)
+        except (TraceFormatError, ValueError) as exc:
+            raise typer.BadParameter(str(exc), param_hint="--trace") from None
+        typer.echo(f"trace window: {trace_info['trace_jobs_in_window']} jobs submitted in it (+{trace_info['carried_in']} "
+                   f"running at its start), {len(trace)} replayed on {nodes} nodes ({trace_info['dropped_too_small']} "
+                   f"folded to 0 nodes); trace utilisation {trace_info['trace_utilisation']:.0%}, "
+                   f"replay offered {trace_info['folded_offered_load']:.0%}")
+    else:
+        load = load or (0.8 if quick else 0.7)
+        spec = TraceSpec(seed=seed, day_s=day_s or (50.0 if quick else 240.0), cluster_nodes=nodes, load=load,
+                         limits_min=(1,) if quick else (1, 2, 3), run_fraction=(0.3, 0.8) if quick else (0.3, 0.95))
+        trace = generate(spec)
+        trace_info = {"seed": seed, "day_s": spec.day_s, "load": load, "jobs": len(trace),
+                      "limits_min": list(spec.limits_min), "run_fraction": list(spec.run_fraction)}
+    stop_on_sigterm()
     work = scratch_dir("chatai-coexist-")
     try:
         model_dir = None
@@ -255,16 +280,15 @@ def coexistence(
             from chatai.devstack.tiny_model import make_tiny_model
 
             model_dir = make_tiny_model(work / "tiny-model", seed=0)
-        plan = WorkerPlan(synthetic_floor=NODES - real, real_workers=real, model_dir=model_dir,
-                          drain_grace_s=max(1, grace_s // 2), request_rate=rate)
-        typer.echo(f"trace: {len(trace)} regular jobs over {spec.day_s:.0f} s (seed {seed}, load {load}); "
-                   f"workers: {plan.synthetic_floor} synthetic + {real} real vLLM")
+        plan = WorkerPlan(synthetic_floor=nodes - real - headroom, real_workers=real, model_dir=model_dir,
+                          drain_grace_s=max(1, grace_s // 2) if drain_grace is None else drain_grace, request_rate=rate)
+        typer.echo(f"regular jobs: {len(trace)}, the last arriving at {trace[-1].arrival_s:.0f} s; "
+                   f"workers: {plan.synthetic_floor} synthetic + {real} real vLLM on {nodes} nodes (headroom {headroom})")
         typer.echo("run 1/2: regular jobs alone")
-        base = run_once(trace, work / "baseline", grace_s, None)
+        base = run_once(trace, work / "baseline", grace_s, None, nodes)
         typer.echo("run 2/2: regular jobs with workers")
-        run = run_once(trace, work / "workers", grace_s, plan)
-        plan_info = {"trace": {"seed": seed, "day_s": spec.day_s, "load": load, "jobs": len(trace),
-                               "limits_min": list(spec.limits_min), "run_fraction": list(spec.run_fraction)},
+        run = run_once(trace, work / "workers", grace_s, plan, nodes)
+        plan_info = {"trace": trace_info, "nodes": nodes, "headroom": headroom,
                      "synthetic_workers": plan.synthetic_floor, "real_vllm_workers": real,
                      "drain_grace_s": plan.drain_grace_s, "request_rate": rate, "max_tokens": plan.max_tokens,
                      "worker_time": plan.time, "worker_time_min": plan.time_min, "quick": quick}

@@ -32,12 +32,16 @@ def compute(base: RunResult, run: RunResult, grace_s: int, plan: dict) -> dict:
         "idle_absorbed_fraction": round(m.absorbed_fraction(idle_s, workers, window), 4),
         "gap_overlap_fraction": round(m.gap_overlap_fraction(b_idle, workers), 4),
         "baseline_idle_gpu_s": round(idle_s, 1),
+        "baseline_gpu_utilisation": round(1 - idle_s / (len(base.nodes) * window[1]), 4) if window[1] > 0 else 0.0,
+        "trace_utilisation": plan.get("trace", {}).get("trace_utilisation"),
+        "headroom": plan.get("headroom", 0),
         "window_s": round(window[1], 1),
         "regular_jobs": len(delays),
         "regular_start_delay_s": {k: round(v, 2) if isinstance(v, float) else v for k, v in m.summary(delays.values()).items()},
         "regular_delayed_jobs": sum(1 for d in delays.values() if d > 0),
         "regular_makespan_s": {"baseline": round(base.last_regular_end, 1), "with_workers": round(run.last_regular_end, 1)},
         "grace_s": grace_s,
+        "drain_grace_s": plan.get("drain_grace_s"),
         "worker_start_latency_s": {k: round(v, 2) if isinstance(v, float) else v for k, v in m.summary(latencies).items()},
         "worker_jobs": len(worker_jobs),
         "worker_jobs_preempted": sum(1 for r in worker_jobs if r.state == "PREEMPTED"),
@@ -62,13 +66,18 @@ def table(r: dict) -> str:
         ("baseline idle GPU-time absorbed by workers", f"{r['idle_absorbed_fraction']:.0%} (target >= 80%)"),
         ("same node and time as a baseline gap", f"{r['gap_overlap_fraction']:.0%}"),
         ("regular jobs", f"{r['regular_jobs']} ({r['regular_delayed_jobs']} started later than alone)"),
-        ("regular start delay, median / max", f"{d['median']:.1f} s / {d['max']:.1f} s (target 0 / <= grace {r['grace_s']} s)"),
+        ("regular start delay, median / max", f"{d['median']:.1f} s / {d['max']:.1f} s (target 0 / <= drain grace {r.get('drain_grace_s')} s; GraceTime {r['grace_s']} s)"),
         ("regular makespan alone / with workers", f"{r['regular_makespan_s']['baseline']:.0f} s / {r['regular_makespan_s']['with_workers']:.0f} s"),
         ("worker jobs (preempted; real vLLM)", f"{r['worker_jobs']} ({r['worker_jobs_preempted']}; {r['workers_real_vllm_jobs']})"),
         ("worker start latency into a gap, median / max", f"{lat['median']:.1f} s / {lat['max']:.1f} s"),
         ("requests sent / served / lost", f"{r['requests_sent']} / {r['requests_served']} / {r['requests_lost']} (target 0 lost)"),
         ("requests returned by a drain / redone", f"{r['requests_returned_by_draining_workers']} / {r['requests_redone_after_drain']}"),
     ]
+    if r.get("trace_utilisation") is not None:
+        rows.insert(0, ("utilisation: the trace's machine in the window / the replay alone (baseline)",
+                        f"{r['trace_utilisation']:.0%} / {r['baseline_gpu_utilisation']:.0%}"))
+    if r.get("headroom"):
+        rows.insert(0, ("headroom (GPUs the autoscaler leaves free)", str(r["headroom"])))
     out = ["| measure | value |", "| --- | --- |"]
     out += [f"| {a} | {b} |" for a, b in rows]
     return "\n".join(out)

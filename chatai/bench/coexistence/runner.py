@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chatai.bench.coexistence.cluster import REGULAR, SCAVENGER, jobcomp_path, make_cluster
+from chatai.bench.coexistence.cluster import NODES, REGULAR, SCAVENGER, jobcomp_path, make_cluster
 from chatai.bench.coexistence.jobcomp import JobRecord, parse_jobcomp
 from chatai.bench.coexistence.trace import TraceJob
 from chatai.devstack.processes import Child, free_port, http_ok, spawn, start_gateway, wait_until
@@ -68,10 +68,10 @@ def _say(msg: str) -> None:
     print(f"coexistence: {msg}", flush=True)
 
 
-def run_once(trace: list[TraceJob], work: Path, grace_s: int, plan: WorkerPlan | None) -> RunResult:
-    """Run the trace on a fresh cluster (with workers when ``plan`` is given) and collect the jobs."""
+def run_once(trace: list[TraceJob], work: Path, grace_s: int, plan: WorkerPlan | None, nodes: int = NODES) -> RunResult:
+    """Run the trace on a fresh cluster of ``nodes`` (with workers when ``plan`` is given) and collect the jobs."""
     work.mkdir(parents=True, exist_ok=True)
-    cluster = make_cluster(work / "slurm", grace_s)
+    cluster = make_cluster(work / "slurm", grace_s, nodes)
     cluster.start()
     slurm = Slurm(env=cluster.env)
     services: _Services | None = None
@@ -79,6 +79,7 @@ def run_once(trace: list[TraceJob], work: Path, grace_s: int, plan: WorkerPlan |
         if plan is not None:
             services = _Services(work, cluster.env, plan)
             services.start()
+            services.settle(slurm)
         t0 = time.time()
         for job in trace:
             delay = t0 + job.arrival_s - time.time()
@@ -200,6 +201,17 @@ class _Services:
         self._traffic_thread = threading.Thread(target=run, name="coexistence-traffic", daemon=True)
         self._traffic_thread.start()
         ready.wait(10)
+
+    def settle(self, slurm: Slurm, timeout: float = 90.0) -> None:
+        """Wait until the autoscalers' floor runs, so the trace starts on a cluster whose idle GPUs
+        workers already hold, as on a site where they have run all along: otherwise the first
+        seconds of every gap are the autoscaler's start-up, not the policy."""
+        floor = self.plan.synthetic_floor + self.plan.real_workers
+        try:
+            wait_until(lambda: sum(1 for j in slurm.squeue() if j.name.startswith("chatai-worker-") and j.running)
+                       >= floor, timeout, "the workers' floor to run", every=0.5, check=self.check)
+        except TimeoutError as exc:  # a slow start is reported, the run goes on
+            _say(f"workers not all running before the trace: {exc}")
 
     def check(self) -> None:
         for c in self.children:
