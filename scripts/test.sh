@@ -6,7 +6,11 @@ bash scripts/install.sh
 VENV="${CHATAI_VENV:-$PWD/.venv}"
 # The tests run `chatai ...` and `sys.executable` subprocesses: both must be the venv's.
 export VIRTUAL_ENV="$VENV" PATH="$VENV/bin:$PATH"
-# Two test processes (CHATAI_TEST_PROCESSES; 0 runs everything in this one): the slow tier waits
-# on start-ups, Slurm and timeouts more than it computes, so its files overlap well on two cores.
-# Each file's slow tests stay together in one process (tests/conftest.py marks the groups).
-exec python -m pytest -n "${CHATAI_TEST_PROCESSES:-2}" --dist loadgroup "$@"
+# CHATAI_TEST_PROCESSES=N runs the suite in N processes (pytest-xdist; each file's slow tests
+# stay together in one, see tests/conftest.py). The default is one: on a 2-core machine the
+# slow tier keeps both cores busy by itself (vLLM start-ups and engines), and two processes
+# made it slower, not faster (docs/reliability.md, "How long the suite takes").
+procs="${CHATAI_TEST_PROCESSES:-0}"
+dist=()
+if [[ "$procs" != 0 ]]; then dist=(-n "$procs" --dist loadgroup); fi
+exec python -m pytest "${dist[@]}" "$@"

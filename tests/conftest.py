@@ -33,9 +33,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.slow)
-            # Under pytest-xdist (`--dist loadgroup`, as scripts/test.sh runs the suite) a file's
-            # slow tests stay in one process: its module fixtures (an sshd, a Slurm cluster, own
-            # workers) start once, and files run side by side, each process with its own broker.
+            # Under pytest-xdist (`--dist loadgroup`: CHATAI_TEST_PROCESSES for scripts/test.sh) a
+            # file's slow tests stay in one process: its module fixtures (an sshd, a Slurm cluster,
+            # own workers) start once, and files run side by side, each process with its own broker.
             item.add_marker(pytest.mark.xdist_group(item.path.stem))
 
 
