@@ -30,6 +30,8 @@ from gpu_worker.settings import WorkerSettings
 
 log = logging.getLogger("chatai.worker.consumer")
 
+CANCEL_TIMEOUT = 3.0  # seconds for basic.cancel, which a broker answers in milliseconds
+
 
 class Delivery:
     """The message that brought one request: settled once (acked, or rejected with requeue) and
@@ -215,11 +217,16 @@ class Consumer:
         What still waits in the affinity queue spills to the shared queue within the bound."""
         self.accepting = False
         subscriptions, self._subscriptions = self._subscriptions, []
-        for queue, tag in subscriptions:
-            try:
-                await queue.cancel(tag)
-            except Exception as exc:
-                log.warning("basic.cancel failed: %s", type(exc).__name__)
+        if not subscriptions:
+            return
+        # Bounded: with the broker away, a robust channel's cancel waits for it to come back, and
+        # a worker told to leave would never leave. Without a connection there is nothing to
+        # cancel: the broker ended these consumers with it.
+        results = await asyncio.gather(
+            *(asyncio.wait_for(queue.cancel(tag), CANCEL_TIMEOUT) for queue, tag in subscriptions),
+            return_exceptions=True)
+        for exc in {type(r).__name__ for r in results if isinstance(r, BaseException)}:
+            log.warning("basic.cancel failed: %s", exc)
 
     # ------------------------------------------------------------------ control
 
