@@ -21,6 +21,7 @@ from broker_config.definitions import DEFAULT_GATEWAY, ROLES, Definitions, new_p
 from broker_config.provision import Limits
 from broker_config.provision import apply as apply_definitions
 from chatai.devstack.broker_node import LocalBrokerNode
+from support.waiting import wait_until
 from support.worker_proc import start_worker
 
 pytestmark = pytest.mark.slow
@@ -43,9 +44,7 @@ def test_sigterm_during_a_broker_outage_ends_the_worker_within_its_grace(tmp_pat
         worker.wait_ready(120)
         node.stop()  # the broker is gone; the worker's connection keeps trying to come back
         log = worker.log_path
-        deadline = time.monotonic() + 60
-        while "Reconnecting" not in log.read_text(errors="replace") and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until(lambda: "Reconnecting" in log.read_text(errors="replace"), 60, "the worker to miss its broker")
         told = time.monotonic()
         worker.proc.send_signal(signal.SIGTERM)
         # The grace, the bounded goodbye and the engine's stop, with room for a loaded machine.

@@ -291,11 +291,8 @@ def cut_tunnel_session(sshd, gateway_pid: int) -> list[int]:
         except psutil.NoSuchProcess:
             return True
 
-    deadline = time.monotonic() + 10
-    while not all(gone(p) for p in procs) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    alive = [p for p in procs if not gone(p)]
-    assert not alive, f"sshd session processes survived SIGKILL: {alive}"
+    wait_for(lambda: all(gone(p) for p in procs), 10, f"sshd session processes {procs} to die of SIGKILL",
+             every=0.05)
     assert sshd.process.poll() is None, "the cut took sshd's listener with it"
     return [p.pid for p in procs]
 
