@@ -53,6 +53,10 @@ class WorkerSettings(BaseSettings):
     dtype: str | None = Field(None, description="float32 on CPU, auto on GPU by default.")
     gpu_memory_utilization: float | None = Field(None, description="Default 0.9 on GPU, 0.1 on CPU (CPU RAM).")
     kv_cache_space_gb: float = Field(1.0, description="KV cache GiB (CPU backend only).")
+    # vLLM's CPU backend otherwise runs the model in a third process (its "mp" executor), one more
+    # interpreter importing torch and vLLM: about 10 s of every start-up here. One engine process
+    # is what vLLM does on a GPU at one GPU per engine; docs/worker.md, "Engine processes".
+    cpu_single_process: bool = Field(True, description="CPU backend: run the model in the engine process.")
     # no compilation: start-up in seconds matters for backfill jobs
     enforce_eager: bool = Field(True, description="Skip graph compilation (start in seconds).")
     tensor_parallel_size: int = Field(1, description="GPUs per engine.")
@@ -188,5 +192,10 @@ class WorkerSettings(BaseSettings):
         return argv + shlex.split(self.vllm_args)
 
     def engine_env(self) -> dict[str, str]:
-        """Environment the engine reads at start-up (the CPU backend's KV cache size, in GiB)."""
-        return {"VLLM_CPU_KVCACHE_SPACE": f"{self.kv_cache_space_gb:g}"}
+        """Environment the engine reads at start-up: the CPU backend's KV cache size (GiB), and
+        whether it may run the model in its engine process (no effect on a GPU)."""
+        env = {"VLLM_CPU_KVCACHE_SPACE": f"{self.kv_cache_space_gb:g}"}
+        if self.cpu_single_process and not _on_gpu():
+            # Lets the CPU backend keep its "uni" executor, which a GPU engine of one GPU has anyway.
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        return env
