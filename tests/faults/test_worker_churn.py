@@ -5,7 +5,7 @@ Promised: no request is lost (every one ends: non-streamed ones are answered, th
 ones by the next worker; a stream whose worker went mid-answer ends with a clear error event,
 since tokens cannot be unsent), no batch result is duplicated, and the error rate is printed.
 
-The short soak (``CHATAI_SOAK_SECONDS``, default 60: one or two churn cycles) runs in the
+The short soak (``CHATAI_SOAK_SECONDS``, default 30: one churn cycle, sometimes two) runs in the
 suite; the long one is the same test with a longer time (docs/reliability.md):
 
     CHATAI_SOAK_SECONDS=1800 python -m pytest tests/faults/test_worker_churn.py -s
@@ -26,7 +26,7 @@ from slurm_jobs.slurm import Slurm
 from support.faults import Traffic, assert_batch_exactly_once, finished_batch, submit_batch, wait_for
 from test_slurm import MODEL, chatai, job_log, operator_env, slurm_cluster, slurm_gateway, worker_jobs  # noqa: F401
 
-SOAK_SECONDS = float(os.environ.get("CHATAI_SOAK_SECONDS", "60"))
+SOAK_SECONDS = float(os.environ.get("CHATAI_SOAK_SECONDS", "30"))
 WORKERS = 2  # what a 2-core machine runs beside the broker, gateway and Slurm
 STREAM = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me about Slurm."}], max_tokens=300,
               extra_body={"ignore_eos": True})
