@@ -41,7 +41,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         broker = GatewayBroker(url, registry, reconnect_interval=settings.broker_reconnect_interval,
                                transport=tunnel.transport() if tunnel is not None else None)
         broker.start()
-        ctx = GatewayContext(settings=settings, keys=KeyStore(private.database(settings.state_dir)), registry=registry,
+        ctx = GatewayContext(settings=settings, keys=KeyStore(settings.database), registry=registry,
                              broker=broker, tunnel=tunnel)
         app.state.ctx = ctx
         for hook in app.state.startup_hooks:

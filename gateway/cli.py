@@ -29,8 +29,10 @@ OpenBatches = Annotated[Optional[str], typer.Option("--open-batches", help="Batc
 
 
 def _store(state_dir: Path | None) -> KeyStore:
+    # Only the database matters here: no broker or tunnel settings are required.
+    if os.environ.get("CHATAI_GATEWAY_DATABASE_URL"):  # replicas' shared database
+        return KeyStore(os.environ["CHATAI_GATEWAY_DATABASE_URL"])
     if state_dir is None:
-        # Only the state directory matters here: no broker or tunnel settings are required.
         state_dir = Path(os.environ.get("CHATAI_GATEWAY_STATE_DIR", GatewaySettings.model_fields["state_dir"].default))
     return KeyStore(private.database(state_dir))
 

@@ -130,6 +130,15 @@ def postgres() -> PostgresEnv:
             yield PostgresEnv(container.get_connection_url())
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty gateway database on each engine (``CHATAI_GATEWAY_DATABASE_URL``): store tests
+    take this fixture to run against both; the PostgreSQL half is in the slow tier."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'gateway.db'}"
+    return request.getfixturevalue("postgres").new_database()
+
+
 # ---------------------------------------------------------------- the worker side (real vLLM)
 
 

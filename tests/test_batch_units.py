@@ -131,10 +131,10 @@ def test_completions_endpoint_lines(tmp_path: Path):
 
 
 @pytest.fixture
-def service(tmp_path: Path) -> BatchService:
-    settings = BatchSettings(db_path=tmp_path / "gw.db", files_dir=tmp_path / "files",
-                             results_queue="chatai.gw.gateway.test.batch-results")
-    store = BatchStore(settings.db_path)
+def service(tmp_path: Path, database_url: str) -> BatchService:
+    """The batch service on each engine (SQLite; PostgreSQL in the slow tier)."""
+    settings = BatchSettings(files_dir=tmp_path / "files", results_queue="chatai.gw.gateway.test.batch-results")
+    store = BatchStore(database_url)
     files = FileStore(settings.files_dir)
     svc = BatchService(settings, store, files, Dispatcher(None, store, files, settings))  # type: ignore[arg-type]
     yield svc
@@ -233,9 +233,19 @@ async def test_finalize_writes_files_in_line_order_and_forgets_the_lines(service
 
 def test_restart_rule_resends_unconfirmed_lines_only(service: BatchService):
     bid = _started_batch(service, n=3)
-    service.store.mark_publishing(bid, [1, 2])
-    service.store.mark_queued(bid, [1])  # confirmed: the broker owns it
-    assert service.store.reset_publishing() == 1  # line 2's confirm was never seen
+    store = service.store
+    assert [b["id"] for b in store.claim_batches("replica-a", lease=60)[0]] == [bid]
+    store.mark_publishing(bid, [1, 2])
+    store.mark_queued(bid, [1])  # confirmed: the broker owns it
+    assert store.claim_batches("replica-b", lease=60) == ([], 0)  # a's lease runs: b leaves the batch alone
+    assert store.claim_batches("replica-a", lease=60)[1] == 0  # a renewing its lease sends nothing again
+    store.claim_batches("replica-a", lease=-1)  # a stops renewing (it died): its lease runs out
+    taken, resent = store.claim_batches("replica-b", lease=60)
+    assert [b["id"] for b in taken] == [bid] and taken[0]["leased_by"] == "replica-b"
+    assert resent == 1  # line 2's confirm was never seen: b sends it again
+    assert store.claim_batches("replica-a", lease=60) == ([], 0)  # a came back: b holds the batch now
+    assert store.release_batches("replica-b") == 1  # b stops cleanly: a takes over at once
+    assert [b["id"] for b in store.claim_batches("replica-a", lease=60)[0]] == [bid]
     states = [service.store.get_line(bid, n).state for n in (1, 2, 3)]
     assert states == ["queued", "pending", "pending"]
     assert service.store.stale_queued(bid, older_than=0) == []
