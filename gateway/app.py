@@ -14,7 +14,9 @@ from gateway.cluster.broker import GatewayBroker
 from gateway.context import GatewayContext
 from gateway.errors import install_error_handlers
 from gateway.http_guard import RequestGuard
+from gateway.database import Database
 from gateway.keys import KeyStore
+from gateway.shared_limits import SharedRateLimiter
 from gateway.cluster.registry import WorkerRegistry
 from gateway.routes import health, inference, models
 from gateway.settings import GatewaySettings
@@ -41,8 +43,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         broker = GatewayBroker(url, registry, reconnect_interval=settings.broker_reconnect_interval,
                                transport=tunnel.transport() if tunnel is not None else None)
         broker.start()
-        ctx = GatewayContext(settings=settings, keys=KeyStore(settings.database), registry=registry,
-                             broker=broker, tunnel=tunnel)
+        keys = KeyStore(settings.database)
+        ctx = GatewayContext(settings=settings, keys=keys, registry=registry, broker=broker, tunnel=tunnel)
+        if keys.shared:  # replicas on one PostgreSQL database: the limits hold for all of them
+            ctx.limiter = SharedRateLimiter(Database(settings.database))
+        await ctx.limiter.start()
         app.state.ctx = ctx
         for hook in app.state.startup_hooks:
             await hook(ctx)
@@ -55,6 +60,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         finally:
             for hook in app.state.shutdown_hooks:
                 await hook(ctx)
+            await ctx.limiter.stop()
             await broker.close()
             if tunnel is not None:
                 await tunnel.close()

@@ -23,7 +23,10 @@ of each store is idempotent, so a database made before the table existed is brou
 
 from __future__ import annotations
 
+import os
 import re
+import secrets
+import socket
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -44,6 +47,12 @@ DatabaseError: tuple[type[Exception], ...] = (sqlite3.Error, psycopg.Error)
 
 def sqlite_url(path: Path) -> str:
     return f"sqlite:///{path}"
+
+
+def replica_name() -> str:
+    """This process among the replicas sharing a database (host, pid: an operator can tell which
+    process holds a batch or a limit lease), unique even when a pid is reused."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 class Row(tuple):

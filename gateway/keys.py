@@ -82,6 +82,11 @@ class KeyStore:
         self._db = open_database(database)
         self._db.migrate("api_keys", _MIGRATIONS)
 
+    @property
+    def shared(self) -> bool:
+        """On PostgreSQL: replicas share these keys (and then their limits too)."""
+        return self._db.postgres
+
     def create(self, name: str, key: str | None = None,
                limits: dict[str, int | None] | None = None) -> tuple[KeyInfo, str]:
         """A new key; the plain secret is returned once and never stored."""

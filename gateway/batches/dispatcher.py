@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import secrets
-import socket
 from collections.abc import Callable
 
 from broker_config.timing import run_periodically
@@ -23,6 +20,7 @@ from gateway.batches.feeder import Feeder, KeyBudget
 from gateway.batches.files import FileStore
 from gateway.batches.store import BatchStore
 from gateway.cluster.broker import GatewayBroker
+from gateway.database import replica_name
 
 log = logging.getLogger("chatai.gateway.batches")
 
@@ -38,7 +36,7 @@ class Dispatcher:
         self._tasks: list[asyncio.Task] = []
         self._database_id = store.deployment_id()  # names this database's results queue
         # This process among the replicas sharing the database: the holder of its batches' leases.
-        self.replica = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.replica = replica_name()
         self.feeder = Feeder(broker, store, files, settings, self.results_queue, queue_for, keys,
                              replica=self.replica)
         self.collector = ResultCollector(store, settings, on_committed=self.wake, charge=charge)
