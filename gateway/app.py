@@ -24,6 +24,12 @@ from gateway.settings import GatewaySettings
 log = logging.getLogger("chatai.gateway")
 
 
+def app_from_environment() -> FastAPI:
+    """uvicorn's factory for ``chatai gateway --replicas N``: each worker process is a replica
+    with the settings of the environment (which the command filled from its flags)."""
+    return create_app(GatewaySettings())
+
+
 def create_app(settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

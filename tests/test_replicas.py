@@ -4,7 +4,8 @@ Three ``chatai gateway`` processes on one database (``CHATAI_GATEWAY_DATABASE_UR
 files directory, the session's broker and worker: a key made once works on every replica and a
 revoke stops it everywhere at once; a per-key limit holds for the three together under
 concurrent load; a 500-line batch survives the replica that drives it being killed (SIGKILL)
-mid-batch, and every line is answered exactly once.
+mid-batch, and every line is answered exactly once. ``chatai gateway --replicas 2`` runs two
+such processes on one port.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
+import psutil
 import pytest
 
 from conftest import SERVED_MODEL
@@ -122,3 +124,19 @@ def test_a_batch_completes_exactly_once_when_the_replica_driving_it_is_killed(de
     ended = db.one("SELECT leased_by FROM batches WHERE id = ?", (batch.id,))["leased_by"]
     assert ended != holder  # another replica took the batch over
     db.close()
+
+
+def test_gateway_replicas_flag_serves_from_several_processes_on_one_port(deployment, broker, tmp_path):
+    env = {**REPLICA_ENV, "CHATAI_GATEWAY_DATABASE_URL": deployment.url}
+    gw = start_gateway(tmp_path / "two", broker.url("gateway"), extra_env=env, args=["--replicas", "2"])
+    try:
+        gw.wait_for(lambda h: h["models"].get(SERVED_MODEL, {}).get("ready", 0) >= 1, timeout=60,
+                    what="a heartbeat of the served worker")
+        replicas = [p for p in psutil.Process(gw.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+        assert len(replicas) == 2
+        assert gw.log_text().count("Application startup complete") == 2  # two full gateways
+        client = openai.OpenAI(base_url=gw.base_url + "/v1", api_key=deployment.gateways[1].api_key,
+                               max_retries=0, timeout=60)  # a key of the shared database
+        assert _chat(client) in ("length", "stop")
+    finally:
+        gw.stop()
