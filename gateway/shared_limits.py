@@ -114,7 +114,10 @@ class SharedRateLimiter:
     # ------------------------------------------------------------------ the request path
 
     def admit(self, key_id: str, limits: Limits, cost: int = 1) -> Lease:
-        """Admit one request of ``key_id`` for the whole deployment, or raise RateLimited (429)."""
+        """Admit one request of ``key_id`` for the whole deployment, or raise RateLimited (429).
+        A key without rate or concurrency limits costs no round trip: there is nothing to count."""
+        if not (limits.rpm or limits.tpm or limits.max_concurrent):
+            return Lease(self, key_id, {})
         lease_id = secrets.token_hex(12)
         row = self._db.one("SELECT * FROM chatai_admit(?, ?, ?, ?, ?, ?, ?, ?)",
                            (key_id, limits.rpm, limits.tpm, limits.max_concurrent, cost, lease_id, self.replica,
@@ -138,6 +141,8 @@ class SharedRateLimiter:
         return Lease(self, key_id, headers, lease_id=lease_id)
 
     def _release(self, key_id: str, tokens: int, lease_id: str = "") -> None:
+        if not lease_id:
+            return  # admitted without limits: nothing was counted
         with self._db.tx() as db:
             db.execute("DELETE FROM limit_leases WHERE id = ?", (lease_id,))
             if tokens > 0:
