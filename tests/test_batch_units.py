@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from broker_config.messages import Error, Final, Started, Usage
+from gateway.batches.collector import ResultCollector
 from gateway.batches.config import BatchSettings
 from gateway.batches.dispatcher import Dispatcher
 from gateway.batches.ids import output_file_ids, parse_request_id, request_id
@@ -317,3 +318,34 @@ def test_a_failing_part_of_a_transaction_rolls_back_alone(service: BatchService)
         with service.store.part():
             service.store.cancel_open_lines(bid, line_no=2)
     assert [service.store.get_line(bid, n).state for n in (1, 2)] == ["pending", "cancelled"]
+
+
+def test_two_replicas_committing_the_same_results_at_once_record_each_once(service: BatchService, database_url: str):
+    """Two collectors with their own connections (two replicas consuming the shared results
+    queue) commit overlapping groups at the same moment: each line is recorded once."""
+    import threading
+
+    bid = _started_batch(service, n=40)
+    other = BatchStore(database_url)  # the second replica's store
+    try:
+        mine = service.dispatcher.collector
+        theirs = ResultCollector(other, service.settings, on_committed=lambda: None)
+        bodies = [_final(bid, n) for n in range(1, 41)]
+        start = threading.Barrier(2)
+
+        def commit(collector: ResultCollector, group: list[bytes]) -> None:
+            start.wait()
+            collector.handle_results(group)
+
+        threads = [threading.Thread(target=commit, args=(mine, bodies)),
+                   threading.Thread(target=commit, args=(theirs, bodies[::-1]))]  # the other order too
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        b = service.store.get_batch(bid)
+        assert (b["completed"], b["failed"]) == (40, 0)
+        assert b["prompt_tokens"] == 5 * 40  # each result's usage counted once
+        assert mine.duplicates + theirs.duplicates == 40
+    finally:
+        other.close()

@@ -387,28 +387,33 @@ class BatchStore:
         return n
 
     def claim_batches(self, replica: str, lease: float) -> tuple[list[Any], int]:
-        """The active batches this replica drives for the next ``lease`` seconds: those it holds,
-        nobody holds, or whose holder let its lease run out (it died, or hangs). Taking a batch
-        over, it sends again the lines the last holder left ``publishing`` (they may or may not
-        have reached the broker). Returns (batches, lines sent again)."""
+        """The active batches this replica drives for the next ``lease`` seconds: those it holds
+        (renewed), and those nobody holds or whose holder let its lease run out (it died, or
+        hangs). Taking a batch over, it sends again the lines the last holder left
+        ``publishing`` (they may or may not have reached the broker). Returns (batches, lines
+        sent again).
+
+        Its own leases are renewed row by row, waiting for a result commit that holds a row for
+        a moment; others' are taken with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so replicas
+        claiming at once never wait on each other nor deadlock with result commits."""
+        active = f"status IN ({','.join('?' * len(ACTIVE))})"
         at = time.time()
+        for row in self._all(f"SELECT id FROM batches WHERE leased_by = ? AND {active}", (replica, *ACTIVE)):
+            self._db.execute("UPDATE batches SET lease_until = ? WHERE id = ? AND leased_by = ?",
+                             (at + lease, row["id"], replica))
+        reset = 0
         with self.tx() as db:
-            rows = db.execute(
-                f"SELECT id, leased_by FROM batches WHERE status IN ({','.join('?' * len(ACTIVE))}) AND "
-                f"(leased_by IS NULL OR leased_by = ? OR lease_until < ?) ORDER BY seq"
-                f"{' FOR UPDATE SKIP LOCKED' if self.db.postgres else ''}", (*ACTIVE, replica, at)).fetchall()
-            ids = [r["id"] for r in rows]
-            taken = [r["id"] for r in rows if r["leased_by"] != replica]
-            reset = 0
-            for bid in taken:
+            free = db.execute(
+                f"SELECT id FROM batches WHERE {active} AND (leased_by IS NULL OR (leased_by <> ? AND "
+                f"lease_until < ?)) ORDER BY seq{' FOR UPDATE SKIP LOCKED' if self.db.postgres else ''}",
+                (*ACTIVE, replica, at)).fetchall()
+            for row in free:
                 reset += db.execute("UPDATE batch_lines SET state = 'pending' WHERE batch_id = ? AND "
-                                    "state = 'publishing'", (bid,)).rowcount
+                                    "state = 'publishing'", (row["id"],)).rowcount
             db.executemany("UPDATE batches SET leased_by = ?, lease_until = ? WHERE id = ?",
-                           [(replica, at + lease, bid) for bid in ids])
-        if not ids:
-            return [], reset
-        return self._all(f"SELECT * FROM batches WHERE id IN ({','.join('?' * len(ids))}) AND leased_by = ? "
-                         f"ORDER BY seq", (*ids, replica)), reset
+                           [(replica, at + lease, row["id"]) for row in free])
+        return self._all(f"SELECT * FROM batches WHERE leased_by = ? AND {active} ORDER BY seq",
+                         (replica, *ACTIVE)), reset
 
     def release_batches(self, replica: str) -> int:
         """On a clean stop: the batches this replica drove are free for another at once."""
