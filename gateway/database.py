@@ -269,9 +269,10 @@ class Database:
 
     def scrub(self) -> None:
         """After a delete: erase old page images that still hold deleted text (SQLite's WAL, see
-        gateway/private.py). PostgreSQL reclaims dead rows by its own (auto)vacuum."""
-        if not self.postgres and not private.checkpoint(self.conn.raw):
-            pass  # a reader kept part of the WAL alive; the next checkpoint finishes the job
+        gateway/private.py; if a reader kept part of it alive, the next checkpoint finishes the
+        job). PostgreSQL reclaims dead rows by its own (auto)vacuum (docs/batches.md)."""
+        if not self.postgres:
+            private.checkpoint(self.conn.raw)
 
 
 def open_database(target: "str | Path | Database") -> Database:

@@ -194,6 +194,7 @@ class SharedRateLimiter:
             await asyncio.to_thread(self._db.execute, "DELETE FROM limit_leases WHERE replica = ?", (self.replica,))
         except Exception as exc:  # noqa: BLE001 - they expire by themselves
             log.warning("could not give back this replica's limit leases (%s)", type(exc).__name__)
+        self._db.close()
 
 
 def _expiry(bucket: int | None) -> float:

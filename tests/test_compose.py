@@ -2,8 +2,9 @@
 
 What is checked: the file is valid against the compose specification's JSON schema (the copy
 that ships with check-jsonschema); every service is built from a stage of a Dockerfile in this
-repository, but PostgreSQL and HAProxy (their official images, pinned); every command, Dockerfile CMD and entrypoint script line that runs ``chatai`` names
-an existing subcommand with options it accepts; every bind-mounted file and entrypoint exists;
+repository, but PostgreSQL and HAProxy (their official images, pinned); every command,
+Dockerfile CMD and entrypoint script line that runs ``chatai`` names an existing subcommand
+with options it accepts; every bind-mounted file and entrypoint exists;
 every CHATAI_* variable is a field of the component's settings class; ports, hosts and the
 served model agree with broker_config/rabbitmq.conf, the breaker's install options and each other;
 the gateway replicas are identical and the load balancer (docker/haproxy.cfg) reaches each.

@@ -61,7 +61,7 @@ def test_concurrent_requests_hold_for_all_replicas_and_come_free_on_release(repl
 def test_a_dead_replicas_slots_come_free_when_its_leases_run_out(postgres):
     url = postgres.new_database()
     dead_db, live_db = Database(url), Database(url)
-    dead = SharedRateLimiter(dead_db, replica="dead", lease_ttl=5.0)
+    dead = SharedRateLimiter(dead_db, replica="dead", lease_ttl=3.0)
     live = SharedRateLimiter(live_db, replica="live", lease_ttl=60)
     limits = Limits(max_concurrent=1)
     held = dead.admit("key_a", limits)  # never released, never renewed: its process is gone

@@ -15,8 +15,9 @@ The re-publish rule (see docs/batches.md):
   only after the result is confirmed on the durable results queue: a ``queued`` line's result
   is therefore never lost, and the line is NOT sent again on restart (no duplicate work);
 - a line still ``publishing`` when its batch changes hands (a restart, a replica that died: see
-  ``BatchStore.claim_batches``) may or may not have reached the broker: it is sent again. At most ``max_in_flight`` lines per batch can be in that state; a duplicate that does
-  run costs GPU time only, its second result is dropped;
+  ``BatchStore.claim_batches``) may or may not have reached the broker: it is sent again. At
+  most ``max_in_flight`` lines per batch can be in that state; a duplicate that does run costs
+  GPU time only, its second result is dropped;
 - a ``queued`` line without a result after ``republish_after`` (the broker lost it, an operator
   purged the queue) is sent again, under the same rule.
 """

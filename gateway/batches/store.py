@@ -23,7 +23,7 @@ output files), so an fsync never stalls interactive traffic in the same process.
 
 Replicas (several gateway processes on one PostgreSQL database): a batch is driven by one
 replica at a time, the holder of its lease (``claim_batches``: ``leased_by``, ``lease_until``,
-taken with a conditional update, renewed every dispatcher step). A replica that dies leaves its
+taken in one transaction, renewed every dispatcher step). A replica that dies leaves its
 leases to expire; the next holder sends again the lines it left ``publishing`` (their duplicate
 results are dropped as above). Results are committed by whichever replica consumes them, each
 once (``record_result``), with the batch's row locked first so that group commits of two
@@ -37,6 +37,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,11 +153,11 @@ class BatchStore:
     def close(self) -> None:
         self.db.close()
 
-    def tx(self):
+    def tx(self) -> AbstractContextManager[Connection]:
         """One write transaction; nested use joins the outer one (see ``Database.tx``)."""
         return self.db.tx()
 
-    def part(self):
+    def part(self) -> AbstractContextManager[None]:
         """Inside ``tx()``: a part that rolls back alone if it raises (a savepoint), so one bad
         item of a group commit never takes the others with it."""
         return self.db.part()
