@@ -31,7 +31,8 @@ class ProcSample:
     cpu_s: float
 
 
-def _sample_one(pid: int) -> ProcSample:
+def sample_process(pid: int) -> ProcSample:
+    """One process's resident memory and CPU time, from /proc."""
     rss_kb = 0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -43,10 +44,10 @@ def _sample_one(pid: int) -> ProcSample:
 
 def sample(pid: int) -> ProcSample:
     """The process and its live descendants, summed (one gateway, or its replicas)."""
-    total = _sample_one(pid)
+    total = sample_process(pid)
     for child in psutil.Process(pid).children(recursive=True):
         try:
-            part = _sample_one(child.pid)
+            part = sample_process(child.pid)
         except (FileNotFoundError, ProcessLookupError):
             continue  # it ended meanwhile
         total = ProcSample(total.rss_mb + part.rss_mb, total.cpu_s + part.cpu_s)
