@@ -91,7 +91,20 @@ class LocalPostgres:
             raise RuntimeError(f"{argv[0]} failed ({done.returncode}): {(done.stderr or done.stdout)[-2000:]}")
 
     def start(self, timeout: float = 60.0) -> None:
-        """initdb (password authentication only, also over the socket), then pg_ctl start -w."""
+        """initdb on the first start (password authentication only, also over the socket), then
+        pg_ctl start -w; a cluster stopped with ``stop(remove=False)`` starts again with its data."""
+        if not self.data_dir.exists():
+            self._init()
+        options = [f"-p {self.port}", "-c listen_addresses=127.0.0.1", f"-k {self.base_dir}",
+                   "-c max_connections=300", "-c shared_buffers=32MB"]
+        if not self.durable:
+            options += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
+        self._run("pg_ctl", "start", "-w", "-t", str(int(timeout)), "-D", str(self.data_dir), "-l",
+                  str(self.log_path), "-o", " ".join(options), timeout=timeout + 10)
+        self._started = True
+
+    def _init(self) -> None:
+        """The data directory (``initdb``), owned by a throw-away account when we are root."""
         if os.geteuid() == 0:
             self.account = create_account("cpg", "chatai private PostgreSQL (tests, dev)")
             shutil.chown(self.base_dir, self.account, self.account)
@@ -105,13 +118,6 @@ class LocalPostgres:
                       "--auth=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync")
         finally:
             pwfile.unlink(missing_ok=True)
-        options = [f"-p {self.port}", "-c listen_addresses=127.0.0.1", f"-k {self.base_dir}",
-                   "-c max_connections=300", "-c shared_buffers=32MB"]
-        if not self.durable:
-            options += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
-        self._run("pg_ctl", "start", "-w", "-t", str(int(timeout)), "-D", str(self.data_dir), "-l",
-                  str(self.log_path), "-o", " ".join(options), timeout=timeout + 10)
-        self._started = True
 
     def new_database(self, name: str | None = None) -> str:
         return create_database(self.url(), name)
