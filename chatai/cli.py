@@ -148,6 +148,9 @@ def dev(
                                              "'--tool-call-parser llama3_json --enable-auto-tool-choice' for a "
                                              "--model of that family (docs/worker.md). Default for the tiny "
                                              "model: its Hermes-style tool calling.")] = "",
+    gateway_replicas: Annotated[int, typer.Option(min=1, help="Gateway processes on the one port, sharing keys, "
+                                                  "limits and batches through a private PostgreSQL (needs Debian's "
+                                                  "postgresql package; docs/deploy.md).")] = 1,
 ) -> None:
     """Run the whole stack on this machine: broker, worker, gateway. Stops on Ctrl-C or SIGTERM.
 
@@ -169,7 +172,8 @@ def dev(
         worker_args = TINY_MODEL_WORKER_ARGS
     stack = DevStack(state_dir=state_dir.resolve(), port=port, api_key=api_key, model=model,
                      served_model_name=served_model_name, broker=broker, broker_node=broker_node, tunnel=tunnel,
-                     slurm=slurm, slurm_cpus=slurm_cpus, worker_args=shlex.split(worker_args))
+                     slurm=slurm, slurm_cpus=slurm_cpus, worker_args=shlex.split(worker_args),
+                     gateway_replicas=gateway_replicas)
     raise typer.Exit(run(stack, demo=demo))
 
 

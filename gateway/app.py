@@ -14,12 +14,20 @@ from gateway.cluster.broker import GatewayBroker
 from gateway.context import GatewayContext
 from gateway.errors import install_error_handlers
 from gateway.http_guard import RequestGuard
+from gateway.database import Database
 from gateway.keys import KeyStore
+from gateway.shared_limits import SharedRateLimiter
 from gateway.cluster.registry import WorkerRegistry
 from gateway.routes import health, inference, models
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger("chatai.gateway")
+
+
+def app_from_environment() -> FastAPI:
+    """uvicorn's factory for ``chatai gateway --replicas N``: each worker process is a replica
+    with the settings of the environment (which the command filled from its flags)."""
+    return create_app(GatewaySettings())
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:
@@ -41,8 +49,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         broker = GatewayBroker(url, registry, reconnect_interval=settings.broker_reconnect_interval,
                                transport=tunnel.transport() if tunnel is not None else None)
         broker.start()
-        ctx = GatewayContext(settings=settings, keys=KeyStore(private.database(settings.state_dir)), registry=registry,
-                             broker=broker, tunnel=tunnel)
+        keys = KeyStore(settings.database)
+        ctx = GatewayContext(settings=settings, keys=keys, registry=registry, broker=broker, tunnel=tunnel)
+        if keys.shared:  # replicas on one PostgreSQL database: the limits hold for all of them
+            ctx.limiter = SharedRateLimiter(Database(settings.database))
+        await ctx.limiter.start()
         app.state.ctx = ctx
         for hook in app.state.startup_hooks:
             await hook(ctx)
@@ -55,6 +66,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         finally:
             for hook in app.state.shutdown_hooks:
                 await hook(ctx)
+            await ctx.limiter.stop()
             await broker.close()
             if tunnel is not None:
                 await tunnel.close()

@@ -29,8 +29,10 @@ OpenBatches = Annotated[Optional[str], typer.Option("--open-batches", help="Batc
 
 
 def _store(state_dir: Path | None) -> KeyStore:
+    # Only the database matters here: no broker or tunnel settings are required.
+    if os.environ.get("CHATAI_GATEWAY_DATABASE_URL"):  # replicas' shared database
+        return KeyStore(os.environ["CHATAI_GATEWAY_DATABASE_URL"])
     if state_dir is None:
-        # Only the state directory matters here: no broker or tunnel settings are required.
         state_dir = Path(os.environ.get("CHATAI_GATEWAY_STATE_DIR", GatewaySettings.model_fields["state_dir"].default))
     return KeyStore(private.database(state_dir))
 
@@ -95,8 +97,13 @@ def keys_revoke(key_id: str, state_dir: StateDir = None) -> None:
     typer.echo(f"revoked {key_id}")
 
 
+Replicas = Annotated[int, typer.Option(
+    "--replicas", min=1, help="Gateway processes on this port (uvicorn's workers), each a full gateway; more than "
+    "one needs CHATAI_GATEWAY_DATABASE_URL=postgresql://... (docs/deploy.md, 'Several gateway replicas').")]
+
+
 @settings_options(GatewaySettings, ("host", "port", "state_dir", "broker_direct", "queue_timeout"))
-def serve(overrides: dict[str, Any], log_level: str = "info") -> None:
+def serve(overrides: dict[str, Any], log_level: str = "info", replicas: Replicas = 1) -> None:
     """Serve the OpenAI-compatible API. Broker credentials come from CHATAI_GATEWAY_BROKER_URL."""
     import uvicorn
 
@@ -108,7 +115,16 @@ def serve(overrides: dict[str, Any], log_level: str = "info") -> None:
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), log_level=log_level, **uvicorn_options(settings))
+    if replicas == 1:
+        uvicorn.run(create_app(settings), log_level=log_level, **uvicorn_options(settings))
+        return
+    if not settings.database.startswith("postgres"):
+        raise typer.BadParameter("--replicas needs a shared PostgreSQL database (CHATAI_GATEWAY_DATABASE_URL): "
+                                 "with SQLite each process would count the per-key limits on its own")
+    # Each worker process builds its settings from the environment: the flags go there too.
+    os.environ.update({f"CHATAI_GATEWAY_{name.upper()}": str(value) for name, value in overrides.items()})
+    uvicorn.run("gateway.app:app_from_environment", factory=True, workers=replicas, log_level=log_level,
+                **uvicorn_options(settings))
 
 
 def uvicorn_options(settings: GatewaySettings) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from gateway.errors import invalid_api_key
 from gateway.cluster.generation import Timeouts
 from gateway.keys import KeyStore
 from gateway.limits import Lease, Limits, RateLimiter
+from gateway.shared_limits import SharedRateLimiter
 from gateway.cluster.registry import WorkerRegistry
 from gateway.schemas import RequestCaps
 from gateway.settings import GatewaySettings
@@ -25,7 +26,8 @@ class GatewayContext:
     registry: WorkerRegistry
     broker: GatewayBroker
     tunnel: Any = None  # gateway.cluster.tunnel.BrokerTunnel when the cluster is reached through SSH
-    limiter: RateLimiter = field(default_factory=RateLimiter)  # this process's per-key counters
+    # Per-key counters: this process's (RateLimiter) or the replicas' shared ones (SharedRateLimiter).
+    limiter: RateLimiter | SharedRateLimiter = field(default_factory=RateLimiter)
     affinity: Affinity | None = None  # built from the settings when not given
 
     def __post_init__(self) -> None:

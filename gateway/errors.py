@@ -28,6 +28,7 @@ from gateway.cluster.errors import (
     WorkerLost,
     WorkerTimeout,
 )
+from gateway.database import DatabaseError
 
 _TYPES = {
     400: "invalid_request_error",
@@ -67,6 +68,14 @@ class APIError(Exception):
 def invalid_api_key() -> APIError:
     return APIError(401, "Incorrect or missing API key. Pass it as 'Authorization: Bearer <key>'.",
                     code="invalid_api_key")
+
+
+def database_unavailable() -> APIError:
+    """The gateway's database (PostgreSQL shared by replicas) cannot be reached: keys cannot be
+    checked, so nothing is served, but the client may retry (the SDK does on 503)."""
+    err = APIError(503, "The gateway's database is unreachable; please retry shortly.", code="database_unavailable")
+    err.headers = {"retry-after": "2"}
+    return err
 
 
 # A cluster failure's HTTP status, OpenAI code and offending parameter.
@@ -138,6 +147,15 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return APIError(exc.status_code, str(exc.detail), code=code).response()
+
+    async def _database(_: Request, exc: Exception) -> JSONResponse:
+        import logging
+
+        logging.getLogger("chatai.gateway").error("database unavailable (%s)", type(exc).__name__)
+        return database_unavailable().response()
+
+    for database_error in DatabaseError:
+        app.exception_handler(database_error)(_database)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -57,7 +57,25 @@ class _HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         super().connection_lost(exc)
 
 
+_PREFIX = "HeaderDeadline_"  # + the deadline in milliseconds
+_MADE: dict[str, type[asyncio.Protocol]] = {}
+
+
 def http_protocol(header_timeout: float) -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol class with a deadline of ``header_timeout`` seconds for each head
-    (for ``uvicorn.run(http=...)``)."""
-    return type("HeaderDeadlineProtocol", (_HeaderDeadline,), {"header_timeout": header_timeout})
+    (for ``uvicorn.run(http=...)``).
+
+    One class per deadline, found by name in this module (``__getattr__``), so uvicorn's worker
+    processes (``chatai gateway --replicas``, spawned) can unpickle it from their settings."""
+    name = f"{_PREFIX}{round(header_timeout * 1000)}"
+    if name not in _MADE:
+        cls = type(name, (_HeaderDeadline,), {"header_timeout": header_timeout, "__module__": __name__})
+        cls.__qualname__ = name
+        _MADE[name] = cls
+    return _MADE[name]
+
+
+def __getattr__(name: str) -> type[asyncio.Protocol]:
+    if name.startswith(_PREFIX) and name.removeprefix(_PREFIX).isdigit():
+        return http_protocol(int(name.removeprefix(_PREFIX)) / 1000)
+    raise AttributeError(name)

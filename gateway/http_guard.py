@@ -22,7 +22,8 @@ from collections.abc import Callable
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import APIError, invalid_api_key
+from gateway.database import DatabaseError
+from gateway.errors import APIError, database_unavailable, invalid_api_key
 from gateway.keys import KeyStore
 
 API_PREFIX = "/v1"
@@ -72,7 +73,11 @@ class RequestGuard:
         path: str = scope["path"]
         if path == API_PREFIX or path.startswith(API_PREFIX + "/"):
             token = bearer_token(headers)
-            key_id = self.keys().verify(token) if token else None
+            try:
+                key_id = self.keys().verify(token) if token else None
+            except DatabaseError:
+                await _answer(database_unavailable(), scope, receive, send)
+                return
             if key_id is None:
                 await _answer(invalid_api_key(), scope, receive, send)
                 return

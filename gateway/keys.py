@@ -1,4 +1,5 @@
-"""API keys: random bearer tokens, stored only as SHA-256 hashes in the gateway's SQLite database.
+"""API keys: random bearer tokens, stored only as SHA-256 hashes in the gateway's database
+(SQLite, or PostgreSQL shared by replicas: gateway/database.py).
 
 Keys are 256-bit random secrets, so a fast unsalted hash is enough: nothing can be brute-forced
 from the database, and each request is one indexed look-up. Next to the hash: a hint for
@@ -10,12 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway import private
+from gateway.database import Database, open_database
 from gateway.limits import LIMIT_NAMES
 
 KEY_PREFIX = "sk-chatai-"
@@ -30,7 +30,7 @@ CREATE TABLE IF NOT EXISTS api_keys (
     revoked_at REAL
 )
 """
-# Per-key limits, one column each, added to databases made before they existed (see _migrate).
+# Per-key limits, one column each, added to databases made before they existed (see _schema_v1).
 LIMIT_COLUMNS = LIMIT_NAMES
 _HINT_SHOWN = 4  # characters of the secret a hint may show
 _HINT_MIN_SECRET = 24  # shorter secrets get no characters in their hint
@@ -58,33 +58,34 @@ class KeyInfo:
     limits: dict[str, int | None]  # the key's own limits; None: the gateway's default
 
 
-class KeyStore:
-    def __init__(self, db_path: Path) -> None:
-        self._db = private.connect(db_path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(_SCHEMA)
-        self._migrate()
+def _schema_v1(db: Database) -> None:
+    """The table; on a database made before per-key limits existed, their columns, and its hints
+    (which could show a short key whole) cut down to the public prefix, since the secret cannot be
+    read back."""
+    db.ddl(_SCHEMA)
+    have = db.columns("api_keys")
+    for column in LIMIT_COLUMNS:
+        if column not in have:
+            db.ddl(f"ALTER TABLE api_keys ADD COLUMN {column} INTEGER")
+    if "rpm" not in have:
+        db.execute("UPDATE api_keys SET hint = CASE WHEN hint LIKE ? THEN ? ELSE '…' END",
+                   (KEY_PREFIX + "%", KEY_PREFIX + "…"))
 
-    def _migrate(self) -> None:
-        """Add the limit columns to an older database; its hints (which could show a short key
-        whole) are cut down to the public prefix, since the secret cannot be read back."""
-        have = {row[1] for row in self._db.execute("PRAGMA table_info(api_keys)")}
-        missing = [c for c in LIMIT_COLUMNS if c not in have]
-        if not missing:
-            return
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            have = {row[1] for row in self._db.execute("PRAGMA table_info(api_keys)")}  # another process?
-            for column in LIMIT_COLUMNS:
-                if column not in have:
-                    self._db.execute(f"ALTER TABLE api_keys ADD COLUMN {column} INTEGER")
-            if "rpm" not in have:
-                self._db.execute("UPDATE api_keys SET hint = CASE WHEN hint LIKE ? THEN ? ELSE '…' END",
-                                 (KEY_PREFIX + "%", KEY_PREFIX + "…"))
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
+
+_MIGRATIONS = (_schema_v1,)
+
+
+class KeyStore:
+    def __init__(self, database: "str | Path | Database") -> None:
+        """``database``: a URL (``sqlite:///...``, ``postgresql://...``), an SQLite path, or an open
+        ``Database`` shared with the other stores."""
+        self._db = open_database(database)
+        self._db.migrate("api_keys", _MIGRATIONS)
+
+    @property
+    def shared(self) -> bool:
+        """On PostgreSQL: replicas share these keys (and then their limits too)."""
+        return self._db.postgres
 
     def create(self, name: str, key: str | None = None,
                limits: dict[str, int | None] | None = None) -> tuple[KeyInfo, str]:
@@ -95,14 +96,13 @@ class KeyStore:
         own = {c: None for c in LIMIT_COLUMNS} | _checked(limits or {})
         info = KeyInfo(id="key_" + secrets.token_hex(6), name=name, hint=key_hint(key),
                        created_at=time.time(), revoked_at=None, limits=own)
-        try:
-            self._db.execute(
-                f"INSERT INTO api_keys (id, name, key_hash, hint, created_at, {', '.join(LIMIT_COLUMNS)}) "
-                f"VALUES (?, ?, ?, ?, ?{', ?' * len(LIMIT_COLUMNS)})",
-                (info.id, info.name, hash_key(key), info.hint, info.created_at, *(own[c] for c in LIMIT_COLUMNS)),
-            )
-        except sqlite3.IntegrityError:
-            raise ValueError("that key already exists") from None
+        inserted = self._db.execute(
+            f"INSERT INTO api_keys (id, name, key_hash, hint, created_at, {', '.join(LIMIT_COLUMNS)}) "
+            f"VALUES (?, ?, ?, ?, ?{', ?' * len(LIMIT_COLUMNS)}) ON CONFLICT (key_hash) DO NOTHING",
+            (info.id, info.name, hash_key(key), info.hint, info.created_at, *(own[c] for c in LIMIT_COLUMNS)),
+        ).rowcount
+        if inserted != 1:
+            raise ValueError("that key already exists")
         return info, key
 
     def set_limits(self, key_id: str, limits: dict[str, int | None]) -> bool:
@@ -119,7 +119,7 @@ class KeyStore:
 
     def limits(self, key_id: str) -> dict[str, int | None]:
         """The key's own limits (None where it uses the default); empty for an unknown key."""
-        row = self._db.execute(f"SELECT {', '.join(LIMIT_COLUMNS)} FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+        row = self._db.one(f"SELECT {', '.join(LIMIT_COLUMNS)} FROM api_keys WHERE id = ?", (key_id,))
         return dict(zip(LIMIT_COLUMNS, row)) if row else {}
 
     def get(self, key_id: str) -> KeyInfo | None:
@@ -127,7 +127,7 @@ class KeyStore:
 
     def ensure(self, name: str, key: str) -> KeyInfo:
         """Register a given key unless it is already known (used by ``chatai dev --api-key``)."""
-        row = self._db.execute("SELECT id FROM api_keys WHERE key_hash = ?", (hash_key(key),)).fetchone()
+        row = self._db.one("SELECT id FROM api_keys WHERE key_hash = ?", (hash_key(key),))
         if row:
             self._db.execute("UPDATE api_keys SET revoked_at = NULL WHERE id = ?", (row[0],))
             return self.get(row[0])
@@ -135,14 +135,12 @@ class KeyStore:
 
     def verify(self, key: str) -> str | None:
         """The key's id if it is valid and not revoked."""
-        row = self._db.execute(
-            "SELECT id FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL", (hash_key(key),)
-        ).fetchone()
+        row = self._db.one("SELECT id FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL", (hash_key(key),))
         return row[0] if row else None
 
     def list(self) -> list[KeyInfo]:
-        rows = self._db.execute(f"SELECT id, name, hint, created_at, revoked_at, {', '.join(LIMIT_COLUMNS)} "
-                                "FROM api_keys ORDER BY created_at")
+        rows = self._db.all(f"SELECT id, name, hint, created_at, revoked_at, {', '.join(LIMIT_COLUMNS)} "
+                            "FROM api_keys ORDER BY created_at")
         return [KeyInfo(*r[:5], limits=dict(zip(LIMIT_COLUMNS, r[5:]))) for r in rows]
 
     def revoke(self, key_id: str) -> bool:

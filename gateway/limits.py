@@ -23,10 +23,10 @@ OpenAI sends (``x-ratelimit-limit/remaining/reset-requests`` and ``-tokens``) pl
 ``retry-after`` and ``retry-after-ms``, which the OpenAI SDK uses for its back-off. Successful
 responses carry the ``x-ratelimit-*`` headers too.
 
-The state lives in one gateway process: with several gateway processes behind a load balancer,
-each enforces the limits on its own share (up to N times the limit in total for N processes);
-divide the limits by N, or route each key to one process. Upload bytes and open batches are
-counted in the database instead (``gateway/batches``), so those caps hold across processes.
+The state here lives in one gateway process, enough for one gateway on SQLite. Replicas on a
+shared PostgreSQL database count in it instead, with the same rules and answers
+(``gateway/shared_limits.py``), so the limits hold for the deployment as a whole. Upload bytes
+and open batches are counted in the database on either engine (``gateway/batches``).
 All methods run on the event loop thread: no locks.
 """
 
@@ -41,7 +41,7 @@ from dataclasses import dataclass, field, fields, replace
 from gateway.errors import APIError
 
 WINDOW = 60.0  # seconds: "per minute"
-_GRAIN = 0.5  # bucket width of the sliding windows
+GRAIN = 0.5  # bucket width of the sliding windows
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class SlidingWindow:
 
     @staticmethod
     def _expiry(bucket: int) -> float:
-        return (bucket + 1) * _GRAIN + WINDOW
+        return (bucket + 1) * GRAIN + WINDOW
 
     def _expire(self, now: float) -> None:
         while self._buckets and self._expiry(self._buckets[0][0]) <= now:
@@ -86,7 +86,7 @@ class SlidingWindow:
 
     def add(self, now: float, amount: int) -> None:
         self._expire(now)
-        bucket = int(now // _GRAIN)
+        bucket = int(now // GRAIN)
         if self._buckets and self._buckets[-1][0] == bucket:
             self._buckets[-1][1] += amount
         else:
@@ -142,9 +142,10 @@ class RateLimited(APIError):
 class Lease:
     """One admitted request: holds a concurrency slot until released with the tokens it used."""
 
-    def __init__(self, limiter: "RateLimiter", key_id: str, headers: dict[str, str]) -> None:
+    def __init__(self, limiter: "RateLimiter", key_id: str, headers: dict[str, str], lease_id: str = "") -> None:
         self._limiter = limiter
         self._key_id = key_id
+        self._lease_id = lease_id  # its row, where replicas share the limits (gateway/shared_limits.py)
         self.headers = headers  # x-ratelimit-* as of admission, for the response
         self._released = False
 
@@ -153,7 +154,7 @@ class Lease:
         if self._released:
             return
         self._released = True
-        self._limiter._release(self._key_id, tokens)
+        self._limiter._release(self._key_id, tokens, self._lease_id)
 
     def __del__(self) -> None:
         # A backstop: a lease dropped on a path nobody foresaw must not hold a slot forever.
@@ -212,7 +213,7 @@ class RateLimiter:
             self._keys.setdefault(key_id, _KeyState()).tokens.add(self._clock(), tokens)
         self._forget_if_idle(key_id)
 
-    def _release(self, key_id: str, tokens: int) -> None:
+    def _release(self, key_id: str, tokens: int, lease_id: str = "") -> None:
         now = self._clock()
         st = self._keys[key_id]
         st.active -= 1
@@ -229,6 +230,12 @@ class RateLimiter:
     def active(self, key_id: str) -> int:
         st = self._keys.get(key_id)
         return st.active if st else 0
+
+    async def start(self) -> None:
+        """Nothing to keep up (the shared limiter renews its leases)."""
+
+    async def stop(self) -> None:
+        """Nothing to give back."""
 
     @staticmethod
     def _headers(st: _KeyState, limits: Limits, now: float) -> dict[str, str]:

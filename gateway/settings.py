@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway import private
+from gateway.database import sqlite_url
 from gateway.limits import Limits
 
 
@@ -16,6 +18,11 @@ class GatewaySettings(BaseSettings):
     host: str = Field("127.0.0.1", description="Listen address.")
     port: int = Field(8000, description="Listen port.")
     state_dir: Path = Field(Path(".chatai-gateway"), description="API keys, batch database and files.")
+    # Where keys, per-key limits, files' metadata and batches live (gateway/database.py). None:
+    # SQLite in the state directory, for one gateway process. Replicas share a PostgreSQL database
+    # (postgresql://user:password@host:5432/db) and a files directory (CHATAI_GATEWAY_BATCH_FILES_DIR
+    # on a shared filesystem); see docs/deploy.md, "Several gateway replicas".
+    database_url: SecretStr | None = None
 
     # The broker, with this gateway deployment's broker user (its name is the deployment's
     # namespace on the broker). With a tunnel configured (the default deployment), its host and
@@ -112,6 +119,13 @@ class GatewaySettings(BaseSettings):
                 "or ask for a direct broker connection with --broker-direct"
             )
         return self
+
+    @property
+    def database(self) -> str:
+        """The database URL: the one configured, or the SQLite file in the state directory."""
+        if self.database_url is not None:
+            return self.database_url.get_secret_value()
+        return sqlite_url(private.database(self.state_dir))
 
     def cold_start_timeout_for(self, model: str) -> float:
         return self.cold_start_timeouts.get(model, self.cold_start_timeout)

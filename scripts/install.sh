@@ -24,8 +24,10 @@ BASE_PYTHON="${CHATAI_PYTHON:-/usr/bin/python3}"
 
 # python3-venv: Debian's Python makes no virtual environment without it. chromium and
 # chromium-driver: the web page tests drive Debian's Chromium (no browser is downloaded).
+# postgresql: initdb/pg_ctl for the private cluster the replica tests start
+# (chatai/devstack/postgres_node.py); its own cluster on port 5432 is never used.
 SYSTEM_PACKAGES=(rabbitmq-server openssh-server openssh-client slurm-wlm slurm-client munge
-                 python3 python3-venv chromium chromium-driver)
+                 python3 python3-venv chromium chromium-driver postgresql)
 if [[ "${CHATAI_SKIP_APT:-}" != 1 ]]; then
     missing=()
     for pkg in "${SYSTEM_PACKAGES[@]}"; do

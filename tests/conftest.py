@@ -25,7 +25,7 @@ from chatai.devstack.broker_node import LocalBrokerNode, rabbitmq_installed
 
 # The fast tier (`pytest -m "not slow"`, no root, well under a minute) is every test that needs
 # none of these: a real broker, sshd, Slurm or vLLM engine (each reached through one of them).
-SLOW_FIXTURES = {"broker", "tiny_model_dir", "sshd", "gw_user"}
+SLOW_FIXTURES = {"broker", "tiny_model_dir", "sshd", "gw_user", "postgres"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
@@ -93,6 +93,50 @@ def broker() -> BrokerEnv:
         node.stop()
     if container is not None:  # pragma: no cover
         container.stop()
+
+
+# ---------------------------------------------------------------- shared state (real PostgreSQL)
+
+
+class PostgresEnv:
+    """A PostgreSQL server for the session; ``new_database()`` gives each test an empty one."""
+
+    def __init__(self, admin_url: str) -> None:
+        self.admin_url = admin_url
+
+    def new_database(self) -> str:
+        from chatai.devstack.postgres_node import create_database
+
+        return create_database(self.admin_url)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> PostgresEnv:
+    """A private cluster (``chatai.devstack.postgres_node``: initdb/pg_ctl under a temporary
+    directory, a free port; about a second), or a container where only a Docker engine exists."""
+    from chatai.devstack.postgres_node import LocalPostgres, postgres_installed
+
+    if postgres_installed():
+        node = LocalPostgres.create(durable=False)
+        try:
+            node.start()
+            yield PostgresEnv(node.url())
+        finally:
+            node.stop()
+    else:  # pragma: no cover - only where a Docker engine exists
+        from testcontainers.postgres import PostgresContainer
+
+        with PostgresContainer("postgres:15", driver=None) as container:
+            yield PostgresEnv(container.get_connection_url())
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty gateway database on each engine (``CHATAI_GATEWAY_DATABASE_URL``): store tests
+    take this fixture to run against both; the PostgreSQL half is in the slow tier."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'gateway.db'}"
+    return request.getfixturevalue("postgres").new_database()
 
 
 # ---------------------------------------------------------------- the worker side (real vLLM)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from broker_config.messages import Error, Final, Started, Usage
+from gateway.batches.collector import ResultCollector
 from gateway.batches.config import BatchSettings
 from gateway.batches.dispatcher import Dispatcher
 from gateway.batches.ids import output_file_ids, parse_request_id, request_id
@@ -131,10 +132,10 @@ def test_completions_endpoint_lines(tmp_path: Path):
 
 
 @pytest.fixture
-def service(tmp_path: Path) -> BatchService:
-    settings = BatchSettings(db_path=tmp_path / "gw.db", files_dir=tmp_path / "files",
-                             results_queue="chatai.gw.gateway.test.batch-results")
-    store = BatchStore(settings.db_path)
+def service(tmp_path: Path, database_url: str) -> BatchService:
+    """The batch service on each engine (SQLite; PostgreSQL in the slow tier)."""
+    settings = BatchSettings(files_dir=tmp_path / "files", results_queue="chatai.gw.gateway.test.batch-results")
+    store = BatchStore(database_url)
     files = FileStore(settings.files_dir)
     svc = BatchService(settings, store, files, Dispatcher(None, store, files, settings))  # type: ignore[arg-type]
     yield svc
@@ -233,9 +234,19 @@ async def test_finalize_writes_files_in_line_order_and_forgets_the_lines(service
 
 def test_restart_rule_resends_unconfirmed_lines_only(service: BatchService):
     bid = _started_batch(service, n=3)
-    service.store.mark_publishing(bid, [1, 2])
-    service.store.mark_queued(bid, [1])  # confirmed: the broker owns it
-    assert service.store.reset_publishing() == 1  # line 2's confirm was never seen
+    store = service.store
+    assert [b["id"] for b in store.claim_batches("replica-a", lease=60)[0]] == [bid]
+    store.mark_publishing(bid, [1, 2])
+    store.mark_queued(bid, [1])  # confirmed: the broker owns it
+    assert store.claim_batches("replica-b", lease=60) == ([], 0)  # a's lease runs: b leaves the batch alone
+    assert store.claim_batches("replica-a", lease=60)[1] == 0  # a renewing its lease sends nothing again
+    store.claim_batches("replica-a", lease=-1)  # a stops renewing (it died): its lease runs out
+    taken, resent = store.claim_batches("replica-b", lease=60)
+    assert [b["id"] for b in taken] == [bid] and taken[0]["leased_by"] == "replica-b"
+    assert resent == 1  # line 2's confirm was never seen: b sends it again
+    assert store.claim_batches("replica-a", lease=60) == ([], 0)  # a came back: b holds the batch now
+    assert store.release_batches("replica-b") == 1  # b stops cleanly: a takes over at once
+    assert [b["id"] for b in store.claim_batches("replica-a", lease=60)[0]] == [bid]
     states = [service.store.get_line(bid, n).state for n in (1, 2, 3)]
     assert states == ["queued", "pending", "pending"]
     assert service.store.stale_queued(bid, older_than=0) == []
@@ -307,3 +318,34 @@ def test_a_failing_part_of_a_transaction_rolls_back_alone(service: BatchService)
         with service.store.part():
             service.store.cancel_open_lines(bid, line_no=2)
     assert [service.store.get_line(bid, n).state for n in (1, 2)] == ["pending", "cancelled"]
+
+
+def test_two_replicas_committing_the_same_results_at_once_record_each_once(service: BatchService, database_url: str):
+    """Two collectors with their own connections (two replicas consuming the shared results
+    queue) commit overlapping groups at the same moment: each line is recorded once."""
+    import threading
+
+    bid = _started_batch(service, n=40)
+    other = BatchStore(database_url)  # the second replica's store
+    try:
+        mine = service.dispatcher.collector
+        theirs = ResultCollector(other, service.settings, on_committed=lambda: None)
+        bodies = [_final(bid, n) for n in range(1, 41)]
+        start = threading.Barrier(2)
+
+        def commit(collector: ResultCollector, group: list[bytes]) -> None:
+            start.wait()
+            collector.handle_results(group)
+
+        threads = [threading.Thread(target=commit, args=(mine, bodies)),
+                   threading.Thread(target=commit, args=(theirs, bodies[::-1]))]  # the other order too
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        b = service.store.get_batch(bid)
+        assert (b["completed"], b["failed"]) == (40, 0)
+        assert b["prompt_tokens"] == 5 * 40  # each result's usage counted once
+        assert mine.duplicates + theirs.duplicates == 40
+    finally:
+        other.close()

@@ -25,9 +25,11 @@ from support.worker_proc import WorkerProcess, start_worker
 
 BATCH_MODEL = "tiny-batch"
 CHAT = "/v1/chat/completions"
-# Small limits so a cancel or a restart has something in flight, and a quick dispatcher tick.
+# Small limits so a cancel or a restart has something in flight, and a quick dispatcher tick; a
+# short batch lease, so a gateway restarted after SIGKILL takes its batches back within seconds.
 GATEWAY_ENV = {"CHATAI_GATEWAY_BATCH_MAX_IN_FLIGHT": "24", "CHATAI_GATEWAY_BATCH_CANCEL_GRACE": "3",
-               "CHATAI_GATEWAY_BATCH_TICK": "0.2", "CHATAI_GATEWAY_QUEUE_TIMEOUT": "60"}
+               "CHATAI_GATEWAY_BATCH_TICK": "0.2", "CHATAI_GATEWAY_QUEUE_TIMEOUT": "60",
+               "CHATAI_GATEWAY_BATCH_LEASE": "3"}
 
 
 # ---------------------------------------------------------------------------------- fixtures

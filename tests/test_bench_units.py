@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import typer
 
 from chatai.bench.cli import _levels, _relay_levels, requests_for
 from chatai.bench.load import RequestRecord, percentile, summarize
+from chatai.bench.relay import sample, sample_process
 from chatai.bench.report import markdown, ratios
 from chatai.bench.targets import vllm_server_argv, worker_flags
 from gpu_worker.settings import WorkerSettings
+from support.waiting import wait_until
 
 
 def test_vllm_server_gets_exactly_the_workers_engine_arguments(tmp_path):
@@ -68,3 +73,15 @@ def test_bad_levels_are_refused_with_a_clear_message():
         with pytest.raises(typer.BadParameter, match="64"):
             _relay_levels(bad)
     assert requests_for(1, None) == 32 and requests_for(64, None) == 256 and requests_for(64, 10) == 10
+
+
+def test_relay_samples_the_gateway_with_its_replicas():
+    """`chatai bench relay --replicas N` watches uvicorn's parent: its workers' memory and CPU count too."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; x = bytearray(64 << 20); time.sleep(30)"])
+    try:
+        wait_until(lambda: sample_process(child.pid).rss_mb > 60, 20, "the child to hold its memory")
+        alone, with_children = sample_process(os.getpid()), sample(os.getpid())
+        assert with_children.rss_mb >= alone.rss_mb + 60
+    finally:
+        child.kill()
+        child.wait()

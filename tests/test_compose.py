@@ -2,10 +2,12 @@
 
 What is checked: the file is valid against the compose specification's JSON schema (the copy
 that ships with check-jsonschema); every service is built from a stage of a Dockerfile in this
-repository; every command, Dockerfile CMD and entrypoint script line that runs ``chatai`` names
-an existing subcommand with options it accepts; every bind-mounted file and entrypoint exists;
+repository, but PostgreSQL and HAProxy (their official images, pinned); every command,
+Dockerfile CMD and entrypoint script line that runs ``chatai`` names an existing subcommand
+with options it accepts; every bind-mounted file and entrypoint exists;
 every CHATAI_* variable is a field of the component's settings class; ports, hosts and the
-served model agree with broker_config/rabbitmq.conf, the breaker's install options and each other.
+served model agree with broker_config/rabbitmq.conf, the breaker's install options and each other;
+the gateway replicas are identical and the load balancer (docker/haproxy.cfg) reaches each.
 What is not checked: that the images build and the stack runs (that needs a Docker engine).
 """
 
@@ -23,6 +25,7 @@ import typer
 import yaml
 
 from chatai.cli import app as chatai_app
+from gateway.batches.config import BatchSettings
 from gateway.settings import GatewaySettings
 from gpu_worker.settings import WorkerSettings
 
@@ -30,6 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES: dict[str, dict] = COMPOSE["services"]
 SCRIPT_DIR_IN_IMAGE = "/usr/local/lib/chatai-docker/"
+# Services run from an official image rather than built here: the image each must use.
+OFFICIAL_IMAGES = {"db": "postgres", "lb": "haproxy"}
+GATEWAYS = ("gateway", "gateway-2")
 
 
 def _schema_validator() -> jsonschema.protocols.Validator:
@@ -53,7 +59,13 @@ def _dockerfile_stages(dockerfile: Path) -> set[str]:
 
 
 def test_every_image_is_built_from_a_dockerfile_in_the_repository():
+    for name, image in OFFICIAL_IMAGES.items():
+        repo, _, tag = SERVICES[name]["image"].partition(":")
+        assert repo == image and tag[:1].isdigit(), f"{name}: not the official {image} image with a pinned version"
+        assert "build" not in SERVICES[name]
     for name, svc in SERVICES.items():
+        if name in OFFICIAL_IMAGES:
+            continue
         assert "build" in svc, f"{name}: no build section (an image from elsewhere)"
         build = svc["build"]
         context = (ROOT / build["context"]).resolve()
@@ -156,9 +168,17 @@ def _env(service: str) -> dict[str, str]:
 
 def test_settings_variables_are_real_settings():
     gateway_env = _env("gateway")
+    batch_env = {k: v for k, v in gateway_env.items() if k.startswith("CHATAI_GATEWAY_BATCH_")}
+    gateway_env = {k: v for k, v in gateway_env.items() if k not in batch_env}
     fields = GatewaySettings.model_fields
     for key in gateway_env:
         assert key.removeprefix("CHATAI_GATEWAY_").lower() in fields, f"gateway: unknown setting {key}"
+    for key in batch_env:
+        assert key.removeprefix("CHATAI_GATEWAY_BATCH_").lower() in BatchSettings.model_fields, f"gateway: unknown {key}"
+    # The replicas share the files directory: it lies on the volume both mount.
+    files_dir = batch_env["CHATAI_GATEWAY_BATCH_FILES_DIR"]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in SERVICES["gateway"]["volumes"]}
+    assert any(files_dir.startswith(target + "/") and source in COMPOSE["volumes"] for target, source in mounts.items())
     settings = GatewaySettings(**{k.removeprefix("CHATAI_GATEWAY_").lower(): v for k, v in gateway_env.items()})
     assert settings.tunnel_host == "login-node" and not settings.broker_direct
     for key in _env("worker"):
@@ -173,11 +193,17 @@ def _option(argv: list[str], name: str) -> str:
 def test_ports_hosts_and_models_agree():
     rabbit_port = int(re.search(r"^listeners\.tcp\.default\s*=\s*(\d+)", (ROOT / "broker_config" / "rabbitmq.conf").read_text(), re.M).group(1))
     gw_env = _env("gateway")
-    # The gateway: its listening port, the published port and its health check.
+    # The gateways: their listening port and health check; the load balancer publishes its own
+    # port and reaches every replica on theirs, checking /health.
     gw_port = _option(SERVICES["gateway"]["command"], "--port")
-    [published] = SERVICES["gateway"]["ports"]
-    assert published.rsplit(":", 1)[1] == gw_port
+    assert SERVICES["gateway"]["expose"] == [gw_port]
     assert f":{gw_port}/health" in " ".join(SERVICES["gateway"]["healthcheck"]["test"])
+    haproxy = (ROOT / "docker" / "haproxy.cfg").read_text()
+    [published] = SERVICES["lb"]["ports"]
+    assert re.search(rf"^\s*bind :{published.rsplit(':', 1)[1]}\s*$", haproxy, re.M)
+    servers = re.findall(r"^\s*server \S+ (\S+):(\d+) check", haproxy, re.M)
+    assert sorted(servers) == sorted((name, gw_port) for name in GATEWAYS)
+    assert "option httpchk GET /health" in haproxy
     # The tunnel: the login node's sshd port and name; the forward the breaker permits is the broker.
     assert SERVICES["login-node"]["expose"] == [gw_env["CHATAI_GATEWAY_TUNNEL_PORT"]]
     assert gw_env["CHATAI_GATEWAY_TUNNEL_HOST"] == SERVICES["login-node"]["hostname"] == "login-node"
@@ -199,14 +225,28 @@ def test_ports_hosts_and_models_agree():
     assert any(v.endswith(":/models") for v in SERVICES["worker"]["volumes"])
 
 
+def test_gateway_replicas_are_the_same_service():
+    """Two replicas of one definition: the same image, command, settings and volumes."""
+    first, second = (SERVICES[name] for name in GATEWAYS)
+    assert first == second
+    assert [n for n, s in SERVICES.items() if s.get("command", [None, None])[:2] == ["chatai", "gateway"]] == list(GATEWAYS)
+
+
 def test_start_order_and_health_checks():
-    assert SERVICES["gateway"]["depends_on"]["login-node"]["condition"] == "service_healthy"
-    assert SERVICES["gateway"]["depends_on"]["broker"]["condition"] == "service_healthy"
+    for gateway in GATEWAYS:
+        for needed in ("login-node", "broker", "db"):
+            assert SERVICES[gateway]["depends_on"][needed]["condition"] == "service_healthy"
+        assert SERVICES["lb"]["depends_on"][gateway]["condition"] == "service_healthy"
+    assert SERVICES["db"]["depends_on"]["gateway-key"]["condition"] == "service_completed_successfully"
     assert SERVICES["login-node"]["depends_on"]["broker"]["condition"] == "service_healthy"
     assert SERVICES["login-node"]["depends_on"]["gateway-key"]["condition"] == "service_completed_successfully"
     assert SERVICES["worker"]["depends_on"]["broker"]["condition"] == "service_healthy"
-    for name in ("broker", "login-node", "gateway"):
+    for name in ("broker", "login-node", "db", *GATEWAYS):
         assert SERVICES[name]["healthcheck"]["test"][0] in ("CMD", "CMD-SHELL"), name
-    # Only the gateway is published, and only on the host's loopback (TLS proxy in front).
-    assert [n for n, s in SERVICES.items() if s.get("ports")] == ["gateway"]
-    assert SERVICES["gateway"]["ports"][0].startswith("127.0.0.1:")
+    # Only the load balancer is published, and only on the host's loopback (TLS proxy in front).
+    assert [n for n, s in SERVICES.items() if s.get("ports")] == ["lb"]
+    assert SERVICES["lb"]["ports"][0].startswith("127.0.0.1:")
+    # The database's password is made before PostgreSQL first starts, and only the services
+    # that need it mount it.
+    assert sorted(n for n, s in SERVICES.items() if any(v.startswith("db-secret:") for v in s.get("volumes", []))) \
+        == sorted(["gateway-key", "db", *GATEWAYS])

@@ -163,8 +163,11 @@ def relay(
     seconds: Annotated[float, typer.Option(help="How long each stream lasts at full speed.")] = 10.0,
     tunnel: Annotated[bool, typer.Option("--tunnel/--no-tunnel", help="Through the SSH tunnel and breaker.")] = True,
     out: Annotated[Path, typer.Option(help="Folder for relay.json and relay.md.")] = Path("bench-results"),
+    replicas: Annotated[int, typer.Option(min=1, help="Gateway processes sharing one port and a private PostgreSQL "
+                                          "(chatai gateway --replicas): run 1 and 2 to compare the ceilings.")] = 1,
 ) -> None:
-    """The relay ceiling: a synthetic token source (no model) behind the whole path, one gateway."""
+    """The relay ceiling: a synthetic token source (no model) behind the whole path, one gateway
+    (or ``--replicas N`` of them)."""
     import json
 
     from chatai.bench import report
@@ -182,7 +185,8 @@ def relay(
             settings = WorkerSettings(engine="synthetic", served_model_name="synthetic", max_num_seqs=streams)
             env = {"CHATAI_WORKER_ENGINE": "synthetic", "CHATAI_WORKER_SYNTHETIC_STEP_MS": f"{step_ms:g}",
                    "CHATAI_WORKER_SYNTHETIC_TOKENS_PER_STEP": str(tokens_per_step)}
-            with chatai_stack(settings, work / f"stack-{i}", tunnel=tunnel, worker_env=env) as ep:
+            with chatai_stack(settings, work / f"stack-{i}", tunnel=tunnel, worker_env=env,
+                              gateway_replicas=replicas) as ep:
                 max_tokens = max(1, int(seconds * 1000 / step_ms) * tokens_per_step)
                 load = StreamLoad(ep.base_url, ep.api_key, ep.model, max_tokens=max_tokens, timeout=seconds * 20 + 60)
                 offered = streams * tokens_per_step * 1000 / step_ms
@@ -195,7 +199,7 @@ def relay(
                            f"gateway RSS peak {row['gateway_rss_peak_mb']:.0f} MB, CPU {row['gateway_cpu_percent']:.0f}%; "
                            f"worker CPU {row.get('worker_cpu_percent', float('nan')):.0f}%; ok {row['ok']} failed {row['failed']}")
         out.mkdir(parents=True, exist_ok=True)
-        result = {"machine": report.machine(), "tunnel": tunnel, "levels": rows}
+        result = {"machine": report.machine(), "tunnel": tunnel, "gateway_replicas": replicas, "levels": rows}
         (out / "relay.json").write_text(json.dumps(result, indent=2) + "\n")
         md = ["| streams | tokens / step | offered tok/s | relayed tok/s | TTFT p50 / p99 (ms) | gateway RSS before / peak (MB) | gateway CPU | worker CPU | ok / failed |",
               "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]

@@ -1,8 +1,10 @@
-"""The relay ceiling: how many tokens per second and concurrent streams one gateway process carries.
+"""The relay ceiling: how many tokens per second and concurrent streams one gateway process (or
+N replicas, ``--replicas``) carries.
 
 The worker runs the synthetic token source (``gpu_worker/synthetic.py``, a load-test tool), so
 no model limits the rate: whatever saturates first is the path itself. While the streams run,
-the gateway process's resident memory and CPU time are sampled from ``/proc``.
+the gateway's resident memory and CPU time are sampled from ``/proc``: its process and its
+children (the replicas of ``chatai gateway --replicas``), summed.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 from broker_config.timing import run_periodically
 from chatai.bench.load import StreamLoad
@@ -27,7 +31,8 @@ class ProcSample:
     cpu_s: float
 
 
-def sample(pid: int) -> ProcSample:
+def sample_process(pid: int) -> ProcSample:
+    """One process's resident memory and CPU time, from /proc."""
     rss_kb = 0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -35,6 +40,18 @@ def sample(pid: int) -> ProcSample:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     cpu = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
     return ProcSample(rss_kb / 1024, cpu)
+
+
+def sample(pid: int) -> ProcSample:
+    """The process and its live descendants, summed (one gateway, or its replicas)."""
+    total = sample_process(pid)
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            part = sample_process(child.pid)
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # it ended meanwhile
+        total = ProcSample(total.rss_mb + part.rss_mb, total.cpu_s + part.cpu_s)
+    return total
 
 
 async def relay_level(load: StreamLoad, gateway_pid: int, streams: int, worker_pid: int | None = None) -> dict:

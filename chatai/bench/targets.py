@@ -65,8 +65,10 @@ def worker_flags(settings: WorkerSettings, names: tuple[str, ...] = ENGINE_FLAGS
 
 @contextmanager
 def chatai_stack(settings: WorkerSettings, state_dir: Path, tunnel: bool = True,
-                 worker_env: dict[str, str] | None = None, timeout: float = 600.0) -> Iterator[Endpoint]:
-    """The whole path as ``chatai dev`` runs it (tunnel and breaker on unless ``tunnel`` is False).
+                 worker_env: dict[str, str] | None = None, timeout: float = 600.0,
+                 gateway_replicas: int = 1) -> Iterator[Endpoint]:
+    """The whole path as ``chatai dev`` runs it (tunnel and breaker on unless ``tunnel`` is False;
+    ``gateway_replicas`` gateway processes on one port, sharing a private PostgreSQL).
 
     Always on a private broker node: a shared local RabbitMQ may carry another stack's workers
     for the same model, whose tokens would then be counted as this one's.
@@ -77,7 +79,8 @@ def chatai_stack(settings: WorkerSettings, state_dir: Path, tunnel: bool = True,
                      served_model_name=settings.served_model_name or "tiny", tunnel=tunnel, broker="private",
                      worker_args=worker_flags(settings), worker_env=worker_env or {},
                      # The load is the point: no per-key rate or concurrency limit may shape it.
-                     key_limits={"rpm": 0, "tpm": 0, "max_concurrent": 0}, ready_timeout=timeout)
+                     key_limits={"rpm": 0, "tpm": 0, "max_concurrent": 0}, ready_timeout=timeout,
+                     gateway_replicas=gateway_replicas)
     try:
         info = stack.start()
         stack.wait_until_serving()

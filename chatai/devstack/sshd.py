@@ -18,7 +18,6 @@ stranger could write whole lines into the log the breaker's watcher reads.
 
 from __future__ import annotations
 
-import grp
 import os
 import pwd
 import secrets
@@ -29,6 +28,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from chatai.devstack.accounts import remove_account
 from chatai.devstack.processes import free_port, wait_until
 from circuit_breaker import hook
 from circuit_breaker.install import BreakerSpec, Layout, install
@@ -130,13 +130,7 @@ class LocalSshd:
         except KeyError:
             pass
         for name in (self.keys_user, self.user):
-            subprocess.run(["userdel", name], capture_output=True)
-        for name in (self.user, self.keys_user):
-            try:
-                grp.getgrnam(name)
-                subprocess.run(["groupdel", name], capture_output=True)
-            except KeyError:
-                pass
+            remove_account(name)
         subprocess.run(["chattr", "-a", str(self.layout.state_dir / hook.ATTEMPTS_LOG)], capture_output=True)
         shutil.rmtree(self.base_dir, ignore_errors=True)
 

@@ -91,11 +91,14 @@ class DevStack:
     worker_env: dict[str, str] = field(default_factory=dict)  # extra CHATAI_WORKER_* settings
     key_limits: dict[str, int | None] = field(default_factory=dict)  # the generated key's own limits
     ready_timeout: float = 300.0
+    # Gateway processes (``chatai gateway --replicas``); more than one share a private PostgreSQL.
+    gateway_replicas: int = 1
 
     processes: dict[str, Child] = field(default_factory=dict, init=False)
     node: LocalBrokerNode | None = field(default=None, init=False)
     sshd: object | None = field(default=None, init=False)  # chatai.devstack.sshd.LocalSshd
     dev_slurm: object | None = field(default=None, init=False)  # chatai.devstack.dev_slurm.DevSlurm
+    postgres: object | None = field(default=None, init=False)  # chatai.devstack.postgres_node.LocalPostgres
     _watch_stop: threading.Event = field(default_factory=threading.Event, init=False)
     _admin: BrokerAdmin | None = field(default=None, init=False)
     broker_host: str = field(default="127.0.0.1", init=False)
@@ -195,6 +198,19 @@ class DevStack:
         _say(f"submitted worker array job {job_id} to a private Slurm "
              f"(SLURM_CONF={self.dev_slurm.env.get('SLURM_CONF')})")
 
+    def _gateway_database(self) -> tuple[dict[str, str], list[str]]:
+        """For several gateway replicas: a private PostgreSQL they share (its URL in their
+        environment, never on a command line) and ``--replicas``; nothing for one gateway."""
+        if self.gateway_replicas <= 1:
+            return {}, []
+        from chatai.devstack.postgres_node import LocalPostgres
+
+        self.postgres = LocalPostgres.create()
+        self.postgres.start()
+        _say(f"gateway: {self.gateway_replicas} replicas sharing a private PostgreSQL on port {self.postgres.port}")
+        return ({"CHATAI_GATEWAY_DATABASE_URL": self.postgres.new_database("chatai")},
+                ["--replicas", str(self.gateway_replicas)])
+
     def broker_url(self, role: str, passwords: dict[str, str]) -> str:
         return self.names.url(role, passwords[self.names.users()[role]], self.broker_host, self.broker_port)
 
@@ -220,7 +236,8 @@ class DevStack:
             _say(f"broker: {line}")
 
         gw_state = self.state_dir / "gateway"
-        keys = KeyStore(private.database(gw_state))
+        gateway_env, gateway_args = self._gateway_database()
+        keys = KeyStore(gateway_env.get("CHATAI_GATEWAY_DATABASE_URL") or private.database(gw_state))
         if self.api_key:
             keys.ensure("dev", self.api_key)
         else:
@@ -237,7 +254,8 @@ class DevStack:
         tunnel_env = self._start_tunnel_end()
         self.processes["gateway"] = start_gateway(gw_state, self.port, self.broker_url("gateway", passwords),
                                                   self.logs / "gateway.log",
-                                                  args=[] if tunnel_env else ["--broker-direct"], env=tunnel_env)
+                                                  args=[*gateway_args, *([] if tunnel_env else ["--broker-direct"])],
+                                                  env={**tunnel_env, **gateway_env})
         info = {
             "gateway_url": f"http://127.0.0.1:{self.port}/v1",
             "api_key": self.api_key,
@@ -317,6 +335,8 @@ class DevStack:
         self._remove_shared_names()
         if self.node is not None:
             self.node.stop()
+        if self.postgres is not None:
+            self.postgres.stop()
 
 
 def run(stack: DevStack, demo: bool = True) -> int:

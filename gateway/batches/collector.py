@@ -1,9 +1,9 @@
-"""The batch results collector: takes result frames off the durable results queue into SQLite.
+"""The batch results collector: takes result frames off the durable results queue into the database.
 
 Results are consumed with manual acks; a message is acked only after its result is committed,
 and a result is written only if its line has none yet (``BatchStore.record_result``), so each
 custom_id is answered exactly once however often the broker redelivers it. Whatever arrived
-meanwhile is committed as one group, in a thread: SQLite's fsync never blocks the event loop
+meanwhile is committed as one group, in a thread: the database's fsync never blocks the event loop
 that serves interactive streams, and a busy batch costs one commit per group, not per line.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sqlite3
 from collections.abc import Awaitable, Callable
 
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
@@ -24,6 +23,7 @@ from gateway.batches.ids import parse_request_id
 from gateway.batches.states import OPEN
 from gateway.batches.store import BatchStore
 from gateway.batches.validation import api_error_line, response_line
+from gateway.database import DatabaseError
 from gateway.cluster.errors import WorkerFailed
 from gateway.metrics import BATCH_RESULTS, MALFORMED_FRAMES
 
@@ -116,7 +116,7 @@ class ResultCollector:
                 try:
                     with self.store.part():
                         self.handle_result(body)
-                except sqlite3.Error:
+                except DatabaseError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - whatever the frame did, it goes alone
                     self._malformed(type(exc).__name__)

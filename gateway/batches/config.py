@@ -11,15 +11,13 @@ from pathlib import Path
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from gateway import private
-
 DAY = 86_400.0
 
 
 class BatchSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CHATAI_GATEWAY_BATCH_", extra="ignore")
 
-    db_path: Path | None = None  # None: the gateway database (gateway.private.database)
+    db_path: Path | None = None  # None: the gateway database (CHATAI_GATEWAY_DATABASE_URL or its SQLite file)
     files_dir: Path | None = None  # None: state_dir/files
 
     # Where workers send batch results. None: a durable queue of this database's own,
@@ -35,6 +33,9 @@ class BatchSettings(BaseSettings):
     results_prefetch: int = 256  # unacked result messages the gateway holds at once
     republish_after: float = 6 * 3600.0  # a confirmed line with no result for this long is sent again
     cancel_grace: float = 5.0  # seconds a cancelling batch waits for aborted lines to report back
+    # Replicas sharing one database: a batch is driven by one gateway process at a time, which
+    # renews its lease every step; another takes the batch over once the lease has run out.
+    lease: float = 15.0
     tick: float = 0.5  # dispatcher wake-up period when nothing else wakes it
 
     # Limits (OpenAI's: 50,000 requests and 200 MB per input file).
@@ -47,9 +48,6 @@ class BatchSettings(BaseSettings):
     output_file_ttl: float = 30 * DAY  # output and error files
     batch_retention: float = 30 * DAY  # a finished batch's record, after it ended
     sweep_interval: float = 60.0
-
-    def resolve_db(self, state_dir: Path) -> Path:
-        return self.db_path or private.database(state_dir)
 
     def resolve_files(self, state_dir: Path) -> Path:
         return self.files_dir or state_dir / "files"

@@ -1,7 +1,7 @@
 """The batch feeder: drives every batch through its lifecycle and sends its lines out.
 
 validating -> in_progress -> finalizing -> completed, or cancelling -> cancelled, or expired /
-failed; each step reads and writes only SQLite (``BatchStore``), so a restart resumes from
+failed; each step reads and writes only the database (``BatchStore``), so a restart resumes from
 whatever was committed. The results come back through ``ResultCollector``.
 
 Sending: each line becomes a persistent, low-priority ApiRequest (reply_to = this
@@ -14,9 +14,10 @@ The re-publish rule (see docs/batches.md):
   it. A confirmed message lives in a durable queue until a worker acks it, and a worker acks
   only after the result is confirmed on the durable results queue: a ``queued`` line's result
   is therefore never lost, and the line is NOT sent again on restart (no duplicate work);
-- a line still ``publishing`` at start-up may or may not have reached the broker: it is sent
-  again. At most ``max_in_flight`` lines per batch can be in that state; a duplicate that does
-  run costs GPU time only, its second result is dropped;
+- a line still ``publishing`` when its batch changes hands (a restart, a replica that died: see
+  ``BatchStore.claim_batches``) may or may not have reached the broker: it is sent again. At
+  most ``max_in_flight`` lines per batch can be in that state; a duplicate that does run costs
+  GPU time only, its second result is dropped;
 - a ``queued`` line without a result after ``republish_after`` (the broker lost it, an operator
   purged the queue) is sent again, under the same rule.
 """
@@ -36,7 +37,7 @@ from broker_config.timing import Backoff
 from gateway.batches.config import BatchSettings
 from gateway.batches.files import FileStore
 from gateway.batches.ids import output_file_ids, request_id
-from gateway.batches.states import ACTIVE, IN_FLIGHT, OPEN
+from gateway.batches.states import IN_FLIGHT, OPEN
 from gateway.batches.store import BatchStore, LineRow, now
 from gateway.batches.validation import BatchFileError, api_error_line, error_line, parse_file
 from gateway.cluster.broker_port import BrokerPort
@@ -66,7 +67,7 @@ class KeyBudget(Protocol):
 class Feeder:
     def __init__(self, broker: BrokerPort, store: BatchStore, files: FileStore, settings: BatchSettings,
                  results_queue: str, queue_for: Callable[[str], str] = lambda model: model,
-                 keys: KeyBudget | None = None) -> None:
+                 keys: KeyBudget | None = None, replica: str = "gateway") -> None:
         self.broker = broker
         self.keys = keys  # the owners' limits: lines wait while a key is over them
         self.queue_for = queue_for  # a LoRA adapter's lines go to its base model's queue
@@ -74,13 +75,18 @@ class Feeder:
         self.files = files
         self.settings = settings
         self.results_queue = results_queue  # where workers send this database's results
+        self.replica = replica  # this process's name on the batches' leases
         self._cancel_deadlines: dict[str, float] = {}
         self._pause = Backoff.fixed(2.0)  # after the cluster pushed back (queue full, broker away)
         self._paused_until = 0.0
 
     async def tick(self) -> None:
-        """Move every active batch on by one step; one batch's trouble never stops the others."""
-        for batch in self.store.batches_in(ACTIVE):
+        """Move every active batch this replica holds on by one step (claiming free ones and those
+        whose holder's lease ran out); one batch's trouble never stops the others."""
+        batches, resent = await asyncio.to_thread(self.store.claim_batches, self.replica, self.settings.lease)
+        if resent:
+            log.info("re-sending %d batch lines whose publish was not confirmed by their last holder", resent)
+        for batch in batches:
             try:
                 await self._step(batch)
             except asyncio.CancelledError:

@@ -1,6 +1,9 @@
 """File contents on disk, one file per id under the files directory.
 
-Contents never go into SQLite: a 200 MB upload would bloat the database and its WAL. Writes
+Contents never go into the database: a 200 MB upload would bloat it (SQLite's WAL, PostgreSQL's
+backups and replication). Replicas share the directory instead (CHATAI_GATEWAY_BATCH_FILES_DIR on
+NFS or another shared filesystem, a volume in docker-compose.yml): what one writes, another
+reads, since a file appears under its id only once whole (rename). Writes
 go to a temporary name and are renamed into place, so a crash never leaves a half-written
 file under a real id. Files are 0600 in a 0700 directory (see gateway/private.py). Ids are
 generated here (never taken from clients), so they are safe path components.

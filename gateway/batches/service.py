@@ -52,7 +52,7 @@ class BatchService:
 
 async def start_batches(ctx, settings: BatchSettings) -> BatchService:
     state_dir = ctx.settings.state_dir
-    store = BatchStore(settings.resolve_db(state_dir))
+    store = BatchStore(settings.db_path or ctx.settings.database)
     files = FileStore(settings.resolve_files(state_dir))
     dispatcher = Dispatcher(ctx.broker, store, files, settings, ctx.registry.queue_for, keys=ctx,
                             charge=ctx.limiter.charge)

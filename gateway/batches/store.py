@@ -1,4 +1,5 @@
-"""Batch state in SQLite: files, batches and one row per batch line.
+"""Batch state in the gateway's database (SQLite, or PostgreSQL shared by replicas): files'
+metadata, batches and one row per batch line.
 
 The database is the single source of truth for a batch's progress, so the gateway can be
 killed at any moment and resume from here. Every state change that matters is one
@@ -16,9 +17,17 @@ Line states:
 ``done`` / ``failed``  result written (output file / error file);
 ``cancelled``  never ran (batch cancelled or expired).
 
-One SQLite connection per thread (WAL): the event loop reads and makes small state changes,
-worker threads do the heavy writes (validation inserts, group commits of results, output
-files), so an fsync never stalls interactive traffic in the same process.
+One connection per thread (``gateway/database.py``): the event loop reads and makes small state
+changes, worker threads do the heavy writes (validation inserts, group commits of results,
+output files), so an fsync never stalls interactive traffic in the same process.
+
+Replicas (several gateway processes on one PostgreSQL database): a batch is driven by one
+replica at a time, the holder of its lease (``claim_batches``: ``leased_by``, ``lease_until``,
+taken in one transaction, renewed every dispatcher step). A replica that dies leaves its
+leases to expire; the next holder sends again the lines it left ``publishing`` (their duplicate
+results are dropped as above). Results are committed by whichever replica consumes them, each
+once (``record_result``), with the batch's row locked first so that group commits of two
+replicas never deadlock.
 """
 
 from __future__ import annotations
@@ -26,17 +35,15 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway import private
 from gateway.batches.states import ACTIVE, IN_FLIGHT, OPEN, TERMINAL
+from gateway.database import Connection, Database, open_database
 
 log = logging.getLogger("chatai.gateway.batches")
 
@@ -101,6 +108,21 @@ CREATE INDEX IF NOT EXISTS batch_lines_state ON batch_lines (batch_id, state, li
 """
 
 
+def _schema_v1(db: Database) -> None:
+    """The tables (and ``result_bytes`` on a database of an older version)."""
+    db.ddl(_SCHEMA)
+    if "result_bytes" not in db.columns("batches"):
+        db.ddl("ALTER TABLE batches ADD COLUMN result_bytes INTEGER NOT NULL DEFAULT 0")
+
+
+def _schema_v2(db: Database) -> None:
+    """Replicas: which gateway process drives a batch, until when."""
+    db.ddl("ALTER TABLE batches ADD COLUMN leased_by TEXT; ALTER TABLE batches ADD COLUMN lease_until REAL")
+
+
+_MIGRATIONS = (_schema_v1, _schema_v2)
+
+
 @dataclass(frozen=True)
 class LineRow:
     batch_id: str
@@ -116,93 +138,50 @@ def now() -> int:
 
 
 class BatchStore:
-    def __init__(self, db_path: Path) -> None:
-        self._path = db_path
-        self._local = threading.local()
-        self._conns: list[sqlite3.Connection] = []
-        self._conns_lock = threading.Lock()  # guards the list of connections, for close()
-        # No lock around statements: each thread has its own connection, and SQLite orders the
-        # writers itself (BEGIN IMMEDIATE in tx(), the busy timeout in private.connect).
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA)
-        columns = {r["name"] for r in self._all("PRAGMA table_info(batches)")}
-        if "result_bytes" not in columns:  # a database of an older version
-            self._db.execute("ALTER TABLE batches ADD COLUMN result_bytes INTEGER NOT NULL DEFAULT 0")
+    def __init__(self, database: "str | Path | Database") -> None:
+        """``database``: a URL (``sqlite:///...``, ``postgresql://...``), an SQLite path, or an open
+        ``Database``."""
+        self.db = open_database(database)
+        self.db.migrate("batches", _MIGRATIONS)
 
     @property
-    def _db(self) -> sqlite3.Connection:
-        """This thread's connection. WAL lets the event loop read while a writer thread commits,
-        so a group commit's fsync in a worker thread never holds up the loop."""
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = private.connect(self._path, check_same_thread=False, isolation_level=None, timeout=30)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA synchronous=FULL")  # a committed (then acked) result survives a power cut
-            self._local.conn = conn
-            with self._conns_lock:
-                self._conns.append(conn)
-        return conn
+    def _db(self) -> Connection:
+        """This thread's connection (SQLite's WAL lets the event loop read while a writer thread
+        commits, so a group commit's fsync in a worker thread never holds up the loop)."""
+        return self.db.conn
 
     def close(self) -> None:
-        with self._conns_lock:
-            for conn in self._conns:
-                conn.close()
-            self._conns.clear()
+        self.db.close()
 
-    @contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (BEGIN IMMEDIATE: no lock upgrade dead-ends between writers).
+    def tx(self) -> AbstractContextManager[Connection]:
+        """One write transaction; nested use joins the outer one (see ``Database.tx``)."""
+        return self.db.tx()
 
-        Nested use joins the outer transaction, so several results commit together (one fsync).
-        """
-        db = self._db
-        if db.in_transaction:
-            yield db
-            return
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
-
-    @contextmanager
-    def part(self) -> Iterator[None]:
+    def part(self) -> AbstractContextManager[None]:
         """Inside ``tx()``: a part that rolls back alone if it raises (a savepoint), so one bad
         item of a group commit never takes the others with it."""
-        db = self._db
-        db.execute("SAVEPOINT part")
-        try:
-            yield
-        except BaseException:
-            db.execute("ROLLBACK TO part")
-            db.execute("RELEASE part")
-            raise
-        db.execute("RELEASE part")
+        return self.db.part()
 
-    def _one(self, sql: str, args: Iterable[Any] = ()) -> sqlite3.Row | None:
-        return self._db.execute(sql, tuple(args)).fetchone()
+    def _one(self, sql: str, args: Iterable[Any] = ()) -> Any:
+        return self.db.one(sql, args)
 
-    def _all(self, sql: str, args: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        return self._db.execute(sql, tuple(args)).fetchall()
+    def _all(self, sql: str, args: Iterable[Any] = ()) -> list[Any]:
+        return self.db.all(sql, args)
 
     def deployment_id(self) -> str:
         """A random id made once per database: names this deployment's results queue."""
-        with self.tx() as db:
-            row = db.execute("SELECT value FROM batch_meta WHERE key = 'deployment'").fetchone()
-            if row is not None:
-                return row["value"]
-            value = secrets.token_hex(8)
-            db.execute("INSERT INTO batch_meta (key, value) VALUES ('deployment', ?)", (value,))
-            return value
+        self._db.execute("INSERT INTO batch_meta (key, value) VALUES ('deployment', ?) ON CONFLICT (key) DO NOTHING",
+                         (secrets.token_hex(8),))  # the first replica's value stays
+        return self._one("SELECT value FROM batch_meta WHERE key = 'deployment'")["value"]
 
     # ------------------------------------------------------------------ files
 
     def add_file(self, file_id: str, owner: str, filename: str, purpose: str, size: int,
-                 expires_at: int | None, *, conn: sqlite3.Connection | None = None) -> None:
-        sql = ("INSERT OR REPLACE INTO batch_files (id, owner, filename, purpose, bytes, created_at, expires_at) "
-               "VALUES (?, ?, ?, ?, ?, ?, ?)")
+                 expires_at: int | None, *, conn: Connection | None = None) -> None:
+        sql = ("INSERT INTO batch_files (id, owner, filename, purpose, bytes, created_at, expires_at) "
+               "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET owner = excluded.owner, "
+               "filename = excluded.filename, purpose = excluded.purpose, bytes = excluded.bytes, "
+               "created_at = excluded.created_at, expires_at = excluded.expires_at")
         args = (file_id, owner, filename, purpose, size, now(), expires_at)
         if conn is not None:
             conn.execute(sql, args)
@@ -233,13 +212,13 @@ class BatchStore:
             self.add_file(file_id, owner, filename, purpose, size, expires_at, conn=db)
         return True
 
-    def get_file(self, file_id: str, owner: str | None = None) -> sqlite3.Row | None:
+    def get_file(self, file_id: str, owner: str | None = None) -> Any:
         if owner is None:
             return self._one("SELECT * FROM batch_files WHERE id = ?", (file_id,))
         return self._one("SELECT * FROM batch_files WHERE id = ? AND owner = ?", (file_id, owner))
 
     def list_files(self, owner: str, *, purpose: str | None, limit: int, after: str | None,
-                   order: str) -> tuple[list[sqlite3.Row], bool]:
+                   order: str) -> tuple[list[Any], bool]:
         return self._page("batch_files", owner, limit, after, order,
                           extra=("purpose = ?", purpose) if purpose else None)
 
@@ -254,15 +233,14 @@ class BatchStore:
         Deleted rows are already overwritten with zeros in their pages (secure_delete); this
         truncates the WAL, whose earlier frames may still hold the text.
         """
-        if not private.checkpoint(self._db):
-            log.debug("WAL checkpoint incomplete (a reader was active); the next one finishes it")
+        self.db.scrub()
 
     def expired_files(self, at: int) -> list[str]:
         return [r["id"] for r in self._all(
             "SELECT id FROM batch_files WHERE expires_at IS NOT NULL AND expires_at <= ?", (at,))]
 
     def _page(self, table: str, owner: str, limit: int, after: str | None, order: str,
-              extra: tuple[str, Any] | None = None) -> tuple[list[sqlite3.Row], bool]:
+              extra: tuple[str, Any] | None = None) -> tuple[list[Any], bool]:
         """Cursor pagination as OpenAI does it: ``after`` is the last id of the previous page."""
         desc = order != "asc"
         where, args = ["owner = ?"], [owner]
@@ -304,15 +282,15 @@ class BatchStore:
                  json.dumps(metadata) if metadata is not None else None, output_ttl, now(), expires_at))
         return True
 
-    def get_batch(self, batch_id: str, owner: str | None = None) -> sqlite3.Row | None:
+    def get_batch(self, batch_id: str, owner: str | None = None) -> Any:
         if owner is None:
             return self._one("SELECT * FROM batches WHERE id = ?", (batch_id,))
         return self._one("SELECT * FROM batches WHERE id = ? AND owner = ?", (batch_id, owner))
 
-    def list_batches(self, owner: str, *, limit: int, after: str | None) -> tuple[list[sqlite3.Row], bool]:
+    def list_batches(self, owner: str, *, limit: int, after: str | None) -> tuple[list[Any], bool]:
         return self._page("batches", owner, limit, after, "desc")
 
-    def batches_in(self, statuses: Iterable[str]) -> list[sqlite3.Row]:
+    def batches_in(self, statuses: Iterable[str]) -> list[Any]:
         s = tuple(statuses)
         return self._all(f"SELECT * FROM batches WHERE status IN ({','.join('?' * len(s))}) ORDER BY seq", s)
 
@@ -357,7 +335,7 @@ class BatchStore:
             db.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
         self.scrub()
 
-    def ended_before(self, at: int) -> list[sqlite3.Row]:
+    def ended_before(self, at: int) -> list[Any]:
         return self._all("SELECT * FROM batches WHERE ended_at IS NOT NULL AND ended_at <= ?", (at,))
 
     # ------------------------------------------------------------------ lines
@@ -409,9 +387,39 @@ class BatchStore:
                 f"AND state IN ({','.join('?' * len(s))})", (batch_id, line_no, *s)).rowcount
         return n
 
-    def reset_publishing(self) -> int:
-        """At start-up: lines whose publish may or may not have reached the broker go out again."""
-        return self._db.execute("UPDATE batch_lines SET state = 'pending' WHERE state = 'publishing'").rowcount
+    def claim_batches(self, replica: str, lease: float) -> tuple[list[Any], int]:
+        """The active batches this replica drives for the next ``lease`` seconds: those it holds
+        (renewed), and those nobody holds or whose holder let its lease run out (it died, or
+        hangs). Taking a batch over, it sends again the lines the last holder left
+        ``publishing`` (they may or may not have reached the broker). Returns (batches, lines
+        sent again).
+
+        Its own leases are renewed row by row, waiting for a result commit that holds a row for
+        a moment; others' are taken with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so replicas
+        claiming at once never wait on each other nor deadlock with result commits."""
+        active = f"status IN ({','.join('?' * len(ACTIVE))})"
+        at = time.time()
+        for row in self._all(f"SELECT id FROM batches WHERE leased_by = ? AND {active}", (replica, *ACTIVE)):
+            self._db.execute("UPDATE batches SET lease_until = ? WHERE id = ? AND leased_by = ?",
+                             (at + lease, row["id"], replica))
+        reset = 0
+        with self.tx() as db:
+            free = db.execute(
+                f"SELECT id FROM batches WHERE {active} AND (leased_by IS NULL OR (leased_by <> ? AND "
+                f"lease_until < ?)) ORDER BY seq{' FOR UPDATE SKIP LOCKED' if self.db.postgres else ''}",
+                (*ACTIVE, replica, at)).fetchall()
+            for row in free:
+                reset += db.execute("UPDATE batch_lines SET state = 'pending' WHERE batch_id = ? AND "
+                                    "state = 'publishing'", (row["id"],)).rowcount
+            db.executemany("UPDATE batches SET leased_by = ?, lease_until = ? WHERE id = ?",
+                           [(replica, at + lease, row["id"]) for row in free])
+        return self._all(f"SELECT * FROM batches WHERE leased_by = ? AND {active} ORDER BY seq",
+                         (replica, *ACTIVE)), reset
+
+    def release_batches(self, replica: str) -> int:
+        """On a clean stop: the batches this replica drove are free for another at once."""
+        return self._db.execute("UPDATE batches SET leased_by = NULL, lease_until = NULL WHERE leased_by = ?",
+                                (replica,)).rowcount
 
     def stale_queued(self, batch_id: str, older_than: float) -> list[int]:
         return [r["line_no"] for r in self._all(
@@ -423,6 +431,8 @@ class BatchStore:
         """Write a line's result once: False if it already had one (a duplicate) or is gone."""
         text = json.dumps(result)
         with self.tx() as db:
+            # The batch row first, as end_batch does: two replicas' commits wait in turn, never in a cycle.
+            db.execute("SELECT id FROM batches WHERE id = ?" + self.db.for_update, (batch_id,))
             cur = db.execute(
                 "UPDATE batch_lines SET state = ?, result = ?, request = NULL WHERE batch_id = ? AND line_no = ? "
                 "AND state IN ('pending', 'publishing', 'queued')",
@@ -457,7 +467,8 @@ class BatchStore:
         (their prompts and results now live only in the files). False if it was no longer active."""
         stamp = now()
         with self.tx() as db:
-            row = db.execute("SELECT owner, status, finalizing_at FROM batches WHERE id = ?", (batch_id,)).fetchone()
+            row = db.execute("SELECT owner, status, finalizing_at FROM batches WHERE id = ?" + self.db.for_update,
+                             (batch_id,)).fetchone()
             if row is None or row["status"] not in ACTIVE:
                 return False
             for file_id, filename, size, expires_at in outputs:

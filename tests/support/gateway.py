@@ -22,6 +22,7 @@ class GatewayProcess(processes.Child):
     port: int = 0
     api_key: str = ""
     state_dir: Path = Path()
+    database: str = ""  # its keys' and batches' database (URL or SQLite path)
 
     @property
     def base_url(self) -> str:
@@ -60,15 +61,18 @@ class GatewayProcess(processes.Child):
 
 def start_gateway(state_dir: Path, broker_url: str, *, extra_env: dict[str, str] | None = None,
                   args: list[str] | None = None, direct: bool = True, timeout: float = 30.0) -> GatewayProcess:
-    """A gateway with a fresh key, answering /health (``direct``: no tunnel, straight to the broker)."""
+    """A gateway with a fresh key, answering /health (``direct``: no tunnel, straight to the broker).
+    ``CHATAI_GATEWAY_DATABASE_URL`` in ``extra_env``: its database (replicas share one)."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    keys = KeyStore(private.database(state_dir))
+    database = (extra_env or {}).get("CHATAI_GATEWAY_DATABASE_URL") or str(private.database(state_dir))
+    keys = KeyStore(database)
     api_key = keys.create("tests")[1]
     keys.close()
     port = processes.free_port()
     child = processes.start_gateway(state_dir, port, broker_url, state_dir / "gateway.log",
                                     args=[*(args or []), *(["--broker-direct"] if direct else [])], env=extra_env)
-    gw = GatewayProcess(child.name, child.proc, child.log_path, port=port, api_key=api_key, state_dir=state_dir)
+    gw = GatewayProcess(child.name, child.proc, child.log_path, port=port, api_key=api_key, state_dir=state_dir,
+                        database=database)
     try:
         gw.wait_until(lambda: processes.http_ok(gw.base_url + "/health"), timeout, "the gateway to answer /health")
     except BaseException:
@@ -92,7 +96,7 @@ def gateway_serving(state_dir: Path, broker_url: str, model: str, *, env: dict[s
 
 def new_key(gw: GatewayProcess, name: str = "test", **limits: int) -> tuple[str, str]:
     """(key id, key) with its own limits, made the way ``chatai keys create --rpm ...`` does."""
-    store = KeyStore(gw.state_dir / "gateway.db")
+    store = KeyStore(gw.database)
     try:
         info, key = store.create(name, limits=limits)
     finally:
