@@ -28,9 +28,10 @@ def quick(tmp_path_factory) -> dict:
         pytest.fail("needs Slurm, RabbitMQ and root (scripts/install.sh sets them up)")
     out = tmp_path_factory.mktemp("coexistence") / "quick.json"
     # A shorter day than --quick's 50 s (each of the two runs takes the day plus its last jobs'
-    # minute): what is checked holds for any day, and the suite is 40 s shorter.
+    # minute), as full: 4 regular jobs of 2-4 nodes arrive within 7 s on the 8 nodes, so workers
+    # are preempted and jobs wait. What is checked holds for any day; the suite is 40 s shorter.
     proc = subprocess.run([sys.executable, "-m", "chatai.cli", "bench", "coexistence", "--quick", "--day-s", "30",
-                           "--json", str(out)],
+                           "--load", "1.0", "--json", str(out)],
                           capture_output=True, text=True, timeout=900)
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
