@@ -37,15 +37,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             # file's slow tests stay in one process: its module fixtures (an sshd, a Slurm cluster,
             # own workers) start once, and files run side by side, each process with its own broker.
             item.add_marker(pytest.mark.xdist_group(item.path.stem))
-    # Longest first: pytest-xdist hands out files in this order, so the few files of minutes each
-    # start at once and the quick ones fill the gaps at the end, instead of one long file starting
-    # last in one process while the other idles (sorted is stable: a file's tests keep their order).
-    items[:] = sorted(items, key=lambda item: 0 if item.path.stem in LONGEST_FILES
-                      else 1 if item.get_closest_marker("slow") else 2)
-
-
-# The files whose slow tests take minutes (docs/reliability.md, "How long the suite takes").
-LONGEST_FILES = {"test_coexistence", "test_worker_churn", "test_dev_stack", "test_slurm"}
 
 
 # Models the test broker knows: one served by the test worker, one that no worker ever serves.
