@@ -20,6 +20,7 @@ from conftest import SERVED_MODEL
 from gateway.database import Database
 from gateway.keys import KeyStore
 from support.gateway import GatewayProcess, start_gateway
+from support.waiting import wait_until
 from test_batches import jsonl, read, wait_batch, wait_done
 
 REPLICAS = 3
@@ -134,7 +135,9 @@ def test_gateway_replicas_flag_serves_from_several_processes_on_one_port(deploym
                     what="a heartbeat of the served worker")
         replicas = [p for p in psutil.Process(gw.pid).children() if "spawn_main" in " ".join(p.cmdline())]
         assert len(replicas) == 2
-        assert gw.log_text().count("Application startup complete") == 2  # two full gateways
+        # Two full gateways: the first may answer /health while the second still starts.
+        wait_until(lambda: gw.log_text().count("Application startup complete") == 2, timeout=60,
+                   what="both replicas' start-up")
         client = openai.OpenAI(base_url=gw.base_url + "/v1", api_key=deployment.gateways[1].api_key,
                                max_retries=0, timeout=60)  # a key of the shared database
         assert _chat(client) in ("length", "stop")
