@@ -105,7 +105,10 @@ class SyntheticEngine:
         if req.stream:
             end = [{"index": i, "delta": {}, "finish_reason": finish} if chat
                    else {"index": i, "text": "", "finish_reason": finish} for i in range(n)]
-            await sink.body(_event({**head, "choices": end}) + b"data: [DONE]\n\n", False)
+            tail = _event({**head, "choices": end})
+            if (body.get("stream_options") or {}).get("include_usage"):  # vLLM's last chunk: no choices
+                tail += _event({**head, "choices": [], "usage": usage})
+            await sink.body(tail + b"data: [DONE]\n\n", False)
             return
         text = FILLER * done_tokens
         choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish} if chat

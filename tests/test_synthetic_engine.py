@@ -25,9 +25,10 @@ class Sink:
         return [json.loads(e[6:]) for e in text.split("\n\n") if e.startswith("data: {")]
 
 
-def request(max_tokens: int, n: int = 1, rid: str = "r1", stream: bool = True) -> ApiRequest:
+def request(max_tokens: int, n: int = 1, rid: str = "r1", stream: bool = True, **extra) -> ApiRequest:
     return ApiRequest(request_id=rid, model="synthetic", endpoint="/v1/completions", reply_to="gw", stream=stream,
-                      body={"model": "synthetic", "prompt": "x", "max_tokens": max_tokens, "n": n, "stream": stream})
+                      body={"model": "synthetic", "prompt": "x", "max_tokens": max_tokens, "n": n, "stream": stream,
+                            **extra})
 
 
 async def run(engine: SyntheticEngine, req: ApiRequest) -> tuple[Sink, TokenCount]:
@@ -48,6 +49,20 @@ async def test_every_step_gives_each_request_its_tokens_until_max_tokens():
     assert a.events()[-1]["choices"][0]["finish_reason"] == "length"
     assert "".join(e["choices"][0]["text"] for e in b.events()) == FILLER * 4
     assert b.parts[-1].endswith(b"data: [DONE]\n\n")
+
+
+async def test_a_stream_ends_with_a_usage_chunk_only_when_asked_as_vllm_does():
+    """`chatai bench relay` counts tokens from the usage chunk: without it every stream "failed"."""
+    engine = SyntheticEngine(max_num_seqs=8, step_ms=1, tokens_per_step=2)
+    try:
+        (asked, _), (plain, _) = await asyncio.gather(
+            run(engine, request(5, n=2, rid="a", stream_options={"include_usage": True})), run(engine, request(5)))
+    finally:
+        engine.shutdown()
+    last = asked.events()[-1]
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 10  # two choices of 5
+    assert asked.events()[-2]["choices"][0]["finish_reason"] == "length"
+    assert not any("usage" in e for e in plain.events())
 
 
 async def test_a_whole_response_carries_its_text_and_usage():

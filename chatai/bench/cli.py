@@ -211,6 +211,11 @@ def relay(
         (out / "relay.md").write_text("\n".join(md) + "\n")
         typer.echo("\n".join(md))
         typer.echo(f"wrote {out / 'relay.json'}, {out / 'relay.md'}")
+        empty = [r for r in rows if r["ok"] == 0]
+        if empty:  # a level where nothing got through measured nothing: say so, and fail
+            for r in empty:
+                typer.echo(f"error: no stream of the {r['concurrency']}-stream level succeeded: {r['errors']}", err=True)
+            raise typer.Exit(1)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
