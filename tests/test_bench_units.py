@@ -10,6 +10,7 @@ import sys
 import pytest
 import typer
 
+from chatai.bench import vllm_client
 from chatai.bench.cli import _levels, _relay_levels, requests_for
 from chatai.bench.load import RequestRecord, percentile, summarize
 from chatai.bench.relay import sample, sample_process
@@ -85,3 +86,34 @@ def test_relay_samples_the_gateway_with_its_replicas():
     finally:
         child.kill()
         child.wait()
+
+
+def test_vllm_client_arguments_parse_with_vllms_own_parser(tmp_path):
+    """The installed vLLM accepts every argument `chatai bench` gives its benchmark client, and
+    reads them as meant: a closed loop of `concurrency` clients, random prompts, ignore_eos."""
+    from vllm.benchmarks.serve import add_cli_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    level = {"concurrency": 16, "requests": 64, "max_tokens": 64, "warmup": 8}
+    args_list = vllm_client.argv("http://127.0.0.1:8000/v1", "tiny", tmp_path / "tok", level, 32, tmp_path, "r.json")
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    args = parser.parse_args(args_list)
+    assert args.base_url == "http://127.0.0.1:8000" and args.endpoint == "/v1/chat/completions"
+    assert (args.max_concurrency, args.num_prompts, args.num_warmups) == (16, 64, 8)
+    assert (args.random_input_len, args.random_output_len, float(args.random_range_ratio)) == (32, 64, 0)
+    assert args.ignore_eos and args.request_rate == math.inf and args.backend == "openai-chat"
+    assert args.save_result and args.result_dir == str(tmp_path) and args.result_filename == "r.json"
+
+
+def test_vllm_client_figures_become_a_report_row():
+    raw = {"completed": 30, "failed": 2, "duration": 4.0, "total_output_tokens": 1920, "output_throughput": 480.0,
+           "median_ttft_ms": 12.5, "p99_ttft_ms": 40.0, "median_itl_ms": 3.0, "p99_itl_ms": 9.0,
+           "median_tpot_ms": 3.1, "p99_tpot_ms": 5.0, "ttfts": [0.1] * 32,
+           "errors": [""] * 30 + ["Bad Request: 429", "Bad Request: 429"]}
+    row = vllm_client.figures(raw, 16)
+    assert (row["concurrency"], row["requests"], row["ok"], row["failed"]) == (16, 32, 30, 2)
+    assert (row["output_tok_s"], row["ttft_p50_ms"], row["itl_p99_ms"], row["wall_s"]) == (480.0, 12.5, 9.0, 4.0)
+    assert "ttfts" not in row["vllm"] and row["vllm"]["completed"] == 30  # per-request lists left out
+    assert row["errors"] == ["2 x Bad Request: 429"]
+    assert math.isnan(vllm_client.figures({"completed": 0}, 1)["ttft_p50_ms"])  # missing: NaN, not 0

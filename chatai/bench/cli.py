@@ -68,6 +68,7 @@ def compare(
     levels: Annotated[str, typer.Option(help="Concurrency levels, comma-separated.")] = "1,16,64",
     requests: Annotated[Optional[int], typer.Option(help="Requests per level (default: max(32, 4 x concurrency)).")] = None,
     max_tokens: Annotated[int, typer.Option(help="Output tokens per request (ignore_eos).")] = 64,
+    input_len: Annotated[int, typer.Option(help="Prompt tokens per request (vLLM's random dataset).")] = 32,
     max_num_seqs: Annotated[Optional[int], typer.Option(help="Engine concurrency (default: the worker's).")] = None,
     max_model_len: Annotated[int, typer.Option(help="Context length for both engines.")] = 512,
     paths: Annotated[str, typer.Option(help="Which paths to run: vllm, chatai, ceiling.")] = ",".join(ALL_PATHS),
@@ -77,8 +78,7 @@ def compare(
     """Compare vLLM's own server, chatai's whole path and the in-process engine under one load."""
     if ctx.invoked_subcommand is not None:
         return
-    from chatai.bench import report
-    from chatai.bench.load import StreamLoad
+    from chatai.bench import report, vllm_client
     from chatai.bench.targets import ceiling, chatai_stack, scratch_dir, vllm_server
     from gpu_worker.settings import WorkerSettings
 
@@ -103,30 +103,31 @@ def compare(
             "settings": {k: v for k, v in settings.engine_kwargs().items()} | {"kv_cache_space_gb": settings.kv_cache_space_gb},
             "settings_summary": (f"{settings.served_model_name}, {settings.resolved_dtype()}, max_num_seqs "
                                  f"{settings.max_num_seqs}, {max_tokens} output tokens"),
-            "load": {"levels": plan, "stream": True, "ignore_eos": True},
+            "load": {"levels": plan, "stream": True, "ignore_eos": True, "input_len": input_len,
+                     "client": "vllm.benchmarks.serve (random dataset, --max-concurrency, --request-rate inf)"},
             "paths": {},
         }
 
-        def drive(endpoint) -> list[dict]:
-            load = StreamLoad(endpoint.base_url, endpoint.api_key, endpoint.model, max_tokens=max_tokens)
+        def drive(endpoint, name: str) -> list[dict]:
             results = []
             for lv in plan:
-                with favoured_client() as nice:
-                    r = asyncio.run(load.level(lv["concurrency"], lv["requests"], warmup=lv["warmup"]))
+                with favoured_client() as nice:  # vLLM's client runs as a child: it inherits the raise
+                    r = vllm_client.run_level(endpoint.base_url, endpoint.api_key, endpoint.model, model, lv,
+                                              input_len, work / f"client-{name}")
                 result["load"]["client_nice"] = nice
-                typer.echo(f"  c={r.concurrency:<4} {r.output_tok_s:>9,.0f} tok/s  TTFT p50 {r.ttft_p50_ms:7.1f} ms "
-                           f"p99 {r.ttft_p99_ms:7.1f} ms  ITL p50 {r.itl_p50_ms:6.2f} ms  ok {r.ok} failed {r.failed}")
-                results.append(r.as_dict())
+                typer.echo(f"  c={r['concurrency']:<4} {r['output_tok_s']:>9,.0f} tok/s  TTFT p50 {r['ttft_p50_ms']:7.1f} ms "
+                           f"p99 {r['ttft_p99_ms']:7.1f} ms  ITL p50 {r['itl_p50_ms']:6.2f} ms  ok {r['ok']} failed {r['failed']}")
+                results.append(r)
             return results
 
         for name in chosen:
             typer.echo(f"{report.PATH_LABELS[name]}:")
             if name == "vllm":
                 with vllm_server(settings, work) as endpoint:
-                    result["paths"]["vllm"] = drive(endpoint)
+                    result["paths"]["vllm"] = drive(endpoint, name)
             elif name == "chatai":
                 with chatai_stack(settings, work / "stack", tunnel=tunnel) as endpoint:
-                    result["paths"]["chatai"] = drive(endpoint)
+                    result["paths"]["chatai"] = drive(endpoint, name)
             else:
                 result["paths"]["ceiling"] = ceiling(settings, plan, work)
                 for r in result["paths"]["ceiling"]:
@@ -170,10 +171,10 @@ def relay(
     (or ``--replicas N`` of them)."""
     import json
 
-    from chatai.bench import report
-    from chatai.bench.load import StreamLoad
+    from chatai.bench import report, vllm_client
     from chatai.bench.relay import relay_level
     from chatai.bench.targets import chatai_stack, scratch_dir
+    from chatai.devstack.tiny_model import make_tiny_model
     from gpu_worker.settings import WorkerSettings
 
     triples = _relay_levels(levels)
@@ -181,6 +182,8 @@ def relay(
     work = scratch_dir("chatai-relay-")
     rows: list[dict] = []
     try:
+        # vLLM's client makes its random prompts with a tokenizer; the synthetic engine ignores them.
+        tokenizer = make_tiny_model(work / "tokenizer", seed=0)
         for i, (streams, tokens_per_step, step_ms) in enumerate(triples):
             settings = WorkerSettings(engine="synthetic", served_model_name="synthetic", max_num_seqs=streams)
             env = {"CHATAI_WORKER_ENGINE": "synthetic", "CHATAI_WORKER_SYNTHETIC_STEP_MS": f"{step_ms:g}",
@@ -188,10 +191,14 @@ def relay(
             with chatai_stack(settings, work / f"stack-{i}", tunnel=tunnel, worker_env=env,
                               gateway_replicas=replicas) as ep:
                 max_tokens = max(1, int(seconds * 1000 / step_ms) * tokens_per_step)
-                load = StreamLoad(ep.base_url, ep.api_key, ep.model, max_tokens=max_tokens, timeout=seconds * 20 + 60)
+                level = {"concurrency": streams, "requests": streams, "max_tokens": max_tokens}
+
+                async def load(ep=ep, level=level, i=i) -> dict:  # every stream at once, one request each
+                    return await asyncio.to_thread(vllm_client.run_level, ep.base_url, ep.api_key, ep.model,
+                                                   tokenizer, level, 32, work / f"client-{i}")
                 offered = streams * tokens_per_step * 1000 / step_ms
                 with favoured_client():
-                    row = asyncio.run(relay_level(load, ep.pid, streams, ep.worker_pid))
+                    row = asyncio.run(relay_level(load, ep.pid, ep.worker_pid))
                 row.update(tokens_per_step=tokens_per_step, step_ms=step_ms, offered_tok_s=offered)
                 rows.append(row)
                 typer.echo(f"  {streams:>5} streams x {tokens_per_step} tok / {step_ms:g} ms: offered {offered:>9,.0f} tok/s, "

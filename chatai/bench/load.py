@@ -1,24 +1,25 @@
-"""A closed-loop streaming load: N clients, each sending its next chat request when the last ends.
+"""The figures of a streamed level and the SSE reader the project's own load generators share.
 
-The same load drives every path ``chatai bench`` compares, so their figures mean the same thing:
+``chatai bench`` and ``chatai bench relay`` measure with vLLM's own benchmark client
+(``chatai.bench.vllm_client``). What stays here serves the loads vLLM's client cannot make: the
+in-process ceiling (``chatai.bench.ceiling``, no HTTP at all) and the multi-turn conversations of
+``chatai bench affinity``. The figures mean what vLLM's mean:
 
 - time to first token (TTFT): from sending the request to the first chunk with text;
 - inter-token latency (ITL): per request, ``(latency - TTFT) / (completion_tokens - 1)``, the
-  time per output token after the first (vLLM's "TPOT"). It does not depend on how many tokens
-  a server packs into one SSE chunk, so a path that coalesces and one that does not compare fairly;
+  time per output token after the first (vLLM's "TPOT");
 - output tokens per second: completion tokens from each stream's ``usage`` chunk (never a chunk
   count), summed, over the level's wall time.
 
-The client is plain httpx with a minimal SSE reader: on a 2-core machine the load generator
-shares the CPUs with the servers, and a lighter client disturbs both paths less.
+The closed-loop HTTP client that used to drive ``chatai bench`` is gone: on vLLM's own server it
+read 0.65-1.08x of vLLM's client's throughput (docs/performance.md), more than the 10 % a
+yardstick may differ by.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
-import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 
@@ -101,59 +102,3 @@ async def sse_chunks(client: httpx.AsyncClient, path: str, body: dict) -> AsyncI
             if "error" in chunk:
                 raise StreamFailed(f"stream error: {chunk['error'].get('code')}")
             yield chunk
-
-
-@dataclass
-class StreamLoad:
-    """Where to send the load and what each request asks for."""
-
-    base_url: str  # ends in /v1
-    api_key: str
-    model: str
-    max_tokens: int = 64
-    timeout: float = 300.0
-
-    def _body(self, i: int) -> dict:
-        return {
-            "model": self.model, "stream": True, "max_tokens": self.max_tokens, "ignore_eos": True,
-            "stream_options": {"include_usage": True},
-            "messages": [{"role": "user", "content": f"Benchmark request {i}: tell me about the cluster."}],
-        }
-
-    async def one(self, client: httpx.AsyncClient, i: int) -> RequestRecord:
-        rec = RequestRecord()
-        t0 = time.perf_counter()
-        try:
-            async for chunk in sse_chunks(client, "/chat/completions", self._body(i)):
-                if math.isnan(rec.ttft) and any(c.get("delta", {}).get("content") for c in chunk.get("choices") or []):
-                    rec.ttft = time.perf_counter() - t0
-                if chunk.get("usage"):
-                    rec.completion_tokens = chunk["usage"]["completion_tokens"]
-            rec.latency = time.perf_counter() - t0
-            if rec.completion_tokens == 0:
-                rec.error = "no usage chunk"
-        except StreamFailed as exc:
-            rec.error = str(exc)
-        except (httpx.HTTPError, ValueError) as exc:
-            rec.error = type(exc).__name__
-        return rec
-
-    async def level(self, concurrency: int, requests: int, warmup: int = 0) -> LevelResult:
-        """``requests`` streams, at most ``concurrency`` at a time; ``warmup`` first, not counted."""
-        limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-        headers = {"Authorization": f"Bearer {self.api_key}"}
-        async with httpx.AsyncClient(base_url=self.base_url, headers=headers, limits=limits,
-                                     timeout=self.timeout) as client:
-            if warmup:
-                await asyncio.gather(*(self.one(client, -1 - i) for i in range(warmup)))
-            counter = iter(range(requests))
-            records: list[RequestRecord] = []
-
-            async def client_loop() -> None:
-                for i in counter:  # shared iterator: each client takes the next request number
-                    records.append(await self.one(client, i))
-
-            t0 = time.perf_counter()
-            await asyncio.gather(*(client_loop() for _ in range(min(concurrency, requests))))
-            wall = time.perf_counter() - t0
-        return summarize(concurrency, records, wall)

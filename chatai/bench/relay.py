@@ -13,13 +13,13 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
 from broker_config.timing import run_periodically
-from chatai.bench.load import StreamLoad
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 log = logging.getLogger("chatai.bench.relay")
@@ -54,8 +54,9 @@ def sample(pid: int) -> ProcSample:
     return total
 
 
-async def relay_level(load: StreamLoad, gateway_pid: int, streams: int, worker_pid: int | None = None) -> dict:
-    """All ``streams`` at once, each one request; the gateway watched every 0.2 s meanwhile."""
+async def relay_level(load: Callable[[], Awaitable[dict]], gateway_pid: int, worker_pid: int | None = None) -> dict:
+    """Run ``load`` (one level of vLLM's benchmark client: every stream at once, one request
+    each); the gateway watched every 0.2 s meanwhile. Its row, with the gateway's figures."""
     before = sample(gateway_pid)
     worker_before = sample(worker_pid) if worker_pid else None
     peak = before.rss_mb
@@ -67,12 +68,14 @@ async def relay_level(load: StreamLoad, gateway_pid: int, streams: int, worker_p
 
     watcher = asyncio.create_task(run_periodically(watch, 0.2, what="memory sample", logger=log, stop=stop))
     t0 = time.perf_counter()
-    result = await load.level(streams, streams)
-    wall = time.perf_counter() - t0
-    stop.set()
-    await watcher
+    try:
+        row = await load()
+    finally:
+        stop.set()
+        await watcher
+    # CPU over the client's own measured span: its start-up (importing vLLM) finds the path idle.
+    wall = row.get("wall_s") or time.perf_counter() - t0
     after = sample(gateway_pid)
-    row = result.as_dict()
     row.update(gateway_rss_before_mb=round(before.rss_mb, 1), gateway_rss_peak_mb=round(peak, 1),
                gateway_cpu_percent=round(100 * (after.cpu_s - before.cpu_s) / wall, 1))
     if worker_pid and worker_before:  # which side saturated first: the relay or the token source
