@@ -291,7 +291,7 @@ class Consumer:
         req = job.request
         stream = ReplyStream(self.publisher, req, job.attempt, self.settings.worker_id,
                              self.settings.coalesce_ms, self.settings.coalesce_tokens,
-                             delivery_lost=lambda: job.delivery.lost,
+                             stream_when_idle=self.settings.stream_when_idle, delivery_lost=lambda: job.delivery.lost,
                              on_lost=lambda: self.engine.abort(req.request_id))
         t0 = time.monotonic()
         outcome = "cancelled"  # unless the attempt comes to one of its ends

@@ -8,9 +8,13 @@ nothing, and since confirms follow publish order, the frames before it are settl
 frames are published without waiting for their confirms, so a slow broker round trip never holds
 back the next token.
 
-A streamed response's events are coalesced: the first piece of a request leaves at once (time to
-first token), later ones at most every ``coalesce_ms`` or ``coalesce_tokens`` output tokens, so a
-loaded worker sends a few messages per second per stream, not one per token. Frames that are
+A streamed response's events are coalesced only under load: the first piece of a request leaves
+at once (time to first token), and so does every later one while the publisher is idle (all
+earlier messages confirmed, none waiting), so a lightly used path streams token by token as
+vLLM's server does. While messages are still in flight, pieces wait up to ``coalesce_ms`` or
+``coalesce_tokens`` output tokens, so a loaded worker sends a few messages per second per
+stream, not one per token: the broker's confirms pace it, the way Nagle's algorithm lets
+acknowledgements pace a TCP sender. Frames that are
 ready together travel as one message: those of one request (``head`` with the first ``data``, the
 last ``data`` with ``final``), and those of all the requests for one gateway that are handed over
 in the same turn of the event loop (one engine step wakes every running request), so a worker
@@ -71,6 +75,11 @@ class ReplyPublisher:
         self._exchange = exchange
         self._unconfirmed: set[asyncio.Task] = set()
         self._bundles: dict[str, _Bundle] = {}  # by gateway reply queue
+
+    def idle(self) -> bool:
+        """Nothing waits to be published or confirmed: the path has kept up with everything so
+        far, so a frame sent now costs nobody a wait (``ReplyStream`` then skips its window)."""
+        return not self._unconfirmed and not self._bundles
 
     def send(self, req: ApiRequest, frames: list[Frame]) -> asyncio.Future:
         """Hand frames over; the returned future is done when the broker has confirmed them."""
@@ -168,6 +177,7 @@ class ReplyStream:
         worker_id: str,
         coalesce_ms: float = 20.0,
         coalesce_tokens: int = 16,
+        stream_when_idle: bool = True,
         clock: Callable[[], float] = time.monotonic,
         delivery_lost: Callable[[], bool] = lambda: False,
         on_lost: Callable[[], None] = lambda: None,
@@ -182,6 +192,7 @@ class ReplyStream:
         self._worker_id = worker_id
         self._interval = coalesce_ms / 1000.0
         self._max_tokens = max(1, coalesce_tokens)
+        self._stream_when_idle = stream_when_idle
         self._clock = clock
         self._seq = 0
         self._outbox: list[Frame] = []
@@ -253,7 +264,8 @@ class ReplyStream:
             return  # the rest goes with the final frame
         pending_tokens = self.count.completion_tokens - self._reported_tokens
         now = self._clock()
-        if not self._sent_first or pending_tokens >= self._max_tokens or now - self._last_flush >= self._interval:
+        if (not self._sent_first or pending_tokens >= self._max_tokens or now - self._last_flush >= self._interval
+                or (self._stream_when_idle and self._pub.idle())):  # an idle path: each piece as it comes, as vLLM's server sends it
             self._flush()
         elif self._timer is None:
             delay = self._interval - (now - self._last_flush)

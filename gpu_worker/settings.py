@@ -104,9 +104,11 @@ class WorkerSettings(BaseSettings):
     synthetic_step_ms: float = Field(20.0, description="Synthetic engine: ms between steps.")
     synthetic_tokens_per_step: int = Field(1, description="Synthetic engine: tokens per request per step.")
 
-    # Reply coalescing: the first delta at once, then at most every ms / tokens.
+    # Reply coalescing: the first delta at once, then (under load) at most every ms / tokens.
     coalesce_ms: float = Field(20.0, description="Most time between two delta messages.")
     coalesce_tokens: int = Field(16, description="Most tokens in one delta message.")
+    stream_when_idle: bool = Field(True, description="While the reply path is idle (every earlier message "
+                                   "confirmed), send each streamed piece at once; off: always coalesce.")
 
     worker_id: str = Field("", description="Default: node-slurmjob-pid or node-pid.")
 

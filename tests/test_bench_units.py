@@ -13,6 +13,7 @@ import typer
 from chatai.bench import vllm_client
 from chatai.bench.cli import _levels, _relay_levels, requests_for
 from chatai.bench.load import RequestRecord, percentile, summarize
+from chatai.bench.placement import Placement
 from chatai.bench.relay import sample, sample_process
 from chatai.bench.report import markdown, ratios
 from chatai.bench.targets import vllm_server_argv, worker_flags
@@ -117,3 +118,28 @@ def test_vllm_client_figures_become_a_report_row():
     assert "ttfts" not in row["vllm"] and row["vllm"]["completed"] == 30  # per-request lists left out
     assert row["errors"] == ["2 x Bad Request: 429"]
     assert math.isnan(vllm_client.figures({"completed": 0}, 1)["ttft_p50_ms"])  # missing: NaN, not 0
+
+
+def test_deployment_placement_gives_the_engine_the_upper_half_and_everything_else_the_rest():
+    place = Placement.choose("deployment", {0, 1, 2, 3})
+    assert (place.node, place.rest) == ({2, 3}, {0, 1})
+    assert place.node_command(["python", "-m", "gpu_worker"]) == ["taskset", "--cpu-list", "2,3", "python", "-m",
+                                                                  "gpu_worker"]
+    assert Placement.choose("deployment", {0, 1}).node == {1}
+    shared = Placement.choose("shared", {0, 1})
+    assert shared.node == shared.rest == {0, 1} and shared.node_command(["x"]) == ["x"]
+    with pytest.raises(ValueError, match="--placement shared"):
+        Placement.choose("deployment", {0})
+
+
+def test_placement_pins_what_this_process_starts_and_gives_the_cpus_back():
+    before = os.sched_getaffinity(0)
+    place = Placement(name="deployment", node=frozenset(before), rest=frozenset({min(before)}))
+    with place.elsewhere():
+        child = subprocess.run([sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
+                               capture_output=True, text=True, check=True)
+        pinned = subprocess.run(place.node_command([sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"]),
+                                capture_output=True, text=True, check=True)
+    assert child.stdout.strip() == str([min(before)])  # inherited: the client, gateway, broker, sshd
+    assert pinned.stdout.strip() == str(sorted(before))  # taskset: the node's CPUs, whatever its parent had
+    assert os.sched_getaffinity(0) == before

@@ -31,9 +31,13 @@ class RecordingExchange:
 
     name = "chatai.replies"
 
-    def __init__(self) -> None:
+    def __init__(self, loaded: bool = False) -> None:
         self.channel = self
         self.published: list[tuple[str, Published]] = []
+        # A loaded path: the broker confirms nothing until the test says so.
+        self.confirms = asyncio.Event()
+        if not loaded:
+            self.confirms.set()
 
     async def get_underlay_channel(self) -> "RecordingExchange":
         return self
@@ -42,14 +46,19 @@ class RecordingExchange:
                             timeout: float | None = None, wait: bool = True) -> None:
         assert exchange == self.name
         self.published.append((routing_key, Published(body, properties.delivery_mode)))
+        await self.confirms.wait()
 
 
 class RecordingPublisher(ReplyPublisher):
-    """The real publisher; its messages decoded, in publish order."""
+    """The real publisher; its messages decoded, in publish order. ``loaded``: its confirms are
+    held (``confirm_all`` lets them come), so the streams coalesce by their window."""
 
-    def __init__(self) -> None:
-        self.exchange = RecordingExchange()
+    def __init__(self, loaded: bool = False) -> None:
+        self.exchange = RecordingExchange(loaded)
         super().__init__(self.exchange)  # type: ignore[arg-type]
+
+    def confirm_all(self) -> None:
+        self.exchange.confirms.set()
 
     @property
     def messages(self) -> list[list]:
@@ -105,6 +114,8 @@ async def run_stream(stream: ReplyStream, steps: int, clock: Clock | None = None
         await token_step(stream, i)
         await next_turns()
     await stream.body(b"data: [DONE]\n\n", False)
+    if isinstance(stream._pub, RecordingPublisher):
+        stream._pub.confirm_all()  # the final frame is awaited until confirmed
     await stream.final()
 
 
@@ -114,7 +125,7 @@ def assert_sequenced(frames: list) -> None:
 
 
 async def test_started_the_head_and_the_first_data_travel_together_and_the_tail_with_the_final():
-    pub, clock = RecordingPublisher(), Clock()
+    pub, clock = RecordingPublisher(loaded=True), Clock()
     stream = ReplyStream(pub, request(), 1, "w1", coalesce_ms=10_000, coalesce_tokens=16, clock=clock)
     await run_stream(stream, 64, clock)
     stream.cancel_timer()
@@ -133,7 +144,7 @@ async def test_started_the_head_and_the_first_data_travel_together_and_the_tail_
 
 
 async def test_the_interval_flushes_when_tokens_come_slowly():
-    pub, clock = RecordingPublisher(), Clock()
+    pub, clock = RecordingPublisher(loaded=True), Clock()
     stream = ReplyStream(pub, request(), 1, "w1", coalesce_ms=20, coalesce_tokens=16, clock=clock)
     await run_stream(stream, 10, clock, tick=0.025)  # each token 25 ms after the last: over the interval
     data = [f for f in pub.frames if isinstance(f, Data)]
@@ -142,7 +153,7 @@ async def test_the_interval_flushes_when_tokens_come_slowly():
 
 
 async def test_a_pending_tail_is_flushed_by_the_timer():
-    pub = RecordingPublisher()
+    pub = RecordingPublisher(loaded=True)
     stream = ReplyStream(pub, request(), 1, "w1", coalesce_ms=5, coalesce_tokens=16)
     await stream.started()
     stream.start(200, SSE)
@@ -154,6 +165,38 @@ async def test_a_pending_tail_is_flushed_by_the_timer():
     await wait_until(lambda: len([f for f in pub.frames if isinstance(f, Data)]) == 2, timeout=10,
                      what="the timer's flush")
     assert_sequenced(pub.frames + [Final(request_id="r1", seq=len(pub.frames))])
+
+
+async def test_an_idle_path_streams_each_token_as_it_comes_and_a_loaded_one_coalesces():
+    """The window is for load: while every earlier message is confirmed, a token leaves at once
+    (vLLM's server sends each as it comes); while a confirm is outstanding, tokens wait for the
+    window, and the next after the confirm goes at once again."""
+    pub, clock = RecordingPublisher(), Clock()
+    stream = ReplyStream(pub, request(), 1, "w1", coalesce_ms=10_000, coalesce_tokens=16, clock=clock)
+    await stream.started()
+    stream.start(200, SSE)
+    for i in range(5):  # idle: confirms come at once
+        await token_step(stream, i)
+        await next_turns()
+    assert [d.tokens for d in pub.frames if isinstance(d, Data)] == [1, 1, 1, 1, 1]
+    pub.exchange.confirms.clear()  # the broker falls behind: the next message stays unconfirmed
+    for i in range(5, 10):
+        await token_step(stream, i)
+        await next_turns()
+    assert [d.tokens for d in pub.frames if isinstance(d, Data)] == [1] * 6  # one sent, four waiting
+    pub.confirm_all()
+    await next_turns()
+    await token_step(stream, 10)  # the path is idle again: the waiting four and this one, at once
+    await next_turns()
+    assert [d.tokens for d in pub.frames if isinstance(d, Data)] == [1] * 6 + [5]
+    stream.cancel_timer()
+    assert_sequenced(pub.frames + [Final(request_id="r1", seq=len(pub.frames))])
+
+    always = RecordingPublisher()  # --no-stream-when-idle: the window, idle or not
+    stream = ReplyStream(always, request(), 1, "w1", coalesce_ms=10_000, coalesce_tokens=4, stream_when_idle=False,
+                         clock=clock)
+    await run_stream(stream, 9, clock)
+    assert [d.tokens for d in always.frames if isinstance(d, Data)] == [1, 4, 4, 0]  # 0: the closing [DONE]
 
 
 async def test_a_whole_response_travels_in_the_final_frame_with_its_status():

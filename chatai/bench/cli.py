@@ -74,11 +74,14 @@ def compare(
     paths: Annotated[str, typer.Option(help="Which paths to run: vllm, chatai, ceiling.")] = ",".join(ALL_PATHS),
     tunnel: Annotated[bool, typer.Option("--tunnel/--no-tunnel", help="chatai through the SSH tunnel and breaker.")] = True,
     out: Annotated[Path, typer.Option(help="Folder for bench.json, bench.png and bench.md.")] = Path("bench-results"),
+    placement: Annotated[str, typer.Option(help="deployment: the engine's server or worker on the upper half of the "
+                                           "CPUs, everything else on the rest; shared: every process on every CPU.")] = "deployment",
 ) -> None:
     """Compare vLLM's own server, chatai's whole path and the in-process engine under one load."""
     if ctx.invoked_subcommand is not None:
         return
     from chatai.bench import report, vllm_client
+    from chatai.bench.placement import Placement
     from chatai.bench.targets import ceiling, chatai_stack, scratch_dir, vllm_server
     from gpu_worker.settings import WorkerSettings
 
@@ -86,6 +89,12 @@ def compare(
     if unknown := set(chosen) - set(ALL_PATHS):
         raise typer.BadParameter(f"unknown path(s) {sorted(unknown)}; choose from {', '.join(ALL_PATHS)}")
     level_list = _levels(levels)
+    if placement not in ("deployment", "shared"):
+        raise typer.BadParameter(f"--placement is deployment or shared, not {placement!r}")
+    try:
+        place = Placement.choose(placement)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     stop_on_sigterm()
     work = scratch_dir("chatai-bench-")
     try:
@@ -103,6 +112,7 @@ def compare(
             "settings": {k: v for k, v in settings.engine_kwargs().items()} | {"kv_cache_space_gb": settings.kv_cache_space_gb},
             "settings_summary": (f"{settings.served_model_name}, {settings.resolved_dtype()}, max_num_seqs "
                                  f"{settings.max_num_seqs}, {max_tokens} output tokens"),
+            "placement": place.describe(),
             "load": {"levels": plan, "stream": True, "ignore_eos": True, "input_len": input_len,
                      "client": "vllm.benchmarks.serve (random dataset, --max-concurrency, --request-rate inf)"},
             "paths": {},
@@ -120,16 +130,19 @@ def compare(
                 results.append(r)
             return results
 
+        typer.echo(f"placement: {placement} (engine on CPUs {place.describe()['node_cpus']}, "
+                   f"everything else on {place.describe()['other_cpus']})")
         for name in chosen:
             typer.echo(f"{report.PATH_LABELS[name]}:")
             if name == "vllm":
-                with vllm_server(settings, work) as endpoint:
+                with place.elsewhere(), vllm_server(settings, work, placement=place) as endpoint:
                     result["paths"]["vllm"] = drive(endpoint, name)
             elif name == "chatai":
-                with chatai_stack(settings, work / "stack", tunnel=tunnel) as endpoint:
+                with place.elsewhere(), chatai_stack(settings, work / "stack", tunnel=tunnel,
+                                                     placement=place) as endpoint:
                     result["paths"]["chatai"] = drive(endpoint, name)
             else:
-                result["paths"]["ceiling"] = ceiling(settings, plan, work)
+                result["paths"]["ceiling"] = ceiling(settings, plan, work, placement=place)
                 for r in result["paths"]["ceiling"]:
                     typer.echo(f"  c={r['concurrency']:<4} {r['output_tok_s']:>9,.0f} tok/s  TTFT p50 "
                                f"{r['ttft_p50_ms']:7.1f} ms")

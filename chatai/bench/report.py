@@ -68,6 +68,9 @@ def markdown(result: dict) -> str:
                          f"{r.get('ttft_p50_added_ms', float('nan')):+.1f} | "
                          f"{r.get('throughput_ratio_vs_ceiling', float('nan')):.2f} |")
     m = result["machine"]
+    if place := result.get("placement"):
+        lines += ["", f"Placement: {place['placement']} (the engine's server or worker on CPUs {place['node_cpus']}, "
+                      f"client, gateway, sshd and broker on {place['other_cpus']})."]
     lines += ["", f"Machine: {m['cpus']} CPUs ({m['cpu']}), {m['memory_gib']} GiB, Python {m['python']}, "
                   f"vLLM {m['vllm']}, torch {m['torch']}; load average at start {m['load_average_at_start']}; "
                   f"{m['date']}."]
@@ -95,7 +98,8 @@ def plot(result: dict, path: Path) -> None:
     ax_ttft.set_yscale("log")
     ax_tp.legend(fontsize=8)
     m = result["machine"]
-    fig.suptitle(f"{result['settings_summary']} on {m['cpus']} CPUs ({m['cpu']}), {m['date']}", fontsize=9)
+    shape = f", {result['placement']['placement']} placement" if result.get("placement") else ""
+    fig.suptitle(f"{result['settings_summary']} on {m['cpus']} CPUs ({m['cpu']}){shape}, {m['date']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

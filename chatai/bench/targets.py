@@ -19,8 +19,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from chatai.bench.placement import Placement, cpu_list
 from chatai.devstack.processes import free_port, http_ok, spawn
 from gpu_worker.settings import WorkerSettings
+
+SHARED = Placement.choose("shared")
 
 # Worker options that shape the engine, passed to the worker as flags (same names as its CLI).
 ENGINE_FLAGS = ("max_num_seqs", "max_model_len", "dtype", "gpu_memory_utilization", "kv_cache_space_gb")
@@ -42,10 +45,12 @@ def vllm_server_argv(settings: WorkerSettings, port: int) -> list[str]:
 
 
 @contextmanager
-def vllm_server(settings: WorkerSettings, log_dir: Path, timeout: float = 600.0) -> Iterator[Endpoint]:
+def vllm_server(settings: WorkerSettings, log_dir: Path, timeout: float = 600.0,
+                placement: Placement = SHARED) -> Iterator[Endpoint]:
+    """vLLM's server, on the placement's node CPUs (its HTTP front end runs on the GPU node too)."""
     port = free_port()
-    server = spawn("vllm-server", vllm_server_argv(settings, port), log_dir / "vllm-server.log",
-                   env=settings.engine_env())
+    server = spawn("vllm-server", placement.node_command(vllm_server_argv(settings, port)),
+                   log_dir / "vllm-server.log", env=settings.engine_env())
     try:
         server.wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/v1/models"), timeout, "vLLM's server to answer",
                         every=0.5)
@@ -66,7 +71,7 @@ def worker_flags(settings: WorkerSettings, names: tuple[str, ...] = ENGINE_FLAGS
 @contextmanager
 def chatai_stack(settings: WorkerSettings, state_dir: Path, tunnel: bool = True,
                  worker_env: dict[str, str] | None = None, timeout: float = 600.0,
-                 gateway_replicas: int = 1) -> Iterator[Endpoint]:
+                 gateway_replicas: int = 1, placement: Placement = SHARED) -> Iterator[Endpoint]:
     """The whole path as ``chatai dev`` runs it (tunnel and breaker on unless ``tunnel`` is False;
     ``gateway_replicas`` gateway processes on one port, sharing a private PostgreSQL).
 
@@ -80,7 +85,8 @@ def chatai_stack(settings: WorkerSettings, state_dir: Path, tunnel: bool = True,
                      worker_args=worker_flags(settings), worker_env=worker_env or {},
                      # The load is the point: no per-key rate or concurrency limit may shape it.
                      key_limits={"rpm": 0, "tpm": 0, "max_concurrent": 0}, ready_timeout=timeout,
-                     gateway_replicas=gateway_replicas)
+                     gateway_replicas=gateway_replicas,
+                     worker_cpus=cpu_list(placement.node) if placement.name != "shared" else None)
     try:
         info = stack.start()
         stack.wait_until_serving()
@@ -91,12 +97,13 @@ def chatai_stack(settings: WorkerSettings, state_dir: Path, tunnel: bool = True,
         stack.stop()
 
 
-def ceiling(settings: WorkerSettings, levels: list[dict], log_dir: Path, timeout: float = 1800.0) -> list[dict]:
-    """Run the in-process ceiling in a child process; its level results as dicts."""
+def ceiling(settings: WorkerSettings, levels: list[dict], log_dir: Path, timeout: float = 1800.0,
+            placement: Placement = SHARED) -> list[dict]:
+    """Run the in-process ceiling in a child process (on the node's CPUs); its level results as dicts."""
     log = log_dir / "ceiling.log"
     with open(log, "ab") as err:
-        out = subprocess.run([sys.executable, "-m", "chatai.bench.ceiling", settings.model_dump_json(),
-                              json.dumps(levels)],
+        out = subprocess.run(placement.node_command([sys.executable, "-m", "chatai.bench.ceiling",
+                                                     settings.model_dump_json(), json.dumps(levels)]),
                              env={**os.environ, **settings.engine_env()}, stdout=subprocess.PIPE, stderr=err,
                              stdin=subprocess.DEVNULL, timeout=timeout, check=False)
     if out.returncode != 0:

@@ -142,14 +142,17 @@ WORKER_READY_LINE = "worker ready"  # gpu_worker.main.READY_LINE (not imported: 
 
 def start_worker(model_dir: Path | str, served_model_name: str, broker_url: str, log_path: Path, *,
                  args: list[str] | tuple[str, ...] = (), env: dict[str, str] | None = None, name: str = "worker",
-                 cwd: Path | None = None) -> Child:
-    """One GPU worker (``python -m gpu_worker``, the same as ``chatai worker``) serving ``model_dir``.
+                 cwd: Path | None = None, cpus: str | None = None) -> Child:
+    """One GPU worker (``python -m gpu_worker``, the same as ``chatai worker``) serving ``model_dir``;
+    ``cpus`` (a list such as ``"1"`` or ``"2,3"``) pins it and its engine there, as a node would.
 
     The broker URL holds the worker user's password: it goes through the environment, never argv.
     Ready once :data:`WORKER_READY_LINE` is in its log (see :func:`worker_ready`).
     """
     argv = [sys.executable, "-m", "gpu_worker", "--model", str(model_dir), "--served-model-name", served_model_name,
             *args]
+    if cpus:
+        argv = ["taskset", "--cpu-list", cpus, *argv]
     return spawn(name, argv, log_path, {**(env or {}), "CHATAI_WORKER_BROKER_URL": broker_url}, cwd=cwd)
 
 

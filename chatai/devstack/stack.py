@@ -89,6 +89,7 @@ class DevStack:
     slurm_cpus: int = 8  # CPUs that Slurm node declares (config_overrides): each worker asks for one
     worker_args: list[str] = field(default_factory=list)
     worker_env: dict[str, str] = field(default_factory=dict)  # extra CHATAI_WORKER_* settings
+    worker_cpus: str | None = None  # pin the worker (and its engine) to these CPUs ("1", "2,3"): a node of its own
     key_limits: dict[str, int | None] = field(default_factory=dict)  # the generated key's own limits
     ready_timeout: float = 300.0
     # Gateway processes (``chatai gateway --replicas``); more than one share a private PostgreSQL.
@@ -250,7 +251,7 @@ class DevStack:
         else:
             self.processes["worker"] = start_worker(model_dir, self.served_model_name,
                                                     self.broker_url("worker", passwords), self.logs / "worker.log",
-                                                    args=self.worker_args, env=self.worker_env)
+                                                    args=self.worker_args, env=self.worker_env, cpus=self.worker_cpus)
         tunnel_env = self._start_tunnel_end()
         self.processes["gateway"] = start_gateway(gw_state, self.port, self.broker_url("gateway", passwords),
                                                   self.logs / "gateway.log",
