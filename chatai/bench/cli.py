@@ -179,9 +179,11 @@ def relay(
     out: Annotated[Path, typer.Option(help="Folder for relay.json and relay.md.")] = Path("bench-results"),
     replicas: Annotated[int, typer.Option(min=1, help="Gateway processes sharing one port and a private PostgreSQL "
                                           "(chatai gateway --replicas): run 1 and 2 to compare the ceilings.")] = 1,
+    workers: Annotated[str, typer.Option(help="Synthetic workers pulling the one queue, comma-separated counts "
+                                         "(e.g. 1,2,4,8): each level runs with each count, STREAMS per worker.")] = "1",
 ) -> None:
     """The relay ceiling: a synthetic token source (no model) behind the whole path, one gateway
-    (or ``--replicas N`` of them)."""
+    (or ``--replicas N`` of them), one worker (or ``--workers 1,2,4,8``, to see them scale)."""
     import json
 
     from chatai.bench import report, vllm_client
@@ -191,18 +193,22 @@ def relay(
     from gpu_worker.settings import WorkerSettings
 
     triples = _relay_levels(levels)
+    counts = _levels(workers)
     stop_on_sigterm()
     work = scratch_dir("chatai-relay-")
     rows: list[dict] = []
     try:
         # vLLM's client makes its random prompts with a tokenizer; the synthetic engine ignores them.
         tokenizer = make_tiny_model(work / "tokenizer", seed=0)
-        for i, (streams, tokens_per_step, step_ms) in enumerate(triples):
-            settings = WorkerSettings(engine="synthetic", served_model_name="synthetic", max_num_seqs=streams)
+        runs = [(n, triple) for triple in triples for n in counts]
+        for i, (n, (per_worker, tokens_per_step, step_ms)) in enumerate(runs):
+            # Each worker holds at most its share, so the streams spread over all of them.
+            settings = WorkerSettings(engine="synthetic", served_model_name="synthetic", max_num_seqs=per_worker)
             env = {"CHATAI_WORKER_ENGINE": "synthetic", "CHATAI_WORKER_SYNTHETIC_STEP_MS": f"{step_ms:g}",
                    "CHATAI_WORKER_SYNTHETIC_TOKENS_PER_STEP": str(tokens_per_step)}
+            streams = n * per_worker
             with chatai_stack(settings, work / f"stack-{i}", tunnel=tunnel, worker_env=env,
-                              gateway_replicas=replicas) as ep:
+                              gateway_replicas=replicas, workers=n) as ep:
                 max_tokens = max(1, int(seconds * 1000 / step_ms) * tokens_per_step)
                 level = {"concurrency": streams, "requests": streams, "max_tokens": max_tokens}
 
@@ -211,20 +217,20 @@ def relay(
                                                    tokenizer, level, 32, work / f"client-{i}")
                 offered = streams * tokens_per_step * 1000 / step_ms
                 with favoured_client():
-                    row = asyncio.run(relay_level(load, ep.pid, ep.worker_pid))
-                row.update(tokens_per_step=tokens_per_step, step_ms=step_ms, offered_tok_s=offered)
+                    row = asyncio.run(relay_level(load, ep.pid, ep.worker_pids))
+                row.update(workers=n, tokens_per_step=tokens_per_step, step_ms=step_ms, offered_tok_s=offered)
                 rows.append(row)
-                typer.echo(f"  {streams:>5} streams x {tokens_per_step} tok / {step_ms:g} ms: offered {offered:>9,.0f} tok/s, "
+                typer.echo(f"  {n} worker(s), {streams:>5} streams x {tokens_per_step} tok / {step_ms:g} ms: offered {offered:>9,.0f} tok/s, "
                            f"relayed {row['output_tok_s']:>9,.0f} tok/s; TTFT p50 {row['ttft_p50_ms']:.0f} ms; "
                            f"gateway RSS peak {row['gateway_rss_peak_mb']:.0f} MB, CPU {row['gateway_cpu_percent']:.0f}%; "
                            f"worker CPU {row.get('worker_cpu_percent', float('nan')):.0f}%; ok {row['ok']} failed {row['failed']}")
         out.mkdir(parents=True, exist_ok=True)
         result = {"machine": report.machine(), "tunnel": tunnel, "gateway_replicas": replicas, "levels": rows}
         (out / "relay.json").write_text(json.dumps(result, indent=2) + "\n")
-        md = ["| streams | tokens / step | offered tok/s | relayed tok/s | TTFT p50 / p99 (ms) | gateway RSS before / peak (MB) | gateway CPU | worker CPU | ok / failed |",
-              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        md = ["| workers | streams | tokens / step | offered tok/s | relayed tok/s | TTFT p50 / p99 (ms) | gateway RSS before / peak (MB) | gateway CPU | workers' CPU | ok / failed |",
+              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in rows:
-            md.append(f"| {r['concurrency']} | {r['tokens_per_step']} / {r['step_ms']:g} ms | {r['offered_tok_s']:,.0f} | "
+            md.append(f"| {r['workers']} | {r['concurrency']} | {r['tokens_per_step']} / {r['step_ms']:g} ms | {r['offered_tok_s']:,.0f} | "
                       f"{r['output_tok_s']:,.0f} | {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
                       f"{r['gateway_rss_before_mb']:.0f} / {r['gateway_rss_peak_mb']:.0f} | {r['gateway_cpu_percent']:.0f}% | "
                       f"{r.get('worker_cpu_percent', float('nan')):.0f}% | {r['ok']} / {r['failed']} |")

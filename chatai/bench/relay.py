@@ -54,11 +54,11 @@ def sample(pid: int) -> ProcSample:
     return total
 
 
-async def relay_level(load: Callable[[], Awaitable[dict]], gateway_pid: int, worker_pid: int | None = None) -> dict:
+async def relay_level(load: Callable[[], Awaitable[dict]], gateway_pid: int, worker_pids: tuple[int, ...] = ()) -> dict:
     """Run ``load`` (one level of vLLM's benchmark client: every stream at once, one request
     each); the gateway watched every 0.2 s meanwhile. Its row, with the gateway's figures."""
     before = sample(gateway_pid)
-    worker_before = sample(worker_pid) if worker_pid else None
+    workers_before = sum(sample(pid).cpu_s for pid in worker_pids)
     peak = before.rss_mb
     stop = asyncio.Event()
 
@@ -78,6 +78,7 @@ async def relay_level(load: Callable[[], Awaitable[dict]], gateway_pid: int, wor
     after = sample(gateway_pid)
     row.update(gateway_rss_before_mb=round(before.rss_mb, 1), gateway_rss_peak_mb=round(peak, 1),
                gateway_cpu_percent=round(100 * (after.cpu_s - before.cpu_s) / wall, 1))
-    if worker_pid and worker_before:  # which side saturated first: the relay or the token source
-        row["worker_cpu_percent"] = round(100 * (sample(worker_pid).cpu_s - worker_before.cpu_s) / wall, 1)
+    if worker_pids:  # which side saturated first: the relay or the token sources (summed)
+        workers_after = sum(sample(pid).cpu_s for pid in worker_pids)
+        row["worker_cpu_percent"] = round(100 * (workers_after - workers_before) / wall, 1)
     return row

@@ -35,7 +35,7 @@ class Endpoint:
     api_key: str
     model: str
     pid: int  # the process that relays the tokens (vLLM's server, or the gateway)
-    worker_pid: int | None = None  # chatai's worker, when it runs as a child here
+    worker_pids: tuple[int, ...] = ()  # chatai's workers, when they run as children here
 
 
 def vllm_server_argv(settings: WorkerSettings, port: int) -> list[str]:
@@ -71,7 +71,7 @@ def worker_flags(settings: WorkerSettings, names: tuple[str, ...] = ENGINE_FLAGS
 @contextmanager
 def chatai_stack(settings: WorkerSettings, state_dir: Path, tunnel: bool = True,
                  worker_env: dict[str, str] | None = None, timeout: float = 600.0,
-                 gateway_replicas: int = 1, placement: Placement = SHARED) -> Iterator[Endpoint]:
+                 gateway_replicas: int = 1, placement: Placement = SHARED, workers: int = 1) -> Iterator[Endpoint]:
     """The whole path as ``chatai dev`` runs it (tunnel and breaker on unless ``tunnel`` is False;
     ``gateway_replicas`` gateway processes on one port, sharing a private PostgreSQL).
 
@@ -85,14 +85,14 @@ def chatai_stack(settings: WorkerSettings, state_dir: Path, tunnel: bool = True,
                      worker_args=worker_flags(settings), worker_env=worker_env or {},
                      # The load is the point: no per-key rate or concurrency limit may shape it.
                      key_limits={"rpm": 0, "tpm": 0, "max_concurrent": 0}, ready_timeout=timeout,
-                     gateway_replicas=gateway_replicas,
+                     gateway_replicas=gateway_replicas, workers=workers,
                      worker_cpus=cpu_list(placement.node) if placement.name != "shared" else None)
     try:
         info = stack.start()
         stack.wait_until_serving()
-        worker = stack.processes.get("worker")
+        workers_here = tuple(c.pid for name, c in stack.processes.items() if name.startswith("worker"))
         yield Endpoint(info["gateway_url"], stack.api_key or "", stack.served_model_name,
-                       stack.processes["gateway"].pid, worker.pid if worker else None)
+                       stack.processes["gateway"].pid, workers_here)
     finally:
         stack.stop()
 

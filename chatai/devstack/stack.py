@@ -90,6 +90,7 @@ class DevStack:
     worker_args: list[str] = field(default_factory=list)
     worker_env: dict[str, str] = field(default_factory=dict)  # extra CHATAI_WORKER_* settings
     worker_cpus: str | None = None  # pin the worker (and its engine) to these CPUs ("1", "2,3"): a node of its own
+    workers: int = 1  # workers pulling the model's one queue (not with slurm: `chatai scale up` there)
     key_limits: dict[str, int | None] = field(default_factory=dict)  # the generated key's own limits
     ready_timeout: float = 300.0
     # Gateway processes (``chatai gateway --replicas``); more than one share a private PostgreSQL.
@@ -249,9 +250,12 @@ class DevStack:
         if self.slurm:
             self._submit_slurm_worker(model_dir, self.broker_url("worker", passwords))
         else:
-            self.processes["worker"] = start_worker(model_dir, self.served_model_name,
-                                                    self.broker_url("worker", passwords), self.logs / "worker.log",
-                                                    args=self.worker_args, env=self.worker_env, cpus=self.worker_cpus)
+            for i in range(self.workers):
+                name = "worker" if i == 0 else f"worker-{i + 1}"
+                self.processes[name] = start_worker(model_dir, self.served_model_name,
+                                                   self.broker_url("worker", passwords), self.logs / f"{name}.log",
+                                                   args=self.worker_args, env=self.worker_env, name=name,
+                                                   cpus=self.worker_cpus)
         tunnel_env = self._start_tunnel_end()
         self.processes["gateway"] = start_gateway(gw_state, self.port, self.broker_url("gateway", passwords),
                                                   self.logs / "gateway.log",
@@ -280,12 +284,14 @@ class DevStack:
         return info
 
     def serving(self) -> bool:
-        """True once the gateway's /health says a worker is ready for the served model."""
+        """True once the gateway's /health says the workers are ready for the served model (a
+        worker, for a Slurm job that may still wait for its node)."""
         try:
             body = httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).json()
         except (httpx.HTTPError, ValueError):
             return False
-        return bool(body.get("models", {}).get(self.served_model_name, {}).get("ready"))
+        ready = body.get("models", {}).get(self.served_model_name, {}).get("ready") or 0
+        return ready >= (1 if self.slurm else self.workers)
 
     def wait_until_serving(self) -> None:
         try:
