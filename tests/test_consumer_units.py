@@ -57,7 +57,8 @@ class Engine:
 async def answer(engine: Engine, message: Message | None = None) -> tuple[Message, list, list]:
     """One delivery through the consumer, to its end; the message, the frames sent, fatal errors."""
     pub, fatal = RecordingPublisher(), []
-    settings = SimpleNamespace(worker_id="w1", coalesce_ms=20.0, coalesce_tokens=16, cancel_memory=60.0)
+    settings = SimpleNamespace(worker_id="w1", coalesce_ms=20.0, coalesce_tokens=16, stream_when_idle=True,
+                               cancel_memory=60.0)
     consumer = Consumer(settings, engine, pub, on_fatal=fatal.append)  # type: ignore[arg-type]
     engine.consumer = consumer
     consumer.accepting = True
