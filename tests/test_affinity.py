@@ -126,14 +126,18 @@ async def test_a_killed_worker_costs_its_conversations_only_their_cache(pair):
     client = gw.async_client(timeout=120)
     histories = [conversation(100 + i) for i in range(4)]
     first = await asyncio.gather(*(turn(client, h, "Hello.") for h in histories))
-    homes = [(await wait_until(lambda: served_by(workers, rid), 10, "the worker's log line"))[0] for rid in first]
-    victim = next(w for w in workers if w.worker_id in homes)  # a worker holding conversations
-    survivor = next(w for w in workers if w is not victim)
+    for rid in first:
+        await wait_until(lambda: served_by(workers, rid), 10, "the worker's log line")
 
     # Second turn of every conversation at once, long enough to be in flight when the worker dies.
+    # The victim is a worker with one of them in flight (which one the gateway prefers depends on
+    # what the last heartbeats said: either way it holds conversations).
     second = [asyncio.create_task(turn(client, h, "Now a long answer please.", max_tokens=300)) for h in histories]
-    await asyncio.to_thread(wait_until_sync, lambda: worker_view(gw).get(victim.worker_id, {}).get("in_flight", 0) >= 1,
-                            60, "a request in flight on the worker to be killed")
+    busy = await asyncio.to_thread(
+        wait_until_sync, lambda: [w for w in workers if worker_view(gw).get(w.worker_id, {}).get("in_flight", 0) >= 1],
+        60, "a second turn in flight on a worker")
+    victim = busy[0]
+    survivor = next(w for w in workers if w is not victim)
     victim.kill()
     ids = list(first) + await asyncio.gather(*second)  # non-streamed: a lost delivery is retried transparently
     ids += await asyncio.gather(*(turn(client, h, "And a third turn.") for h in histories))
