@@ -179,18 +179,19 @@ def test_operator_commands_find_the_running_stack_by_themselves(dev_stack):
 
     if "--slurm" not in args:
         return
-    # The docs' example: two more workers beside the stack's own, on a machine with 2 cores.
-    up = _operator(state, "scale", "up", "--model", "tiny", "--workers", "2")
+    # One more worker beside the stack's own (one vLLM start-up keeps the suite's time down on 2
+    # cores; tests/test_slurm.py's autoscaler test runs two workers of one model).
+    up = _operator(state, "scale", "up", "--model", "tiny", "--workers", "1")
     assert up.returncode == 0 and "submitted array job" in up.stdout, up.stderr + up.stdout
-    assert "warning" not in up.stderr, up.stderr  # the dev node has room for them
+    assert "warning" not in up.stderr, up.stderr  # the dev node has room for it
     deadline = time.monotonic() + 400
-    while len(_ready_jobs(data)) < 3:  # each status call listens for the workers' heartbeats
-        assert time.monotonic() < deadline, f"the two new workers never showed as ready: {data}"
+    while len(_ready_jobs(data)) < 2:  # each status call listens for the workers' heartbeats
+        assert time.monotonic() < deadline, f"the new worker never showed as ready: {data}"
         data = _fleet(state)
     (tiny,) = [m for m in data["models"] if m["model"] == "tiny"]
-    assert tiny["running"] == 3 and tiny["pending"] == 0 and tiny["workers_ready"] >= 3 and tiny["consumers"] >= 3
-    down = _operator(state, "scale", "down", "--model", "tiny", "--workers", "2")
-    assert down.returncode == 0 and "draining 2 running worker(s)" in down.stdout, down.stderr + down.stdout
+    assert tiny["running"] == 2 and tiny["pending"] == 0 and tiny["workers_ready"] >= 2 and tiny["consumers"] >= 2
+    down = _operator(state, "scale", "down", "--model", "tiny", "--workers", "1")
+    assert down.returncode == 0 and "draining 1 running worker(s)" in down.stdout, down.stderr + down.stdout
     while len([j for j in data["jobs"] if j["model"] == "tiny"]) != 1:
         assert time.monotonic() < deadline + 120, f"the drained workers never left: {data}"
         data = _fleet(state)
