@@ -5,10 +5,14 @@ and Slurm show) is where the subtle cases live - a worker that runs but has not 
 model yet, tasks still pending, a cooldown - so it is a pure function of an observation, tested
 without Slurm or RabbitMQ. The loop only gathers observations and carries out decisions.
 
-Scaling down is deliberately not the autoscaler's job: it never signals a running worker. Each
-worker exits by itself after its ``--idle-timeout`` without work, which is also the moment its
-GPU is least valuable to us and most valuable to the cluster; that is how a model reaches zero.
-The autoscaler only cancels *pending* tasks nobody needs any more (they hold nothing).
+Scaling down is deliberately not the autoscaler's job: it never signals a running worker to
+scale down. Each worker exits by itself after its ``--idle-timeout`` without work, which is also
+the moment its GPU is least valuable to us and most valuable to the cluster; that is how a model
+reaches zero. The autoscaler only cancels *pending* tasks nobody needs any more (they hold
+nothing). The one exception is giving way (``--yield-to-pending``, ``slurm_jobs/yielding.py``):
+when regular jobs wait for GPUs workers hold, it tells that many workers to drain at once
+rather than leave it to Slurm's preemption, which measured far from prompt, and it tells again
+a worker that was told to go but did not hear it.
 
 Each round ends with the autoscaler's own heartbeat (``slurm_jobs/announce.py``): gateways learn
 from it that a model scaled to zero comes back on demand, so its requests wait for the start
@@ -27,7 +31,10 @@ from broker_config.messages import Heartbeat, ScaledModel
 from broker_config.timing import run_periodically
 from slurm_jobs.announce import Announcer, StartupTimes
 from slurm_jobs.broker_view import BrokerView
+from slurm_jobs.capacity import NodeRoom
 from slurm_jobs.jobs import WorkerJobs
+from slurm_jobs.slurm import SlurmError
+from slurm_jobs.yielding import Departures, QueuedJob, choose_yields
 
 log = logging.getLogger("chatai.autoscale")
 
@@ -124,6 +131,8 @@ class Autoscaler:
     state: dict[str, _ModelState] = field(default_factory=dict)
     announcer: Announcer | None = None  # tells gateways which cold models are worth a wait
     startup: StartupTimes = field(default_factory=StartupTimes)
+    yield_to_pending: bool = False  # drain workers for regular jobs waiting on their GPUs
+    departures: Departures = field(default_factory=Departures)  # workers told to go, until gone
 
     async def observe(self, model: str, jobs_by_model: dict, heartbeats: list[Heartbeat], now: float) -> Observation:
         stats = await self.view.queue_stats(model)
@@ -148,6 +157,8 @@ class Autoscaler:
         by_model = await asyncio.to_thread(self.jobs.jobs_by_model)
         heartbeats = self.view.book.live()
         self.startup.learn(heartbeats)
+        if self.yield_to_pending:
+            await asyncio.to_thread(self.give_way, heartbeats)
         decisions = {}
         announced = []
         for model, policy in self.policies.items():
@@ -171,6 +182,33 @@ class Autoscaler:
         if self.announcer is not None:
             await self.announcer.announce(announced)
         return decisions
+
+    def give_way(self, heartbeats: list[Heartbeat], now: float | None = None) -> list[str]:
+        """Tell the workers on GPUs that waiting regular jobs need to drain, all in this round,
+        and again those told before that have not heard; returns who was told."""
+        now = time.monotonic() if now is None else now
+        slurm = self.jobs.slurm
+        jobs = [QueuedJob.from_scontrol(f) for f in slurm.show_jobs()]
+        self.departures.observe(jobs, now)
+        states = {hb.slurm_job_id: hb.state for hb in heartbeats if hb.slurm_job_id}
+        again = self.departures.unheard(states, now)
+        new: list[str] = []
+        if any(j.waits_for_gpus(self.jobs.settings.partition) for j in jobs):
+            nodes = [NodeRoom.from_scontrol(f) for f in slurm.show_nodes()]
+            busy = {hb.slurm_job_id: hb.in_flight for hb in heartbeats if hb.slurm_job_id}
+            new = choose_yields(jobs, nodes, self.jobs.settings.partition, busy, self.departures)
+        if not (new or again):
+            return []
+        self.departures.told(new + again, now)
+        try:
+            slurm.signal(new + again, "TERM", batch_only=self.jobs.settings.cancel_mode == "batch")
+        except SlurmError as exc:  # one of them ended meanwhile: the others were still told
+            log.warning("giving way: %s", exc)
+        if new:
+            log.info("giving way to waiting regular jobs: told %s to drain", ",".join(new))
+        if again:
+            log.warning("told %s to drain again: no sign it heard the first time", ",".join(again))
+        return new + again
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Round after round until ``stop``; a failed round (slurmctld busy, broker restarting) is

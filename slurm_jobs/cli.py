@@ -146,11 +146,14 @@ def autoscale(
     interval: Annotated[float, typer.Option(help="Seconds between rounds.")] = ROUND_INTERVAL,
     release_pending_after: Annotated[float, typer.Option(
         help="Cancel unneeded pending tasks after this long.")] = _POLICY.release_pending_after,
+    yield_to_pending: Annotated[bool, typer.Option(
+        help="When regular jobs wait for GPUs workers hold, tell that many workers to drain at once "
+             "(Slurm preempts one at a time; docs/coexistence.md). One autoscaler per cluster needs it.")] = False,
 ) -> None:
     """Run the autoscaler: per model, submit array tasks on a backlog, between --min-workers and --max-workers.
 
     Workers leave by themselves after their idle timeout, so a model scales to zero; the
-    autoscaler never signals a running worker."""
+    autoscaler signals a running worker only to give way to waiting regular jobs (--yield-to-pending)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     s = _settings(**overrides)
     paths = dict(s.models)
@@ -162,12 +165,13 @@ def autoscale(
             paths[name] = path
     policy = Policy(min_workers, max_workers, backlog_per_worker, cooldown, release_pending_after)
     try:
-        asyncio.run(_autoscale(s, {n: policy for n in names}, paths, interval))
+        asyncio.run(_autoscale(s, {n: policy for n in names}, paths, interval, yield_to_pending))
     except (SlurmError, ValueError) as exc:
         _fail(exc)
 
 
-async def _autoscale(s: SlurmSettings, policies: dict[str, Policy], paths: dict[str, str], interval: float) -> None:
+async def _autoscale(s: SlurmSettings, policies: dict[str, Policy], paths: dict[str, str], interval: float,
+                     yield_to_pending: bool = False) -> None:
     jobs = WorkerJobs(s, Slurm())
     for m in policies:
         jobs.model_path(m, paths.get(m))  # fail now, not at the first backlog
@@ -180,7 +184,8 @@ async def _autoscale(s: SlurmSettings, policies: dict[str, Policy], paths: dict[
     except Exception as exc:  # noqa: BLE001 - one clear line, not a traceback
         raise ValueError(f"broker: {broker_problem(exc)}") from None
     try:
-        scaler = Autoscaler(jobs, view, policies, paths, interval, announcer=Announcer(view.connection, interval))
+        scaler = Autoscaler(jobs, view, policies, paths, interval, announcer=Announcer(view.connection, interval),
+                            yield_to_pending=yield_to_pending)
         logging.getLogger("chatai.autoscale").info(
             "autoscaling %s every %.0f s (broker %s)", ", ".join(policies), interval, redact(view.url))
         await scaler.run(stop)

@@ -199,6 +199,11 @@ class Slurm:
     def show_job(self, job_id: str) -> dict[str, str]:
         return parse_scontrol(self._run(["scontrol", "-o", "show", "job", job_id]))
 
+    def show_jobs(self) -> list[dict[str, str]]:
+        """Every job's ``scontrol -o show job`` fields (one line per job or started array task)."""
+        out = self._run(["scontrol", "-o", "show", "job"])
+        return [parse_scontrol(line) for line in out.splitlines() if line.strip() and "JobId=" in line]
+
     def show_nodes(self) -> list[dict[str, str]]:
         """Every node's ``scontrol -o show node`` fields (CfgTRES, AllocTRES, State, Partitions)."""
         return [parse_scontrol(line) for line in self._run(["scontrol", "-o", "show", "node"]).splitlines()

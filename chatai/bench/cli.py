@@ -276,6 +276,7 @@ def coexistence(
     trace_capacity: Annotated[Optional[int], typer.Option(help="With --trace: the trace machine's size in its unit (default: SWF header, or sacct's peak use).")] = None,
     clip: Annotated[bool, typer.Option(help="With --trace: cut jobs at the window's end.")] = True,
     headroom: Annotated[int, typer.Option(help="GPUs the autoscaler never fills (policy: regular jobs that fit start without preemption).")] = 0,
+    give_way: Annotated[bool, typer.Option(help="Policy: the autoscaler drains as many workers as waiting regular jobs need, at once (--yield-to-pending).")] = False,
     drain_grace: Annotated[Optional[int], typer.Option(help="A preempted worker's time to finish what it holds (default: half the GraceTime; 0 returns it at once).")] = None,
     keep: Annotated[bool, typer.Option(help="Keep the scratch folder (logs).")] = False,
 ) -> None:
@@ -316,14 +317,16 @@ def coexistence(
 
             model_dir = make_tiny_model(work / "tiny-model", seed=0)
         plan = WorkerPlan(synthetic_floor=nodes - real - headroom, real_workers=real, model_dir=model_dir,
-                          drain_grace_s=max(1, grace_s // 2) if drain_grace is None else drain_grace, request_rate=rate)
+                          drain_grace_s=max(1, grace_s // 2) if drain_grace is None else drain_grace, request_rate=rate,
+                          give_way=give_way)
         typer.echo(f"regular jobs: {len(trace)}, the last arriving at {trace[-1].arrival_s:.0f} s; "
-                   f"workers: {plan.synthetic_floor} synthetic + {real} real vLLM on {nodes} nodes (headroom {headroom})")
+                   f"workers: {plan.synthetic_floor} synthetic + {real} real vLLM on {nodes} nodes (headroom {headroom}"
+                   f"{', giving way' if give_way else ''})")
         typer.echo("run 1/2: regular jobs alone")
         base = run_once(trace, work / "baseline", grace_s, None, nodes)
         typer.echo("run 2/2: regular jobs with workers")
         run = run_once(trace, work / "workers", grace_s, plan, nodes)
-        plan_info = {"trace": trace_info, "nodes": nodes, "headroom": headroom,
+        plan_info = {"trace": trace_info, "nodes": nodes, "headroom": headroom, "give_way": give_way,
                      "synthetic_workers": plan.synthetic_floor, "real_vllm_workers": real,
                      "drain_grace_s": plan.drain_grace_s, "request_rate": rate, "max_tokens": plan.max_tokens,
                      "worker_time": plan.time, "worker_time_min": plan.time_min, "quick": quick}

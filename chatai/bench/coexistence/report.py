@@ -35,6 +35,7 @@ def compute(base: RunResult, run: RunResult, grace_s: int, plan: dict) -> dict:
         "baseline_gpu_utilisation": round(1 - idle_s / (len(base.nodes) * window[1]), 4) if window[1] > 0 else 0.0,
         "trace_utilisation": plan.get("trace", {}).get("trace_utilisation"),
         "headroom": plan.get("headroom", 0),
+        "give_way": plan.get("give_way", False),
         "window_s": round(window[1], 1),
         "regular_jobs": len(delays),
         "regular_start_delay_s": {k: round(v, 2) if isinstance(v, float) else v for k, v in m.summary(delays.values()).items()},
@@ -76,6 +77,8 @@ def table(r: dict) -> str:
     if r.get("trace_utilisation") is not None:
         rows.insert(0, ("utilisation: the trace's machine in the window / the replay alone (baseline)",
                         f"{r['trace_utilisation']:.0%} / {r['baseline_gpu_utilisation']:.0%}"))
+    if r.get("give_way"):
+        rows.insert(0, ("giving way (the autoscaler drains workers for waiting regular jobs)", "yes"))
     if r.get("headroom"):
         rows.insert(0, ("headroom (GPUs the autoscaler leaves free)", str(r["headroom"])))
     out = ["| measure | value |", "| --- | --- |"]

@@ -42,6 +42,7 @@ class WorkerPlan:
     synthetic_step_ms: float = 50.0
     time: str = "00:30:00"
     time_min: str | None = "00:05:00"
+    give_way: bool = False  # the autoscaler drains workers for waiting regular jobs (--yield-to-pending)
 
 
 @dataclass
@@ -167,16 +168,18 @@ class _Services:
         base_env.pop("CHATAI_WORKER_BROKER_URL", None)
         model_path = str(p.model_dir or self.work)
         self._autoscale(SYNTHETIC, model_path, p.synthetic_floor, {**base_env,
-                        "CHATAI_SLURM_WORKER_ARGS": "--engine synthetic --max-num-seqs 64"})
+                        "CHATAI_SLURM_WORKER_ARGS": "--engine synthetic --max-num-seqs 64"},
+                        give_way=p.give_way)  # one daemon gives way for every worker
         if p.real_workers:
             self._autoscale(REAL, str(p.model_dir), p.real_workers, {
                 **base_env, "CHATAI_SLURM_WORKER_ARGS": "--max-num-seqs 4 --max-model-len 512",
                 "CHATAI_WORKER_KV_CACHE_SPACE_GB": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"})
         self._start_traffic()
 
-    def _autoscale(self, model: str, path: str, floor: int, env: dict[str, str]) -> None:
+    def _autoscale(self, model: str, path: str, floor: int, env: dict[str, str], give_way: bool = False) -> None:
         argv = [sys.executable, "-m", "chatai.cli", "autoscale", "--model", f"{model}={path}",
-                "--min-workers", str(floor), "--max-workers", str(floor), "--interval", "1"]
+                "--min-workers", str(floor), "--max-workers", str(floor), "--interval", "1",
+                "--yield-to-pending" if give_way else "--no-yield-to-pending"]
         child = spawn(f"autoscale-{model}", argv, self.work / f"autoscale-{model}.log", env=env)
         self.children.append(child)
 
