@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -133,6 +134,7 @@ class Autoscaler:
     startup: StartupTimes = field(default_factory=StartupTimes)
     yield_to_pending: bool = False  # drain workers for regular jobs waiting on their GPUs
     departures: Departures = field(default_factory=Departures)  # workers told to go, until gone
+    _signalling: set[str] = field(default_factory=set)  # SIGTERMs still on their way (see _tell)
 
     async def observe(self, model: str, jobs_by_model: dict, heartbeats: list[Heartbeat], now: float) -> Observation:
         stats = await self.view.queue_stats(model)
@@ -191,7 +193,7 @@ class Autoscaler:
         jobs = [QueuedJob.from_scontrol(f) for f in slurm.show_jobs()]
         self.departures.observe(jobs, now)
         states = {hb.slurm_job_id: hb.state for hb in heartbeats if hb.slurm_job_id}
-        again = self.departures.unheard(states, now)
+        again = [t for t in self.departures.unheard(states, now) if t not in self._signalling]
         new: list[str] = []
         if any(j.waits_for_gpus(self.jobs.settings.partition) for j in jobs):
             nodes = [NodeRoom.from_scontrol(f) for f in slurm.show_nodes()]
@@ -200,15 +202,36 @@ class Autoscaler:
         if not (new or again):
             return []
         self.departures.told(new + again, now)
-        try:
-            slurm.signal(new + again, "TERM", batch_only=self.jobs.settings.cancel_mode == "batch")
-        except SlurmError as exc:  # one of them ended meanwhile: the others were still told
-            log.warning("giving way: %s", exc)
+        self._tell(new + again)
         if new:
             log.info("giving way to waiting regular jobs: told %s to drain", ",".join(new))
         if again:
             log.warning("told %s to drain again: no sign it heard the first time", ",".join(again))
         return new + again
+
+    @property
+    def signalling(self) -> frozenset[str]:
+        """Workers whose SIGTERM is still on its way."""
+        return frozenset(self._signalling)
+
+    def _tell(self, task_ids: list[str]) -> None:
+        """SIGTERM each worker in its own ``scancel``, in the background. Why: Slurm refuses to
+        signal a job whose batch step is still being launched ("Job can not be altered now, try
+        again later") and scancel then retries for seconds; with all the ids in one call, that
+        held back the signals of the others and this whole round (measured: 5 s)."""
+        batch_only = self.jobs.settings.cancel_mode == "batch"
+
+        def tell(task_id: str) -> None:
+            try:
+                self.jobs.slurm.signal([task_id], "TERM", batch_only=batch_only)
+            except SlurmError as exc:  # it ended meanwhile, or slurmctld never took the signal
+                log.warning("giving way: %s", exc)
+            finally:
+                self._signalling.discard(task_id)
+
+        for task_id in task_ids:
+            self._signalling.add(task_id)
+            threading.Thread(target=tell, args=(task_id,), name=f"give-way-{task_id}", daemon=True).start()
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Round after round until ``stop``; a failed round (slurmctld busy, broker restarting) is

@@ -147,8 +147,9 @@ def autoscale(
     release_pending_after: Annotated[float, typer.Option(
         help="Cancel unneeded pending tasks after this long.")] = _POLICY.release_pending_after,
     yield_to_pending: Annotated[bool, typer.Option(
-        help="When regular jobs wait for GPUs workers hold, tell that many workers to drain at once "
-             "(Slurm preempts one at a time; docs/coexistence.md). One autoscaler per cluster needs it.")] = False,
+        help="When regular jobs wait for GPUs workers hold, tell that many workers to drain at once, and "
+             "tell again one that did not hear (docs/coexistence.md, 'Giving way'). One autoscaler per "
+             "cluster needs it.")] = False,
 ) -> None:
     """Run the autoscaler: per model, submit array tasks on a backlog, between --min-workers and --max-workers.
 

@@ -115,14 +115,16 @@ def test_the_autoscaler_gives_way_to_a_burst_and_tells_again_a_worker_that_did_n
             print(f"\nSlurm preempted {len(by_slurm)} of 3 workers at first; the autoscaler told {len(told)}")
             assert all(jobs()[r].state == "PENDING" for r in burst)
             assert set(told) | by_slurm == set(workers), "the burst needs all three GPUs"
-            wait_until(lambda: all(terms(w) >= 1 for w in workers), 30, "every worker to hear SIGTERM")
+            wait_until(lambda: all(terms(w) >= 1 for w in workers) and not scaler.signalling, 30,
+                       "every worker to hear SIGTERM")
             assert scaler.give_way(ready, now=RETELL_AFTER_S / 2) == [], "told again before it could answer"
             heard_so_far = {w: terms(w) for w in workers}
 
             deaf = workers[-1]
             heard = beats(**{w: ("ready" if w == deaf else "draining") for w in workers})
             assert scaler.give_way(heard, now=RETELL_AFTER_S + 0.1) == [deaf]
-            wait_until(lambda: terms(deaf) == heard_so_far[deaf] + 1, 30, "the worker that did not hear to be told again")
+            wait_until(lambda: terms(deaf) == heard_so_far[deaf] + 1 and not scaler.signalling, 30,
+                       "the worker that did not hear to be told again")
             assert scaler.give_way(beats(**{w: "draining" for w in workers}), now=2 * RETELL_AFTER_S + 1) == []
             assert {w: terms(w) for w in workers} == {**heard_so_far, deaf: heard_so_far[deaf] + 1}
         finally:

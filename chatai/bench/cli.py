@@ -276,7 +276,7 @@ def coexistence(
     trace_capacity: Annotated[Optional[int], typer.Option(help="With --trace: the trace machine's size in its unit (default: SWF header, or sacct's peak use).")] = None,
     clip: Annotated[bool, typer.Option(help="With --trace: cut jobs at the window's end.")] = True,
     headroom: Annotated[int, typer.Option(help="GPUs the autoscaler never fills (policy: regular jobs that fit start without preemption).")] = 0,
-    give_way: Annotated[bool, typer.Option(help="Policy: the autoscaler drains as many workers as waiting regular jobs need, at once (--yield-to-pending).")] = False,
+    give_way: Annotated[bool, typer.Option(help="Policy: the autoscaler drains as many workers as waiting regular jobs need, at once, and again any that did not hear (--yield-to-pending).")] = False,
     drain_grace: Annotated[Optional[int], typer.Option(help="A preempted worker's time to finish what it holds (default: half the GraceTime; 0 returns it at once).")] = None,
     keep: Annotated[bool, typer.Option(help="Keep the scratch folder (logs).")] = False,
 ) -> None:
