@@ -170,3 +170,21 @@ def test_scale_down_says_what_it_did():
     assert cancelled.startswith("cancelled 1 pending task(s) of tiny") and "5_1" in cancelled
     assert draining.startswith("draining 1 running worker(s) of tiny: 3_0")
     assert let_go_lines("tiny", ["5_1"], [])[0].startswith("cancelled")
+
+
+def test_a_private_slurm_under_a_deep_directory_keeps_its_spool_where_step_sockets_fit(tmp_path):
+    from chatai.devstack.slurm_cluster import LocalSlurmCluster
+
+    shallow = LocalSlurmCluster.create(base_dir=tmp_path / "s", nodes=3)
+    assert shallow.spool == tmp_path / "s" / "spool" and "SlurmdSpoolDir=" + str(tmp_path / "s" / "spool") \
+        in shallow.render_conf()
+    deep = LocalSlurmCluster.create(base_dir=tmp_path / ("d" * 60) / "slurm", nodes=8)
+    try:
+        # slurmstepd's socket for step 4294967291 (the batch step) of job 1234567 on the longest node name
+        longest = max(len(n.name) for n in deep.nodes)
+        socket_path = deep.spool / ("n" * longest) / f"{'n' * longest}_1234567.4294967291"
+        assert len(str(socket_path)) <= 107 and deep.base_dir not in deep.spool.parents
+        assert f"SlurmdSpoolDir={deep.spool}/%n" in deep.render_conf()
+    finally:
+        deep.stop()
+    assert not deep.spool.exists()

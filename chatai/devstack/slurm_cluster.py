@@ -2,8 +2,8 @@
 
 Why: tests and ``chatai dev --slurm`` need real Slurm semantics (arrays, ``--signal``,
 ``scancel``, the backfill scheduler) without touching a site's Slurm or needing systemd.
-Everything lives under one directory of its own - config, munge key and socket, state, spool,
-logs - on free ports, so it neither needs nor disturbs a system Slurm. Clients (sbatch, squeue,
+Everything lives under one directory of its own - config, munge key and socket, state, spool
+(in /tmp when that directory is too deep for its sockets), logs - on free ports, so it neither needs nor disturbs a system Slurm. Clients (sbatch, squeue,
 ...) find it through the ``SLURM_CONF`` variable in :attr:`LocalSlurmCluster.env`.
 
 Several nodes are emulated by several ``slurmd -N NAME`` processes on one host (each with its
@@ -78,7 +78,9 @@ class LocalSlurmCluster:
     partitions: list[LocalPartition] = field(default_factory=list)  # empty: one default partition
     extra_conf: list[str] = field(default_factory=list)  # further slurm.conf lines (they win)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    spool_dir: Path | None = None  # default: base_dir / "spool" (see create)
     _owns_dir: bool = False
+    _owns_spool: bool = False
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -107,8 +109,19 @@ class LocalSlurmCluster:
             node_list = [LocalNode(host, cpus, memory_mb_per_node, free_port())]
         else:
             node_list = [LocalNode(f"{host}-n{i}", cpus, memory_mb_per_node, free_port()) for i in range(nodes)]
+        # slurmstepd makes a Unix socket per job step in the spool, <node>/<node>_<job>.<step>, and a
+        # socket's path has at most 107 bytes: under a deep base_dir (a test's tmp_path under
+        # pytest-xdist) the step cannot start and Slurm requeues the job. Such a spool goes to /tmp.
+        spool, owns_spool = base / "spool", False
+        if len(str(spool)) + 2 * max(len(n.name) for n in node_list) + 24 > 107:
+            spool, owns_spool = Path(tempfile.mkdtemp(prefix="chatai-spool-")), True
         return cls(base_dir=base, nodes=node_list, partition=partition, ctld_port=free_port(), _owns_dir=owns,
-                   gpus_per_node=gpus_per_node, partitions=list(partitions or []), extra_conf=list(extra_conf or []))
+                   gpus_per_node=gpus_per_node, partitions=list(partitions or []), extra_conf=list(extra_conf or []),
+                   spool_dir=spool, _owns_spool=owns_spool)
+
+    @property
+    def spool(self) -> Path:
+        return self.spool_dir or self.base_dir / "spool"
 
     @property
     def conf_path(self) -> Path:
@@ -142,7 +155,7 @@ class LocalSlurmCluster:
             "CredType=cred/munge",
             f"AuthInfo=socket={self.munge_socket}",
             f"StateSaveLocation={b / 'state'}",
-            f"SlurmdSpoolDir={b / 'spool' / '%n'}",
+            f"SlurmdSpoolDir={self.spool / '%n'}",
             f"SlurmctldPidFile={b / 'slurmctld.pid'}",
             f"SlurmdPidFile={b / 'slurmd-%n.pid'}",
             f"SlurmctldLogFile={b / 'log' / 'slurmctld.log'}",
@@ -222,7 +235,7 @@ class LocalSlurmCluster:
         for sub in ("munge", "state", "log", "spool"):
             (b / sub).mkdir(parents=True, exist_ok=True)
         for n in self.nodes:
-            (b / "spool" / n.name).mkdir(parents=True, exist_ok=True)
+            (self.spool / n.name).mkdir(parents=True, exist_ok=True)
         (b / "munge").chmod(0o700)
         self.conf_path.write_text(self.render_conf())
         if self.gpus_per_node:
@@ -269,6 +282,8 @@ class LocalSlurmCluster:
                 proc.wait(timeout=5)
         self.processes.clear()
         self._kill_leftovers()
+        if self._owns_spool:
+            shutil.rmtree(self.spool, ignore_errors=True)
         if self._owns_dir:
             shutil.rmtree(self.base_dir, ignore_errors=True)
 
