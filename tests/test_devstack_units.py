@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -175,9 +177,12 @@ def test_scale_down_says_what_it_did():
 def test_a_private_slurm_under_a_deep_directory_keeps_its_spool_where_step_sockets_fit(tmp_path):
     from chatai.devstack.slurm_cluster import LocalSlurmCluster
 
-    shallow = LocalSlurmCluster.create(base_dir=tmp_path / "s", nodes=3)
-    assert shallow.spool == tmp_path / "s" / "spool" and "SlurmdSpoolDir=" + str(tmp_path / "s" / "spool") \
-        in shallow.render_conf()
+    short = Path(tempfile.mkdtemp(prefix="cs-"))  # /tmp/cs-xxxxxxxx: room enough for the sockets
+    try:
+        shallow = LocalSlurmCluster.create(base_dir=short, nodes=3)
+        assert shallow.spool == short / "spool" and f"SlurmdSpoolDir={short / 'spool'}/%n" in shallow.render_conf()
+    finally:
+        shutil.rmtree(short)
     deep = LocalSlurmCluster.create(base_dir=tmp_path / ("d" * 60) / "slurm", nodes=8)
     try:
         # slurmstepd's socket for step 4294967291 (the batch step) of job 1234567 on the longest node name
