@@ -192,10 +192,11 @@ def test_operator_commands_find_the_running_stack_by_themselves(dev_stack):
     assert tiny["running"] == 2 and tiny["pending"] == 0 and tiny["workers_ready"] >= 2 and tiny["consumers"] >= 2
     down = _operator(state, "scale", "down", "--model", "tiny", "--workers", "1")
     assert down.returncode == 0 and "draining 1 running worker(s)" in down.stdout, down.stderr + down.stdout
-    while len([j for j in data["jobs"] if j["model"] == "tiny"]) != 1:
-        assert time.monotonic() < deadline + 120, f"the drained workers never left: {data}"
+    # The drained worker leaves and the other serves on. One status call listens for heartbeats
+    # for a bounded time and may close before the other worker's next one: ask again.
+    while len([j for j in data["jobs"] if j["model"] == "tiny"]) != 1 or len(_ready_jobs(data)) != 1:
+        assert time.monotonic() < deadline + 120, f"the drained worker never left, or the other stopped: {data}"
         data = _fleet(state)
-    assert len(_ready_jobs(data)) == 1  # the other worker serves on
 
 
 def test_dev_stack_serves_streams_and_stops_cleanly(dev_stack, stacks):
