@@ -34,17 +34,19 @@ def _worker_signal_option() -> str:
     return next(o for o in opts if o.startswith("--signal="))
 
 
+def _sbatch(env: dict[str, str], partition: str, *opts: str, command: str) -> str:
+    """Submit a one-GPU ``--wrap`` job to the test cluster; returns its id."""
+    proc = subprocess.run(["sbatch", "--parsable", f"--partition={partition}", "--gres=gpu:1",
+                           "--output=/dev/null", *opts, "--wrap", command],
+                          capture_output=True, text=True, env=env, timeout=30, check=True)
+    return proc.stdout.strip().split(";")[0]
+
+
 def test_a_regular_job_takes_a_workers_gpu_without_waiting_for_the_grace(tmp_path):
     if not (slurm_installed() and os.geteuid() == 0):
         pytest.fail("needs Slurm and root (scripts/install.sh sets them up)")
     cluster = make_cluster(tmp_path / "slurm", grace_s=GRACE_S, nodes=1)
     env = cluster.client_env()
-
-    def sbatch(partition: str, *opts: str, command: str) -> str:
-        proc = subprocess.run(["sbatch", "--parsable", f"--partition={partition}", "--gres=gpu:1",
-                               "--output=/dev/null", *opts, "--wrap", command],
-                              capture_output=True, text=True, env=env, timeout=30, check=True)
-        return proc.stdout.strip().split(";")[0]
 
     def state(job: str) -> str:
         out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, env=env,
@@ -52,9 +54,9 @@ def test_a_regular_job_takes_a_workers_gpu_without_waiting_for_the_grace(tmp_pat
         return out or "GONE"
 
     with cluster:
-        worker = sbatch(SCAVENGER, "--time=30", _worker_signal_option(), command="exec sleep 3600")
+        worker = _sbatch(env, SCAVENGER, "--time=30", _worker_signal_option(), command="exec sleep 3600")
         wait_until(lambda: state(worker) == "RUNNING", 60, "the worker-shaped job to run")
-        regular = sbatch(REGULAR, "--time=5", command="exec sleep 600")
+        regular = _sbatch(env, REGULAR, "--time=5", command="exec sleep 600")
         wait_until(lambda: state(regular) == "RUNNING", WAIT_S,
                    f"the regular job to get the GPU well before the {GRACE_S} s GraceTime")
         assert state(worker) == "GONE"
@@ -83,12 +85,6 @@ def test_the_autoscaler_gives_way_to_a_burst_and_tells_again_a_worker_that_did_n
     stop = tmp_path / "stop"
     slurm = Slurm(env=env)
 
-    def sbatch(partition: str, *opts: str, command: str) -> str:
-        proc = subprocess.run(["sbatch", "--parsable", f"--partition={partition}", "--gres=gpu:1",
-                               "--output=/dev/null", *opts, "--wrap", command],
-                              capture_output=True, text=True, env=env, timeout=30, check=True)
-        return proc.stdout.strip().split(";")[0]
-
     def jobs() -> dict[str, QueuedJob]:
         return {j.job_id: j for j in map(QueuedJob.from_scontrol, slurm.show_jobs())}
 
@@ -103,10 +99,10 @@ def test_the_autoscaler_gives_way_to_a_burst_and_tells_again_a_worker_that_did_n
     hold_on = f"trap 'echo TERM >> {marks}/$SLURM_JOB_ID' TERM; while [ ! -e {stop} ]; do sleep 0.2; done"
     with cluster:
         try:
-            workers = [sbatch(SCAVENGER, "--time=30", "--job-name=chatai-worker-probe", _worker_signal_option(),
+            workers = [_sbatch(env, SCAVENGER, "--time=30", "--job-name=chatai-worker-probe", _worker_signal_option(),
                               command=hold_on) for _ in range(3)]
             wait_until(lambda: all(jobs()[w].state == "RUNNING" for w in workers), 60, "the workers to run")
-            burst = [sbatch(REGULAR, "--time=5", command="exec sleep 1") for _ in range(3)]
+            burst = [_sbatch(env, REGULAR, "--time=5", command="exec sleep 1") for _ in range(3)]
             wait_until(lambda: any(jobs()[w].preempting for w in workers), 60, "Slurm to preempt for the burst")
             scaler = Autoscaler(WorkerJobs(SlurmSettings(partition=SCAVENGER), slurm), view=None, policies={})
             ready = beats(**{w: "ready" for w in workers})
