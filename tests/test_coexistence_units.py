@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import pytest
 
 from chatai.bench.coexistence import measures as m
-from chatai.bench.coexistence.jobcomp import JobRecord, expand_hostlist, parse_jobcomp
+from chatai.bench.coexistence.jobcomp import JobRecord, expand_hostlist, parse_ctld_times, parse_jobcomp, refine
 from chatai.bench.coexistence.trace import TraceSpec, generate
 
 
@@ -56,6 +58,33 @@ def test_jobcomp_lines_become_records():
     assert reg.name == "regular-001" and reg.nodes == ("vm-n0", "vm-n1") and reg.end - reg.start == 30
     assert reg.start - reg.submit == 4 and reg.partition == "regular"
     assert worker.job_id == "9_0" and worker.state == "PREEMPTED" and worker.nodes == ("vm-n4",)
+
+
+def test_slurmctld_log_gives_the_job_records_their_milliseconds():
+    log = (
+        "[2026-11-25T10:00:01.250] _slurm_rpc_submit_batch_job: JobId=7 InitPrio=4294901759 usec=1905\n"
+        "[2026-11-25T10:00:01.300] _slurm_rpc_submit_batch_job: JobId=9 InitPrio=1 usec=12\n"
+        "[2026-11-25T10:00:02.990] sched/backfill: _start_job: Started JobId=9_0(9) in scavenger on vm-n4\n"
+        "[2026-11-25T10:00:05.700] sched: Allocate JobId=7 NodeList=vm-n[0-1] #CPUs=2 Partition=regular\n"
+        "[2026-11-25T10:00:06.100] _job_complete: JobId=9_0(9) WEXITSTATUS 0\n"
+        "[2026-11-25T10:00:06.101] _job_complete: JobId=9_0(9) done\n"
+        "[2026-11-25T10:00:35.420] _job_complete: JobId=7 WEXITSTATUS 0\n"
+        "[2026-11-25T10:00:35.421] _job_complete: JobId=7 done\n"
+        "[2026-11-25T10:00:40.000] sched: Allocate JobId=70 NodeList=vm-n2 #CPUs=1 Partition=regular\n"
+    )
+    times = parse_ctld_times(log)
+    assert set(times) == {"7", "9", "9_0", "70"}
+    assert times["7"]["end"] - times["7"]["start"] == pytest.approx(29.721)
+    t = lambda s: datetime.fromisoformat(f"2026-11-25T10:00:{s}").timestamp()  # noqa: E731
+    records = [JobRecord("7", "regular-001", "regular", "COMPLETED", ("vm-n0", "vm-n1"), t("01"), t("05"), t("35")),
+               JobRecord("9_0", "chatai-worker-x", "scavenger", "COMPLETED", ("vm-n4",), t("01"), t("02"), t("06")),
+               # the log says 10:00:40 for job 70: a line of another run, not this record's
+               JobRecord("70", "regular-002", "regular", "COMPLETED", ("vm-n2",), t("50"), t("50"), t("55"))]
+    reg, worker, other = refine(records, times)
+    assert reg.start - reg.submit == pytest.approx(4.45) and reg.end - reg.start == pytest.approx(29.721)
+    assert worker.submit == pytest.approx(t("01.300")) and worker.start == pytest.approx(t("02.990"))
+    assert worker.end == pytest.approx(t("06.101"))
+    assert other == records[2]
 
 
 def test_idle_spans_and_overlap():

@@ -124,6 +124,11 @@ class LocalSlurmCluster:
         return self.spool_dir or self.base_dir / "spool"
 
     @property
+    def ctld_log(self) -> Path:
+        """slurmctld's log: job events to the millisecond (the coexistence bench reads it)."""
+        return self.base_dir / "log" / "slurmctld.log"
+
+    @property
     def conf_path(self) -> Path:
         return self.base_dir / "slurm.conf"
 
@@ -158,7 +163,7 @@ class LocalSlurmCluster:
             f"SlurmdSpoolDir={self.spool / '%n'}",
             f"SlurmctldPidFile={b / 'slurmctld.pid'}",
             f"SlurmdPidFile={b / 'slurmd-%n.pid'}",
-            f"SlurmctldLogFile={b / 'log' / 'slurmctld.log'}",
+            f"SlurmctldLogFile={self.ctld_log}",
             f"SlurmdLogFile={b / 'log' / 'slurmd-%n.log'}",
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatai.bench.coexistence.cluster import NODES, REGULAR, SCAVENGER, jobcomp_path, make_cluster
-from chatai.bench.coexistence.jobcomp import JobRecord, parse_jobcomp
+from chatai.bench.coexistence.jobcomp import JobRecord, parse_ctld_times, parse_jobcomp, refine
 from chatai.bench.coexistence.trace import TraceJob
 from chatai.devstack.processes import Child, free_port, http_ok, spawn, start_gateway, wait_until
 from slurm_jobs.slurm import Slurm
@@ -65,6 +65,10 @@ def regular_options(job: TraceJob) -> list[str]:
             "--gres=gpu:1", f"--time={job.limit_min}", "--no-requeue", "--output=/dev/null"]
 
 
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
 def _say(msg: str) -> None:
     print(f"coexistence: {msg}", flush=True)
 
@@ -101,7 +105,7 @@ def run_once(trace: list[TraceJob], work: Path, grace_s: int, plan: WorkerPlan |
         if services is not None:
             services.stop()
         cluster.stop()
-    records = parse_jobcomp(jobcomp_path(cluster).read_text() if jobcomp_path(cluster).exists() else "")
+    records = refine(parse_jobcomp(_read(jobcomp_path(cluster))), parse_ctld_times(_read(cluster.ctld_log)))
     regular_end = max((r.end for r in records if r.partition == REGULAR), default=t0) - t0
     return RunResult(t0, records, [n.name for n in cluster.nodes], regular_end, traffic, redone, returned)
 
