@@ -40,6 +40,11 @@ from slurm_jobs.yielding import Departures, QueuedJob, choose_yields
 log = logging.getLogger("chatai.autoscale")
 
 ROUND_INTERVAL = 5.0  # seconds between two rounds over all models
+# Seconds between two looks for regular jobs waiting on workers' GPUs (--yield-to-pending). A worker
+# gone before Slurm's next scheduling pass costs the job nothing; one gone after it costs a pass
+# (docs/coexistence.md), so the look runs on its own clock, a fraction of the pass interval. Each
+# look is one ``scontrol show job`` (5 ms with 40 jobs here; more on a big site's queue).
+YIELD_INTERVAL = 1.0
 
 
 @dataclass(frozen=True)
@@ -133,8 +138,10 @@ class Autoscaler:
     announcer: Announcer | None = None  # tells gateways which cold models are worth a wait
     startup: StartupTimes = field(default_factory=StartupTimes)
     yield_to_pending: bool = False  # drain workers for regular jobs waiting on their GPUs
+    yield_interval: float = YIELD_INTERVAL
     departures: Departures = field(default_factory=Departures)  # workers told to go, until gone
     _signalling: set[str] = field(default_factory=set)  # SIGTERMs still on their way (see _tell)
+    _unfit_said: set[tuple[str, str, int]] = field(default_factory=set)  # (job, reason, nodes) logged once
 
     async def observe(self, model: str, jobs_by_model: dict, heartbeats: list[Heartbeat], now: float) -> Observation:
         stats = await self.view.queue_stats(model)
@@ -159,8 +166,6 @@ class Autoscaler:
         by_model = await asyncio.to_thread(self.jobs.jobs_by_model)
         heartbeats = self.view.book.live()
         self.startup.learn(heartbeats)
-        if self.yield_to_pending:
-            await asyncio.to_thread(self.give_way, heartbeats)
         decisions = {}
         announced = []
         for model, policy in self.policies.items():
@@ -185,6 +190,9 @@ class Autoscaler:
             await self.announcer.announce(announced)
         return decisions
 
+    async def give_way_round(self) -> None:
+        await asyncio.to_thread(self.give_way, self.view.book.live())
+
     def give_way(self, heartbeats: list[Heartbeat], now: float | None = None) -> list[str]:
         """Tell the workers on GPUs that waiting regular jobs need to drain, all in this round,
         and again those told before that have not heard; returns who was told."""
@@ -198,7 +206,7 @@ class Autoscaler:
         if any(j.waits_for_gpus(self.jobs.settings.partition) for j in jobs):
             nodes = [NodeRoom.from_scontrol(f) for f in slurm.show_nodes()]
             busy = {hb.slurm_job_id: hb.in_flight for hb in heartbeats if hb.slurm_job_id}
-            new = choose_yields(jobs, nodes, self.jobs.settings.partition, busy, self.departures)
+            new = choose_yields(jobs, nodes, self.jobs.settings.partition, busy, self.departures, self._left_to_slurm)
         if not (new or again):
             return []
         self.departures.told(new + again, now)
@@ -208,6 +216,15 @@ class Autoscaler:
         if again:
             log.warning("told %s to drain again: no sign it heard the first time", ",".join(again))
         return new + again
+
+    def _left_to_slurm(self, job: QueuedJob, nodes_found: int) -> None:
+        """Say once why a waiting regular job gets no worker's GPU: it also waits for regular jobs."""
+        key = (job.job_id, job.reason, nodes_found)
+        if key not in self._unfit_said:
+            self._unfit_said.add(key)
+            log.info("giving way: regular job %s (%d node(s) x %d GPU, Reason=%s) is left to Slurm: free GPUs "
+                     "and workers cover %d of its nodes", job.job_id, job.nodes, job.gpus_per_node, job.reason,
+                     nodes_found)
 
     @property
     def signalling(self) -> frozenset[str]:
@@ -234,7 +251,12 @@ class Autoscaler:
             threading.Thread(target=tell, args=(task_id,), name=f"give-way-{task_id}", daemon=True).start()
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
-        """Round after round until ``stop``; a failed round (slurmctld busy, broker restarting) is
+        """Round after round until ``stop``, and with ``yield_to_pending`` the looks for waiting
+        regular jobs on their own clock; a failed round (slurmctld busy, broker restarting) is
         logged and the next one tries again."""
-        await run_periodically(self.step, self.interval, what="autoscaler round", logger=log,
-                               stop=stop or asyncio.Event())
+        stop = stop or asyncio.Event()
+        loops = [run_periodically(self.step, self.interval, what="autoscaler round", logger=log, stop=stop)]
+        if self.yield_to_pending:
+            loops.append(run_periodically(self.give_way_round, self.yield_interval, what="giving way", logger=log,
+                                          stop=stop))
+        await asyncio.gather(*loops)

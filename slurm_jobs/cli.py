@@ -18,7 +18,7 @@ from rich.console import Console
 from broker_config.connection import redact
 from broker_config.settings_cli import settings_options
 from slurm_jobs.announce import Announcer
-from slurm_jobs.autoscale import ROUND_INTERVAL, Autoscaler, Policy
+from slurm_jobs.autoscale import ROUND_INTERVAL, YIELD_INTERVAL, Autoscaler, Policy
 from slurm_jobs.capacity import NodeRoom, TaskRequest, start_warnings
 from slurm_jobs.jobs import WorkerJobs, render_script
 from slurm_jobs.overview import broker_problem, busy_by_job, open_view, print_fleet, slurm_problem, status_rows
@@ -150,6 +150,9 @@ def autoscale(
         help="When regular jobs wait for GPUs workers hold, tell that many workers to drain at once, and "
              "tell again one that did not hear (docs/coexistence.md, 'Giving way'). One autoscaler per "
              "cluster needs it.")] = False,
+    yield_interval: Annotated[float, typer.Option(
+        min=0.1, help="Seconds between two looks for waiting regular jobs (--yield-to-pending); each look "
+                      "is one 'scontrol show job'.")] = YIELD_INTERVAL,
 ) -> None:
     """Run the autoscaler: per model, submit array tasks on a backlog, between --min-workers and --max-workers.
 
@@ -166,13 +169,13 @@ def autoscale(
             paths[name] = path
     policy = Policy(min_workers, max_workers, backlog_per_worker, cooldown, release_pending_after)
     try:
-        asyncio.run(_autoscale(s, {n: policy for n in names}, paths, interval, yield_to_pending))
+        asyncio.run(_autoscale(s, {n: policy for n in names}, paths, interval, yield_to_pending, yield_interval))
     except (SlurmError, ValueError) as exc:
         _fail(exc)
 
 
 async def _autoscale(s: SlurmSettings, policies: dict[str, Policy], paths: dict[str, str], interval: float,
-                     yield_to_pending: bool = False) -> None:
+                     yield_to_pending: bool = False, yield_interval: float = YIELD_INTERVAL) -> None:
     jobs = WorkerJobs(s, Slurm())
     for m in policies:
         jobs.model_path(m, paths.get(m))  # fail now, not at the first backlog
@@ -186,7 +189,7 @@ async def _autoscale(s: SlurmSettings, policies: dict[str, Policy], paths: dict[
         raise ValueError(f"broker: {broker_problem(exc)}") from None
     try:
         scaler = Autoscaler(jobs, view, policies, paths, interval, announcer=Announcer(view.connection, interval),
-                            yield_to_pending=yield_to_pending)
+                            yield_to_pending=yield_to_pending, yield_interval=yield_interval)
         logging.getLogger("chatai.autoscale").info(
             "autoscaling %s every %.0f s (broker %s)", ", ".join(policies), interval, redact(view.url))
         await scaler.run(stop)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Collection, Iterable, Mapping
+from typing import Callable, Collection, Iterable, Mapping
 
 from slurm_jobs.capacity import NodeRoom, gres_gpus
 from slurm_jobs.settings import JOB_NAME_PREFIX
@@ -96,7 +96,8 @@ class QueuedJob:
 
 
 def choose_yields(jobs: list[QueuedJob], nodes: list[NodeRoom], worker_partition: str | None = None,
-                  busy: Mapping[str, int] | None = None, leaving: Collection[str] = ()) -> list[str]:
+                  busy: Mapping[str, int] | None = None, leaving: Collection[str] = (),
+                  on_unfit: Callable[[QueuedJob, int], None] | None = None) -> list[str]:
     """Task ids of the running workers to tell to drain so that the waiting regular jobs fit.
 
     Jobs are served in priority order, as Slurm would: each takes free GPUs first, then GPUs of
@@ -104,6 +105,7 @@ def choose_yields(jobs: list[QueuedJob], nodes: list[NodeRoom], worker_partition
     fewest yields first). A job that cannot fit even then (it waits for other regular jobs) is
     left to Slurm and takes nothing. Workers Slurm already preempts, and those in ``leaving``
     (told earlier, still draining), count as GPUs about to be free, never as ones to ask again.
+    ``on_unfit(job, nodes_found)`` hears of each job left to Slurm, for the log.
     """
     busy = busy or {}
     usable = {n.name: n for n in nodes if n.usable}
@@ -134,6 +136,8 @@ def choose_yields(jobs: list[QueuedJob], nodes: list[NodeRoom], worker_partition
         fits = [(need, name) for name, n in usable.items() if job.partitions & set(n.partitions)
                 and (need := yields_needed(name, job.gpus_per_node)) is not None]
         if len(fits) < job.nodes:
+            if on_unfit is not None:
+                on_unfit(job, len(fits))
             continue
         for need, name in sorted(fits)[:job.nodes]:
             for _ in range(need):

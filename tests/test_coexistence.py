@@ -1,6 +1,7 @@
 """``chatai bench coexistence --quick`` end to end: an emulated 8-GPU Slurm (regular and
 preemptible scavenger partitions), a seeded regular workload run alone and then with workers
-that two ``chatai autoscale`` daemons keep in the scavenger partition, a steady chat stream
+that two ``chatai autoscale`` daemons keep in the scavenger partition (giving way to waiting
+regular jobs, the recommended setting), a steady chat stream
 through the real gateway and broker. Checks what must hold whatever the machine's speed: no
 request is lost, and the workers ran in the regular jobs' gaps. Speed figures are printed, not
 asserted (docs/coexistence.md).
@@ -31,7 +32,7 @@ def quick(tmp_path_factory) -> dict:
     # minute), as full: 4 regular jobs of 2-4 nodes arrive within 7 s on the 8 nodes, so workers
     # are preempted and jobs wait. What is checked holds for any day; the suite is 40 s shorter.
     proc = subprocess.run([sys.executable, "-m", "chatai.cli", "bench", "coexistence", "--quick", "--day-s", "30",
-                           "--load", "1.0", "--json", str(out)],
+                           "--load", "1.0", "--give-way", "--json", str(out)],
                           capture_output=True, text=True, timeout=900)
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -101,7 +101,10 @@ def test_jobs_that_no_yield_lets_start_take_nothing():
     workers = [worker("w1", "n1")]
     blocked = job("8", "PENDING", "regular", nodes=2, priority=200)  # n0 is a regular job's
     small = job("9", "PENDING", "regular", priority=100)
-    assert choose_yields([regular_running, *workers, blocked, small], nodes, "scavenger") == ["w1"]
+    unfit: list[tuple[str, int]] = []
+    assert choose_yields([regular_running, *workers, blocked, small], nodes, "scavenger",
+                         on_unfit=lambda j, found: unfit.append((j.job_id, found))) == ["w1"]
+    assert unfit == [("8", 1)]  # the log says which job is left to Slurm and how far it got
 
 
 def test_only_jobs_waiting_for_resources_outside_the_workers_partition_and_on_shared_nodes_count():

@@ -277,6 +277,7 @@ def coexistence(
     clip: Annotated[bool, typer.Option(help="With --trace: cut jobs at the window's end.")] = True,
     headroom: Annotated[int, typer.Option(help="GPUs the autoscaler never fills (policy: regular jobs that fit start without preemption).")] = 0,
     give_way: Annotated[bool, typer.Option(help="Policy: the autoscaler drains as many workers as waiting regular jobs need, at once, and again any that did not hear (--yield-to-pending).")] = False,
+    yield_interval: Annotated[float, typer.Option(min=0.1, help="With --give-way: seconds between the autoscaler's looks for waiting regular jobs (a fifth of the emulated cluster's 1 s scheduling pass).")] = 0.2,
     drain_grace: Annotated[Optional[int], typer.Option(help="A preempted worker's time to finish what it holds (default: half the GraceTime; 0 returns it at once).")] = None,
     keep: Annotated[bool, typer.Option(help="Keep the scratch folder (logs).")] = False,
 ) -> None:
@@ -318,7 +319,7 @@ def coexistence(
             model_dir = make_tiny_model(work / "tiny-model", seed=0)
         plan = WorkerPlan(synthetic_floor=nodes - real - headroom, real_workers=real, model_dir=model_dir,
                           drain_grace_s=max(1, grace_s // 2) if drain_grace is None else drain_grace, request_rate=rate,
-                          give_way=give_way)
+                          give_way=give_way, yield_interval_s=yield_interval)
         typer.echo(f"regular jobs: {len(trace)}, the last arriving at {trace[-1].arrival_s:.0f} s; "
                    f"workers: {plan.synthetic_floor} synthetic + {real} real vLLM on {nodes} nodes (headroom {headroom}"
                    f"{', giving way' if give_way else ''})")
@@ -327,6 +328,7 @@ def coexistence(
         typer.echo("run 2/2: regular jobs with workers")
         run = run_once(trace, work / "workers", grace_s, plan, nodes)
         plan_info = {"trace": trace_info, "nodes": nodes, "headroom": headroom, "give_way": give_way,
+                     "yield_interval_s": yield_interval if give_way else None,
                      "synthetic_workers": plan.synthetic_floor, "real_vllm_workers": real,
                      "drain_grace_s": plan.drain_grace_s, "request_rate": rate, "max_tokens": plan.max_tokens,
                      "worker_time": plan.time, "worker_time_min": plan.time_min, "quick": quick}

@@ -43,6 +43,7 @@ class WorkerPlan:
     time: str = "00:30:00"
     time_min: str | None = "00:05:00"
     give_way: bool = False  # the autoscaler drains workers for waiting regular jobs (--yield-to-pending)
+    yield_interval_s: float | None = None  # its looks for them (--yield-interval; None: the autoscaler's default)
 
 
 @dataclass
@@ -184,6 +185,8 @@ class _Services:
         argv = [sys.executable, "-m", "chatai.cli", "autoscale", "--model", f"{model}={path}",
                 "--min-workers", str(floor), "--max-workers", str(floor), "--interval", "1",
                 "--yield-to-pending" if give_way else "--no-yield-to-pending"]
+        if give_way and self.plan.yield_interval_s is not None:
+            argv += ["--yield-interval", str(self.plan.yield_interval_s)]
         child = spawn(f"autoscale-{model}", argv, self.work / f"autoscale-{model}.log", env=env)
         self.children.append(child)
 
