@@ -8,9 +8,11 @@ from chatai.bench.coexistence.jobcomp import JobRecord
 from chatai.bench.coexistence.runner import RunResult
 
 
-# A regular job "started later than alone" when its wait grew by more than this: job times are read
-# to the millisecond (slurmctld's log), and two runs of one job on a free cluster differ by tenths
-# of a second in Slurm's own scheduling, which is not a delay anything caused.
+# A regular job "started later than alone" when its wait grew by more than this. Job times are read
+# to the millisecond (slurmctld's log), but most jobs here start in slurmctld's once-a-second
+# backfill pass, and each run's pass clock stands differently against its start: a job that only
+# waited for its pass can show a few tenths of a second either way that nothing caused
+# (docs/coexistence.md, "Millisecond times").
 DELAYED_AFTER_S = 0.5
 
 
