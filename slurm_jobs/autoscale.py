@@ -200,6 +200,8 @@ class Autoscaler:
         slurm = self.jobs.slurm
         jobs = [QueuedJob.from_scontrol(f) for f in slurm.show_jobs()]
         self.departures.observe(jobs, now)
+        pending = {j.job_id for j in jobs if j.state == "PENDING"}
+        self._unfit_said = {k for k in self._unfit_said if k[0] in pending}  # forget jobs gone: it runs for months
         states = {hb.slurm_job_id: hb.state for hb in heartbeats if hb.slurm_job_id}
         again = [t for t in self.departures.unheard(states, now) if t not in self._signalling]
         new: list[str] = []
