@@ -353,9 +353,10 @@ class Consumer:
                 log.warning("request_id=%s: could not report the failure", req.request_id)
             return f"error 500 {type(exc).__name__}"
 
-    async def return_remaining(self) -> int:
-        """Drain timed out: abort what is left, give those messages back to the broker."""
-        jobs = list(self.jobs.values())
+    async def return_remaining(self, whole_only: bool = False) -> int:
+        """Abort what is held (only the non-streamed, if ``whole_only``) and give those messages
+        back to the broker: at the drain's end, or at its start for whole answers."""
+        jobs = [j for j in self.jobs.values() if not (whole_only and j.request.stream)]
         for job in jobs:
             job.requeue = True
             await self._abort(job)

@@ -37,9 +37,12 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.getLogger("aiormq").setLevel(logging.WARNING)
 
 
-async def _drain(consumer: Consumer, stop: StopSignal, grace: float) -> None:
-    """Finish held work within the grace (a second signal cuts it short), requeue the rest."""
+async def _drain(consumer: Consumer, stop: StopSignal, grace: float, returns_whole: bool) -> None:
+    """Finish held work within the grace (a second signal cuts it short), requeue the rest.
+    With ``returns_whole`` the non-streamed answers go back at once and only streams are waited for."""
     deadline = time.monotonic() + grace
+    if returns_whole and (n := await consumer.return_remaining(whole_only=True)):
+        log.info("drain: gave %d whole answer(s) back to the queue at once", n)
     signals = stop.signals
     while consumer.in_flight and time.monotonic() < deadline and stop.signals == signals:
         await consumer.wait_idle(min(0.5, max(0.0, deadline - time.monotonic())))
@@ -139,7 +142,7 @@ async def run(settings: WorkerSettings) -> int:
             await hb.set_state("draining")
             await consumer.stop_consuming()
             log.info("draining (%s): %d in flight, grace %.0fs", reason, consumer.in_flight, settings.drain_grace)
-            await _drain(consumer, stop, settings.drain_grace)
+            await _drain(consumer, stop, settings.drain_grace, settings.drain_returns_whole)
         await hb.send_stopped()
         log.info("stopped: served %d request(s)", consumer.completed if consumer else 0)
     finally:

@@ -83,6 +83,12 @@ class WorkerSettings(BaseSettings):
     heartbeat_interval: float = Field(5.0, description="Seconds between heartbeats.")
     idle_timeout: float = Field(0.0, description="Exit 0 after this many idle seconds; 0 = never.")
     drain_grace: float = Field(30.0, description="Seconds to finish held work after SIGTERM.")
+    # A stream's tokens are already with its user, so only another worker's redo of a whole
+    # answer is invisible to the client (it waits longer); giving those back frees the GPU as
+    # soon as the streams end, which is what a regular job waiting for it needs (docs/worker.md).
+    drain_returns_whole: bool = Field(False, description="On SIGTERM, give whole (non-streamed) answers "
+                                      "back to the queue at once, for another worker to redo; only "
+                                      "streams are finished within the grace.")
     # vLLM waits 5 s for its engine core process to end by itself; on the CPU build that is how
     # long it takes every time, and a preempted worker's GPU waits for it (docs/worker.md).
     engine_stop_timeout: float = Field(2.0, gt=0, description="Seconds the engine's processes get to "

@@ -109,6 +109,42 @@ new MutationObserver(() => {
 }).observe(document.getElementById('messages'), {childList: true, subtree: true, characterData: true});
 """
 
+# Hands the page the chat stream's real bytes one server-sent event per network read. How many
+# events one read brings is the machine's timing: a tiny model on an idle CPU can finish its 200
+# tokens before a busy browser reads once, and the page then rightly renders once (a clean run
+# saw exactly that). What the test asks of the page is that it renders each read as it comes;
+# that the gateway streams rather than buffers is shown by the SDK reading the first chunks
+# of a long answer and hanging up before it ends (test_stream_disconnect_aborts_generation).
+ONE_EVENT_PER_READ = """
+const realFetch = window.fetch;
+window.fetch = async (resource, init) => {
+  const response = await realFetch(resource, init);
+  if (!String(resource).endsWith('/v1/chat/completions') || !response.ok) return response;
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder(), encoder = new TextEncoder();
+  const events = [];
+  let buffer = '', ended = false;
+  const body = new ReadableStream({
+    async pull(controller) {
+      while (!events.length && !ended) {
+        const { value, done } = await reader.read();
+        if (done) { ended = true; if (buffer) events.push(buffer); break; }
+        buffer += decoder.decode(value, { stream: true });
+        let cut;
+        while ((cut = buffer.indexOf('\\n\\n')) >= 0) {
+          events.push(buffer.slice(0, cut + 2));
+          buffer = buffer.slice(cut + 2);
+        }
+      }
+      if (!events.length) { controller.close(); return; }
+      await new Promise(resolve => setTimeout(resolve, 0));  // a task apart, as network reads are
+      controller.enqueue(encoder.encode(events.shift()));
+    },
+  }, { highWaterMark: 0 });
+  return new Response(body, { status: response.status, headers: response.headers });
+};
+"""
+
 
 def _conversations(browser) -> list[dict]:
     return json.loads(browser.execute_script("return localStorage.getItem('chatai.conversations')") or "[]")
@@ -117,6 +153,7 @@ def _conversations(browser) -> list[dict]:
 def test_chat_page_streams_an_answer_in_pieces(browser, gateway, tmp_path: Path):
     _open_chat(browser, gateway, max_tokens=200)
     browser.execute_script(RECORD_LENGTHS)
+    browser.execute_script(ONE_EVENT_PER_READ)
     browser.find_element(By.ID, "prompt").send_keys("Tell me about the cluster.")
     browser.find_element(By.ID, "send").click()
     _until(browser, lambda d: d.find_element(By.ID, "chat-status").text in ("Done.",) or "Error" in d.find_element(By.ID, "chat-status").text,

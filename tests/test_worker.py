@@ -25,9 +25,9 @@ KILL_MODEL = "tiny-kill"
 DRAIN_MODEL = "tiny-drain"
 KILL_TOKENS = 3000  # seconds of work even on an idle CPU: A still holds it when the test kills it, just after its start
 IDLE_TIMEOUT = 30  # B starts last, so its idle clock starts only seconds before the kill test hands it work
-# Shorts (400 tokens) finish within the grace down to 20 tok/s (62 tok/s seen with the suite's
-# two processes busy beside it, when 800-token shorts missed a 12 s grace); the long one (30,000)
-# cannot finish in it below 1,500 tok/s: the engine's speed varies a lot with the machine's load.
+# The short stream (400 tokens) finishes within the grace down to 20 tok/s (62 tok/s seen with
+# the suite's two processes busy beside it, when 800-token shorts missed a 12 s grace); the long
+# ones (30,000) cannot finish in it below 1,500 tok/s: the engine's speed varies a lot with load.
 DRAIN_GRACE = 20
 
 
@@ -205,7 +205,8 @@ async def own_workers(broker, tiny_model_dir, tmp_path_factory):
         "a": start_worker(tiny_model_dir, KILL_MODEL, url, logs / "kill-a.log", worker_id=f"kill-a-{pid}",
                           max_num_seqs=4, max_model_len=8192, extra_args=["--consumer-priority", "10"], env=env),
         "drain": start_worker(tiny_model_dir, DRAIN_MODEL, url, logs / "drain.log", worker_id=f"drain-{pid}",
-                              max_num_seqs=3, max_model_len=32768, extra_args=["--drain-grace", str(DRAIN_GRACE)],
+                              max_num_seqs=3, max_model_len=32768,
+                              extra_args=["--drain-grace", str(DRAIN_GRACE), "--drain-returns-whole"],
                               env=env),
     }
     try:
@@ -298,32 +299,41 @@ async def test_lost_broker_connection_redelivers_without_an_error_frame(gw, brok
 
 
 async def test_sigterm_drains_held_work_and_returns_the_rest(gw, broker, own_workers):
+    """The drain worker runs with --drain-returns-whole: on SIGTERM its whole (non-streamed)
+    answer goes back to the queue at once, the short stream finishes within the grace, and the
+    long stream, which cannot, goes back at the grace's end."""
     w = own_workers["drain"]
-    shorts = [gw.request(DRAIN_MODEL, stream=True, max_tokens=400, ignore_eos=True) for _ in range(2)]
+    short = gw.request(DRAIN_MODEL, stream=True, max_tokens=400, ignore_eos=True)
     long = gw.request(DRAIN_MODEL, stream=True, max_tokens=30_000, ignore_eos=True)
+    whole = gw.request(DRAIN_MODEL, stream=False, max_tokens=30_000, ignore_eos=True)
     extra = gw.request(DRAIN_MODEL, stream=False, max_tokens=5)
-    for r in [long, *shorts]:
+    for r in [long, whole, short]:
         await gw.publish(r)
-    await gw.wait_for(lambda: all(gw.frames.get(r.request_id) for r in [long, *shorts]), timeout=30)
+    await gw.wait_for(lambda: all(gw.frames.get(r.request_id) for r in [long, whole, short]), timeout=30)
     # The worker is full (prefetch = capacity = 3): this one must wait in the queue, untouched.
     await gw.publish(extra)
 
     since = time.time()
     w.signal()  # SIGTERM to the worker process, as Slurm's --signal=B: does
-    for r in shorts:
-        frames = await gw.result(r.request_id, timeout=30)
-        assert isinstance(frames[-1], Final) and frames[-1].usage.completion_tokens == 400
+    frames = await gw.result(short.request_id, timeout=30)
+    assert isinstance(frames[-1], Final) and frames[-1].usage.completion_tokens == 400
     rc = await asyncio.to_thread(w.wait, 60)
     assert rc == 0
-    # The long one could not finish within the grace: no final frame, back in the queue.
-    assert gw.done(long.request_id) is None
+    # Neither the whole answer nor the long stream was finished: no final frame, both back in the queue.
+    assert gw.done(long.request_id) is None and gw.done(whole.request_id) is None
+    assert [type(f) for f in gw.frames[whole.request_id]] == [Started]  # nothing of it reached its client
     counts = await asyncio.to_thread(queue_counts, broker, DRAIN_MODEL)
-    assert (counts["messages_ready"], counts["consumers"]) == (2, 0)
+    assert (counts["messages_ready"], counts["consumers"]) == (3, 0)
     states = [h.state for h in gw.heartbeats if h.worker_id == w.worker_id and h.sent_at >= since]
     assert "draining" in states and states[-1] == "stopped"
     log = w.log_text()
-    assert "draining (signal SIGTERM): 3 in flight" in log, "the shorts ended before SIGTERM: nothing drained"
+    assert "draining (signal SIGTERM): 3 in flight" in log, "the short one ended before SIGTERM: nothing drained"
+    assert "gave 1 whole answer(s) back to the queue at once" in log
     assert "returned 1 request(s) to the queue" in log
+    # The order of the worker's own log: the whole answer went back before the short stream ended.
+    given_back = log.index(f"request_id={whole.request_id} attempt=1 requeued")
+    assert given_back < log.index(f"request_id={short.request_id} attempt=1 final")
+    assert given_back < log.index(f"request_id={long.request_id} attempt=1 requeued")
     assert extra.request_id not in gw.frames  # never delivered to the full, then draining, worker
 
 
