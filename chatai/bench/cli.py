@@ -279,6 +279,7 @@ def coexistence(
     give_way: Annotated[bool, typer.Option(help="Policy: the autoscaler drains as many workers as waiting regular jobs need, at once, and again any that did not hear (--yield-to-pending).")] = False,
     yield_interval: Annotated[float, typer.Option(min=0.1, help="With --give-way: seconds between the autoscaler's looks for waiting regular jobs (a fifth of the emulated cluster's 1 s scheduling pass).")] = 0.2,
     drain_grace: Annotated[Optional[int], typer.Option(help="A preempted worker's time to finish what it holds (default: half the GraceTime; 0 returns it at once).")] = None,
+    drain_returns_whole: Annotated[bool, typer.Option(help="Draining workers give their non-streamed answers back to the queue at once and finish only streams (the worker's --drain-returns-whole).")] = False,
     keep: Annotated[bool, typer.Option(help="Keep the scratch folder (logs).")] = False,
 ) -> None:
     """Regular jobs alone, then with autoscaled workers in a preemptible scavenger partition: idle time absorbed, delays, requests."""
@@ -319,7 +320,7 @@ def coexistence(
             model_dir = make_tiny_model(work / "tiny-model", seed=0)
         plan = WorkerPlan(synthetic_floor=nodes - real - headroom, real_workers=real, model_dir=model_dir,
                           drain_grace_s=max(1, grace_s // 2) if drain_grace is None else drain_grace, request_rate=rate,
-                          give_way=give_way, yield_interval_s=yield_interval)
+                          give_way=give_way, yield_interval_s=yield_interval, drain_returns_whole=drain_returns_whole)
         typer.echo(f"regular jobs: {len(trace)}, the last arriving at {trace[-1].arrival_s:.0f} s; "
                    f"workers: {plan.synthetic_floor} synthetic + {real} real vLLM on {nodes} nodes (headroom {headroom}"
                    f"{', giving way' if give_way else ''})")
@@ -330,7 +331,7 @@ def coexistence(
         plan_info = {"trace": trace_info, "nodes": nodes, "headroom": headroom, "give_way": give_way,
                      "yield_interval_s": yield_interval if give_way else None,
                      "synthetic_workers": plan.synthetic_floor, "real_vllm_workers": real,
-                     "drain_grace_s": plan.drain_grace_s, "request_rate": rate, "max_tokens": plan.max_tokens,
+                     "drain_grace_s": plan.drain_grace_s, "drain_returns_whole": drain_returns_whole, "request_rate": rate, "max_tokens": plan.max_tokens,
                      "worker_time": plan.time, "worker_time_min": plan.time_min, "quick": quick}
         result = report.compute(base, run, grace_s, plan_info)
         png = png or json_path.with_suffix(".png")

@@ -44,6 +44,11 @@ class WorkerPlan:
     time_min: str | None = "00:05:00"
     give_way: bool = False  # the autoscaler drains workers for waiting regular jobs (--yield-to-pending)
     yield_interval_s: float = 0.2  # its looks for them (--yield-interval), a fifth of the cluster's 1 s pass
+    drain_returns_whole: bool = False  # a draining worker gives its non-streamed answers back at once
+
+    def worker_args(self, args: str) -> str:
+        """``chatai worker`` options for the workers' sbatch script: the engine's, then the drain's."""
+        return args + (" --drain-returns-whole" if self.drain_returns_whole else "")
 
 
 @dataclass
@@ -173,11 +178,11 @@ class _Services:
         base_env.pop("CHATAI_WORKER_BROKER_URL", None)
         model_path = str(p.model_dir or self.work)
         self._autoscale(SYNTHETIC, model_path, p.synthetic_floor, {**base_env,
-                        "CHATAI_SLURM_WORKER_ARGS": "--engine synthetic --max-num-seqs 64"},
+                        "CHATAI_SLURM_WORKER_ARGS": p.worker_args("--engine synthetic --max-num-seqs 64")},
                         give_way=p.give_way)  # one daemon gives way for every worker
         if p.real_workers:
             self._autoscale(REAL, str(p.model_dir), p.real_workers, {
-                **base_env, "CHATAI_SLURM_WORKER_ARGS": "--max-num-seqs 4 --max-model-len 512",
+                **base_env, "CHATAI_SLURM_WORKER_ARGS": p.worker_args("--max-num-seqs 4 --max-model-len 512"),
                 "CHATAI_WORKER_KV_CACHE_SPACE_GB": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"})
         self._start_traffic()
 
