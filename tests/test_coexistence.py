@@ -1,7 +1,8 @@
 """``chatai bench coexistence --quick`` end to end: an emulated 8-GPU Slurm (regular and
 preemptible scavenger partitions), a seeded regular workload run alone and then with workers
-that two ``chatai autoscale`` daemons keep in the scavenger partition (giving way to waiting
-regular jobs, the recommended setting), a steady chat stream
+that two ``chatai autoscale`` daemons keep in the scavenger partition (the recommended setting:
+giving way to waiting regular jobs, and workers that hand whole answers back at once when they
+leave, which another worker then redoes), a steady chat stream
 through the real gateway and broker. Checks what must hold whatever the machine's speed: no
 request is lost, and the workers ran in the regular jobs' gaps. Speed figures are printed, not
 asserted (docs/coexistence.md).
@@ -32,7 +33,7 @@ def quick(tmp_path_factory) -> dict:
     # minute), as full: 4 regular jobs of 2-4 nodes arrive within 7 s on the 8 nodes, so workers
     # are preempted and jobs wait. What is checked holds for any day; the suite is 40 s shorter.
     proc = subprocess.run([sys.executable, "-m", "chatai.cli", "bench", "coexistence", "--quick", "--day-s", "30",
-                           "--load", "1.0", "--give-way", "--json", str(out)],
+                           "--load", "1.0", "--give-way", "--drain-returns-whole", "--json", str(out)],
                           capture_output=True, text=True, timeout=900)
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -65,3 +66,4 @@ def test_keys_the_docs_promise(quick):
     for key in ("idle_absorbed_fraction", "regular_start_delay_s", "grace_s", "requests_served", "requests_lost"):
         assert key in quick
     assert {"median", "max"} <= set(quick["regular_start_delay_s"])
+    assert quick["plan"]["give_way"] is True and quick["plan"]["drain_returns_whole"] is True
