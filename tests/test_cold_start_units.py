@@ -82,6 +82,25 @@ async def test_a_cold_model_with_an_autoscaler_waits_for_the_start_it_will_bring
     assert view(reg, "tiny").state == "ready"
 
 
+async def test_right_after_connecting_a_request_waits_for_its_models_worker_not_for_everyone():
+    """Silence just after (re)connecting proves nothing, so a request for a model nobody has
+    announced yet waits; but the heartbeat of a ready worker of that model ends its wait at
+    once, not at the end of the window (a clean run saw streams wait the whole 11 s after a
+    gateway's start while their worker was ready)."""
+    reg = WorkerRegistry()
+    reg.listening()
+    waiting = asyncio.create_task(plan_start(reg, Queues(tiny=1), "tiny", QUEUE, COLD))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # nothing heard yet: no verdict
+    reg.update(worker("ready", model="other"))  # another model's worker: not enough
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    reg.update(worker("ready"))
+    # A hang guard, not a speed target: the window is 11 s, the wake-up takes microseconds.
+    plan = await asyncio.wait_for(waiting, registry_module.HEAR_EVERYONE_WITHIN / 2)
+    assert (plan.wait, plan.cold, plan.view.state) == (QUEUE, False, "ready")
+
+
 async def test_nothing_will_start_a_worker_is_said_at_once_with_retry_after():
     reg = heard(WorkerRegistry())
     began = time.monotonic()

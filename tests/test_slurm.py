@@ -245,6 +245,11 @@ async def test_scale_down_drains_in_flight_requests_without_losing_or_duplicatin
     the two streams (through the real gateway and the OpenAI SDK) end with a clear error, since
     tokens already sent cannot be taken back."""
     (task,) = [j for j in worker_jobs() if j.running]
+    # The streams must start beside the long requests, which go straight to the broker: a
+    # gateway that has not yet heard the worker would hold them until it has (a clean run's
+    # streams started only after the long requests had finished).
+    await asyncio.to_thread(slurm_gateway.wait_for, lambda h: h["models"].get(MODEL, {}).get("ready", 0) > 0,
+                            30, "the gateway to hear the worker")
     sdk = slurm_gateway.async_client()
     streamed: dict[int, dict] = {i: {"text": "", "finish": None, "error": None} for i in range(2)}
 

@@ -73,6 +73,11 @@ class StartPlan:
     view: ModelView
 
 
+def _will_start(v: ModelView) -> bool:
+    """A worker serves the model, loads, or an autoscaler will start one."""
+    return v.state != "cold" or v.on_demand
+
+
 class QueueProbe(Protocol):
     @property
     def connected(self) -> bool: ...
@@ -99,9 +104,9 @@ async def plan_start(registry: WorkerRegistry, broker: QueueProbe, model: str, q
     # publish answers 503 cluster_overloaded at once.
     if broker.blocked:
         return StartPlan(queue_timeout, False, v)
-    await registry.heard_everyone()
+    await registry.heard_everyone(lambda: _will_start(view(registry, model)))
     v = view(registry, model)
-    if v.state != "cold" or v.on_demand:
+    if _will_start(v):
         return await plan_start(registry, broker, model, queue_timeout, cold_start_timeout)
     depth = await broker.queue_depth(model)
     if depth is None:  # no such queue (the publish answers 404), or the broker just went away

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Callable
 
 from broker_config.heartbeats import HeartbeatBook, ScalerBook
 from broker_config.messages import Heartbeat, ScaledModel, ScalerHeartbeat
@@ -27,22 +29,28 @@ class WorkerRegistry:
         self._startup: dict[str, float] = {}  # model -> the last measured worker start-up (s)
         self._adapter_bases: dict[str, str] = {}  # every LoRA adapter heard of -> its base model
         self._listening_since: float | None = None
+        self._news = asyncio.Event()  # set by every heartbeat: a waiter may have heard what it needs
 
     def listening(self) -> None:
         """The heartbeat queue is (again) being consumed: silence means something from now on."""
         self._listening_since = time.monotonic()
 
-    async def heard_everyone(self) -> None:
+    async def heard_everyone(self, enough: Callable[[], bool] = lambda: False) -> None:
         """Return once every live worker and autoscaler has had time to be heard since the
-        heartbeat queue was (re)opened; at once if it never was (no broker: nothing to hear)."""
-        while self._listening_since is not None:
+        heartbeat queue was (re)opened, or as soon as a heartbeat makes ``enough()`` hold (a
+        request right after a gateway restart waits for its own model's worker, not for the whole
+        window); at once if the queue never was opened (no broker: nothing to hear)."""
+        while self._listening_since is not None and not enough():
             left = HEAR_EVERYONE_WITHIN - (time.monotonic() - self._listening_since)
             if left <= 0:
                 return
-            await asyncio.sleep(left)
+            self._news.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._news.wait(), left)
 
     def update(self, hb: Heartbeat) -> None:
         self._book.add(hb)
+        self._news.set()
         if hb.startup_seconds is not None:
             self._startup[hb.model] = hb.startup_seconds
         for adapter in hb.adapters:
@@ -64,6 +72,7 @@ class WorkerRegistry:
 
     def update_scaler(self, hb: ScalerHeartbeat) -> None:
         self._scalers.add(hb)
+        self._news.set()
         for m in hb.models:
             if m.startup_seconds is not None and m.model not in self._startup:
                 self._startup[m.model] = m.startup_seconds  # a worker's own figure is fresher
