@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 
 from broker_config.heartbeats import HeartbeatBook, ScalerBook
 from broker_config.messages import Heartbeat, ScaledModel, ScalerHeartbeat
+from broker_config.timing import pause
 from gateway.metrics import know_model
 
 # After (re)connecting, the gateway has heard nobody yet: it waits this long before it concludes
@@ -45,8 +45,7 @@ class WorkerRegistry:
             if left <= 0:
                 return
             self._news.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._news.wait(), left)
+            await pause(left, self._news)
 
     def update(self, hb: Heartbeat) -> None:
         self._book.add(hb)
